@@ -1,0 +1,44 @@
+"""`EvaluationCallback`: measure pi_0 and each new policy on fresh simulated customers."""
+
+from __future__ import annotations
+
+import time
+
+from iterppo_lightning.rollout import episode_seeds, run_episodes, summarize_conversations
+
+from .base import IterationCallback
+
+
+def evaluate_policy(loop, iteration: int) -> dict:
+    cfg, policy = loop.config, loop.policy
+    # Same evaluation customers for every policy of the run (namespace "eval",
+    # iteration fixed at 0): differences between iterations are the policy's, not the customers'.
+    conversations = run_episodes(
+        policy.policy,
+        policy.tokenizer,
+        loop.environment,
+        episode_seeds("eval", loop.seed, 0, cfg.eval_episodes),
+        iteration=iteration,
+        max_new_tokens=policy.max_new_tokens,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        greedy=cfg.eval_greedy,
+        batch_size=cfg.rollout_batch_size,
+    )
+    stats = summarize_conversations(conversations, gamma=loop.datamodule.gamma)
+    return {
+        "success_rate": stats["success_rate"],
+        "ci95": stats["ci95"],
+        "mean_return": stats["mean_return"],
+        "mean_turns": stats["mean_turns"],
+        "eval_episodes": stats["episodes"],
+    }
+
+
+class EvaluationCallback(IterationCallback):
+    def on_run_start(self, loop) -> None:
+        loop.initial_eval = evaluate_policy(loop, -1)
+
+    def on_iteration_end(self, loop, iteration: int, record: dict) -> None:
+        start = time.perf_counter()
+        record.update(evaluate_policy(loop, iteration))
+        record["seconds"]["evaluate"] = time.perf_counter() - start

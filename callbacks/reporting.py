@@ -1,0 +1,334 @@
+"""Console table, metrics.jsonl, learning curve and summary.json for a run.
+
+Files written under ``loop.run_dir`` (every write is atomic):
+
+* ``metrics.jsonl`` - one JSON line per finished iteration (the full record);
+* ``learning_curve.png`` - success rate of pi_0..pi_(k+1) with 95% CIs, and
+  critic AUROC / PPO KL per iteration; redrawn after every iteration;
+* ``summary.json`` - the run summary, written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from iterppo_lightning.stats import (
+    as_number,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    json_default,
+    lookup,
+)
+
+from .base import IterationCallback
+
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "learning_curve.png"
+SUMMARY_FILE = "summary.json"
+
+PHASES = ("collect", "critic", "policy", "evaluate")
+
+# (header, width, record key or None for computed cells, number format)
+COLUMNS: tuple[tuple[str, int, str | None, str], ...] = (
+    ("iter", 4, "iteration", "d"),
+    ("policy", 7, "policy", ""),
+    ("success [95% CI]", 20, None, ""),
+    ("turns", 5, "mean_turns", ".2f"),
+    ("auroc", 5, "critic.val_auroc", ".3f"),
+    ("brier", 5, "critic.val_brier", ".3f"),
+    ("kl", 7, "ppo.kl", ".4f"),
+    ("clip", 5, "ppo.clip_frac", ".3f"),
+    ("entropy", 7, "ppo.entropy", ".3f"),
+    ("sec collect/critic/policy/eval", 30, None, ""),
+)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``; "-" when missing or not a number."""
+    if spec == "":
+        return "-" if value is None else str(value)
+    number = as_number(value)
+    if number is None:
+        return "-"
+    if spec == "d":
+        return str(int(number))
+    return format(number, spec)
+
+
+def _fmt_success(record: dict) -> str:
+    rate = _fmt(record.get("success_rate"), ".3f")
+    ci = record.get("ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return f"{rate} [{_fmt(ci[0], '.3f')},{_fmt(ci[1], '.3f')}]"
+    return f"{rate} [-]"
+
+
+def _fmt_seconds(record: dict) -> str:
+    cells = []
+    for phase in PHASES:
+        seconds = as_number(lookup(record, f"seconds.{phase}"))
+        # Keep the cell short: tenths only matter for short phases.
+        cells.append("-" if seconds is None else f"{seconds:.1f}" if seconds < 100 else f"{seconds:.0f}")
+    return "/".join(cells)
+
+
+def _line(cells: list[str]) -> str:
+    # Left-align text columns, right-align numbers, like a table row.
+    parts = []
+    for (header, width, _, spec), cell in zip(COLUMNS, cells):
+        parts.append(cell.ljust(width) if spec == "" else cell.rjust(width))
+    return "  ".join(parts).rstrip()
+
+
+def table_header() -> str:
+    """The column header line matching ``table_row``."""
+    return _line([header for header, *_ in COLUMNS])
+
+
+def table_row(record: dict) -> str:
+    """One aligned table line for an iteration record; missing values show "-"."""
+    cells = []
+    for header, _, key, spec in COLUMNS:
+        if header.startswith("success"):
+            cells.append(_fmt_success(record))
+        elif header.startswith("sec"):
+            cells.append(_fmt_seconds(record))
+        else:
+            cells.append(_fmt(lookup(record, key), spec))
+    return _line(cells)
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as plain, strictly valid JSON data.
+
+    Unknown objects become their ``repr`` (a log line is not worth crashing
+    a training run for) and NaN/inf become null (strict JSON has no NaN).
+    """
+
+    def lenient(value: Any) -> Any:
+        try:
+            return json_default(value)
+        except TypeError:
+            return repr(value)
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [finite(v) for v in value]
+        return value
+
+    return finite(json.loads(json.dumps(obj, default=lenient)))
+
+
+def _policy_index(record: dict, position: int) -> int:
+    """x position of the policy a record evaluates: ``pi_3`` -> 3."""
+    match = re.fullmatch(r"pi_(\d+)", str(record.get("policy", "")))
+    if match:
+        return int(match.group(1))
+    iteration = as_number(record.get("iteration"))
+    return int(iteration) + 1 if iteration is not None else position + 1
+
+
+class ReportingCallback(IterationCallback):
+    """Prints a per-iteration table and writes metrics.jsonl, the learning curve and summary.json.
+
+    ``print_table=False`` silences the console; files are written either way.
+    """
+
+    def __init__(self, print_table: bool = True, console: Console | None = None) -> None:
+        self.print_table = print_table
+        self.console = console or Console()
+        self._header_printed = False
+
+    # -- console ---------------------------------------------------------
+
+    def _print(self, text: str | Text) -> None:
+        if self.print_table:
+            # soft_wrap: never fold a table line, whatever the terminal width.
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    def _print_header(self) -> None:
+        if not self._header_printed:
+            self._print(Text(table_header(), style="bold"))
+            self._header_printed = True
+
+    # -- hooks -----------------------------------------------------------
+
+    def on_run_start(self, loop: Any) -> None:
+        self._print(
+            Text(f"Iterative PPO: {loop.num_iterations} iteration(s), run dir {loop.run_dir}", style="bold")
+        )
+        initial = getattr(loop, "initial_eval", None)
+        if initial:
+            self._print(f"pi_0 success {_fmt_success(initial)}  (episodes {_fmt(initial.get('episodes'), 'd')})")
+        self._print_header()
+
+    def on_iteration_end(self, loop: Any, iteration: int, record: dict) -> None:
+        self._append_metrics(Path(loop.run_dir), record)
+        self._print_header()
+        self._print(table_row(record))
+        self._draw_curve(loop, self._records(loop, record))
+
+    def on_run_end(self, loop: Any, summary: dict) -> None:
+        history = list(getattr(loop, "history", None) or [])
+        initial = getattr(loop, "initial_eval", None)
+        final = history[-1] if history else {}
+        best = self._best(history)
+        candidates = ([("pi_0", initial)] if initial else []) + [
+            (str(r.get("policy", f"pi_{i + 1}")), r) for i, r in enumerate(history)
+        ]
+        best_policy = self._best_named(candidates)
+
+        # Keys already in the summary (e.g. final_policy from the loop) win.
+        filled = {
+            "initial_success_rate": as_number(lookup(initial, "success_rate")),
+            "final_success_rate": as_number(final.get("success_rate")),
+            "final_ci95": final.get("ci95"),
+            "iterations": len(history),
+            "best_iteration": None if best is None else best.get("iteration"),
+            "best_policy": None if best_policy is None else best_policy[0],
+            "best_success_rate": None if best_policy is None else as_number(best_policy[1].get("success_rate")),
+        }
+        for key, value in filled.items():
+            summary.setdefault(key, value)
+
+        run_dir = Path(loop.run_dir)
+        atomic_write_json(run_dir / SUMMARY_FILE, _plain(summary))
+        self._draw_curve(loop, history)
+        self._print(
+            f"done: {summary['iterations']} iteration(s); success "
+            f"{_fmt(summary['initial_success_rate'], '.3f')} (pi_0) -> "
+            f"{_fmt(summary['final_success_rate'], '.3f')} (final); best {summary['best_policy'] or '-'} "
+            f"{_fmt(summary['best_success_rate'], '.3f')}; summary in {run_dir / SUMMARY_FILE}"
+        )
+
+    # -- helpers ---------------------------------------------------------
+
+    @staticmethod
+    def _records(loop: Any, record: dict) -> list[dict]:
+        """Finished records including the current one (the loop appends it only after us)."""
+        records = list(getattr(loop, "history", None) or [])
+        same = records and (
+            records[-1] is record
+            or (record.get("iteration") is not None and records[-1].get("iteration") == record.get("iteration"))
+        )
+        if same:
+            records[-1] = record
+        else:
+            records.append(record)
+        return records
+
+    @staticmethod
+    def _best_named(candidates: list[tuple[str, dict]]) -> tuple[str, dict] | None:
+        """Candidate with the highest success rate; the earliest wins ties."""
+        best = None
+        for name, record in candidates:
+            rate = as_number(lookup(record, "success_rate"))
+            if rate is not None and (best is None or rate > best[0]):
+                best = (rate, name, record)
+        return None if best is None else (best[1], best[2])
+
+    @classmethod
+    def _best(cls, history: list[dict]) -> dict | None:
+        found = cls._best_named([("", r) for r in history])
+        return None if found is None else found[1]
+
+    @staticmethod
+    def _append_metrics(run_dir: Path, record: dict) -> None:
+        # Rewrite the whole file atomically instead of appending in place, so a
+        # kill mid-write never leaves a truncated last line.
+        path = run_dir / METRICS_FILE
+        existing = path.read_text(encoding="utf-8") if path.exists() else ""
+        if existing and not existing.endswith("\n"):
+            existing += "\n"
+        line = json.dumps(_plain(record), allow_nan=False)
+        atomic_write_text(path, existing + line + "\n")
+
+    def _draw_curve(self, loop: Any, records: list[dict]) -> None:
+        """Redraw learning_curve.png; a plotting failure is reported, not raised."""
+        try:
+            self._plot(Path(loop.run_dir) / CURVE_FILE, getattr(loop, "initial_eval", None), records)
+        except Exception as exc:  # the curve is cosmetic; never kill training for it
+            if self.print_table:
+                self.console.print(f"[yellow]learning curve not drawn: {exc!r}[/yellow]", highlight=False)
+
+    @staticmethod
+    def _plot(path: Path, initial: dict | None, records: list[dict]) -> None:
+        # Imported here so importing the callbacks stays cheap; Figure plus
+        # FigureCanvasAgg renders with Agg without switching pyplot's global backend.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        points = ([(0, initial)] if initial else []) + [
+            (_policy_index(r, i), r) for i, r in enumerate(records)
+        ]
+        xs, ys, lows, highs = [], [], [], []
+        for x, r in points:
+            y = as_number(r.get("success_rate"))
+            if y is None:
+                continue
+            ci = r.get("ci95")
+            ci = ci if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None)
+            low, high = as_number(ci[0]), as_number(ci[1])
+            xs.append(x)
+            ys.append(y)
+            lows.append(y if low is None else min(low, y))
+            highs.append(y if high is None else max(high, y))
+
+        fig = Figure(figsize=(8, 6.5), constrained_layout=True)
+        FigureCanvasAgg(fig)
+        top, bottom = fig.subplots(2, 1, height_ratios=(3, 2))
+
+        if xs:
+            top.fill_between(xs, lows, highs, alpha=0.2, color="C0", label="95% CI")
+            top.errorbar(
+                xs, ys, yerr=[[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]],
+                fmt="o-", color="C0", capsize=3, label="success rate",
+            )
+            top.set_xticks(xs, [f"pi_{x}" for x in xs])
+            top.legend(loc="best")
+        top.set_ylim(0, 1)
+        top.set_xlabel("policy")
+        top.set_ylabel("success rate")
+        top.set_title("Evaluation success rate per policy")
+        top.grid(alpha=0.3)
+
+        iters, aurocs, kl_iters, kls = [], [], [], []
+        for i, r in enumerate(records):
+            k = as_number(r.get("iteration"))
+            k = i if k is None else int(k)
+            auroc, kl = as_number(lookup(r, "critic.val_auroc")), as_number(lookup(r, "ppo.kl"))
+            if auroc is not None:
+                iters.append(k)
+                aurocs.append(auroc)
+            if kl is not None:
+                kl_iters.append(k)
+                kls.append(kl)
+        bottom.plot(iters, aurocs, "s-", color="C1", label="critic AUROC")
+        bottom.set_ylim(0, 1)
+        bottom.set_ylabel("critic val AUROC", color="C1")
+        bottom.set_xlabel("iteration k (critic Q_k, pi_k -> pi_k+1)")
+        bottom.grid(alpha=0.3)
+        # KL lives on another scale than AUROC, hence the second y axis.
+        kl_axis = bottom.twinx()
+        kl_axis.plot(kl_iters, kls, "^--", color="C2", label="PPO KL")
+        kl_axis.set_ylabel("PPO KL", color="C2")
+        handles = bottom.get_legend_handles_labels()[0] + kl_axis.get_legend_handles_labels()[0]
+        bottom.legend(handles=handles, loc="lower right")
+        ticks = sorted(set(iters) | set(kl_iters))
+        if ticks:
+            bottom.set_xticks(ticks)
+
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)

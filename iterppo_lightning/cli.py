@@ -1,0 +1,122 @@
+"""`iterppo` command line (LightningCLI): `fit` runs the outer loop, `evaluate` scores a saved policy.
+
+    iterppo fit --config configs/quickstart.yaml --run_dir runs/quickstart
+    iterppo evaluate --config configs/quickstart.yaml --policy runs/quickstart/final_policy --episodes 500 --seed 1
+
+`fit` is defined on the CLI class, which LightningCLI calls instead of
+`Trainer.fit`; it builds a fresh Trainer for every phase of every iteration
+from the `trainer:` section of the config.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import default_callbacks
+from .datamodule import TrajectoryDataModule
+from .evaluate import evaluate_saved_policy
+from .outer_loop import OuterLoop, RunDirError
+from .system import IterativePPO
+
+TRAINER_DEFAULTS = {
+    # Checkpoints of each phase are the loop's job (CheckpointCallback); Lightning's would pile up per phase.
+    "enable_checkpointing": False,
+    "logger": False,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+}
+
+
+class IterPPOTrainer(L.Trainer):
+    def evaluate(
+        self,
+        model: IterativePPO,
+        datamodule: TrajectoryDataModule | None = None,
+        policy: str = "",
+        episodes: int = 500,
+        seed: int = 0,
+        greedy: bool = False,
+        batch_size: int = 256,
+    ) -> dict:
+        """Evaluate a saved policy on fresh simulated customers and print one JSON object.
+
+        Args:
+            policy: folder of a saved policy (e.g. RUN_DIR/final_policy).
+            episodes: number of fresh simulated conversations.
+            seed: seed of the evaluation customers (never used by `fit`).
+            greedy: greedy decoding instead of sampling from the policy.
+            batch_size: conversations advanced together in one generate call.
+        """
+        if not policy:
+            raise ValueError("evaluate needs --policy DIR (a folder written by `iterppo fit`)")
+        result = evaluate_saved_policy(
+            policy,
+            model.environment,
+            episodes,
+            seed,
+            greedy=greedy,
+            max_new_tokens=model.policy.max_new_tokens,
+            max_prompt_tokens=model.loop.max_prompt_tokens,
+            batch_size=batch_size,
+            gamma=datamodule.gamma if datamodule is not None else 1.0,
+        )
+        print(json.dumps(result))
+        return result
+
+
+class IterPPOCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "evaluate": {"model", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_dir", type=str, default="runs/iterppo", help="Folder for this run's outputs (must not hold a run).")
+
+    def _trainer_factory(self, phase: str, **overrides) -> L.Trainer:
+        trainer_config = dict(self._get(self.config_init, "trainer", default={}))
+        # instantiate_trainer extends the callbacks list in place: hand it a copy per phase.
+        overrides.setdefault("callbacks", list(trainer_config.get("callbacks") or []))
+        return self.instantiate_trainer(**overrides)
+
+    def fit(self, model: IterativePPO, datamodule: TrajectoryDataModule | None = None, **_: object) -> None:
+        config = self.config["fit"]
+        datamodule = datamodule or TrajectoryDataModule()
+        loop = OuterLoop(
+            model,
+            datamodule,
+            self._trainer_factory,
+            Path(config["run_dir"]),
+            default_callbacks(model.loop.early_stopping_patience),
+            seed=int(config["seed_everything"]),
+            config_text=self._parser("fit").dump(config, skip_none=False),
+        )
+        loop.run()
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        IterPPOCLI(
+            IterativePPO,
+            TrajectoryDataModule,
+            trainer_class=IterPPOTrainer,
+            seed_everything_default=0,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            trainer_defaults=TRAINER_DEFAULTS,
+            args=args,
+        )
+    except (RunDirError, FileNotFoundError, ValueError) as err:
+        print(f"iterppo: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

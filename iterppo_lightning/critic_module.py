@@ -1,0 +1,147 @@
+"""`CriticModule`: the multi-turn Q-critic Q_k(state, suggestion) fit on Monte Carlo returns.
+
+A sequence model over [state; suggestion] with a scalar head read at the last
+token and a sigmoid output, so Q is a discounted success probability in
+[0, 1]. BCE against the soft target G_i (its minimiser is E[G]) or MSE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanSquaredError, Metric
+from torchmetrics.classification import BinaryAUROC
+from transformers import AutoConfig, AutoModel
+
+from .modeling import backbone_hidden, last_token_index
+from .optimizer_carry import OptimizerCarryMixin
+
+
+class SoftCalibrationError(Metric):
+    """Expected calibration error against soft targets.
+
+    Binned |mean prediction - mean target|, weighted by bin size. Targets are
+    discounted returns in [0, 1], not labels, so the binary ECE would be
+    biased by the discount; this compares Q with what it estimates.
+    """
+
+    full_state_update = False
+
+    def __init__(self, n_bins: int = 10):
+        super().__init__()
+        self.n_bins = n_bins
+        self.add_state("pred_sum", default=torch.zeros(n_bins), dist_reduce_fx="sum")
+        self.add_state("target_sum", default=torch.zeros(n_bins), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(n_bins), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        bins = (preds.detach().clamp(0, 1) * self.n_bins).long().clamp(max=self.n_bins - 1)
+        self.pred_sum += torch.bincount(bins, weights=preds.detach().float(), minlength=self.n_bins)
+        self.target_sum += torch.bincount(bins, weights=target.float(), minlength=self.n_bins)
+        self.count += torch.bincount(bins, minlength=self.n_bins).float()
+
+    def compute(self) -> torch.Tensor:
+        total = self.count.sum().clamp(min=1)
+        gap = (self.pred_sum - self.target_sum).abs()  # = count * |mean pred - mean target|
+        return gap.sum() / total
+
+
+class CriticModule(OptimizerCarryMixin, L.LightningModule):
+    def __init__(
+        self,
+        loss: str = "bce",
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        init_from_policy: bool = True,
+        warm_start: bool = True,
+        keep_optimizer_state: bool = False,
+        calibration_bins: int = 10,
+    ):
+        """
+        Args:
+            loss: "bce" (soft-target binary cross-entropy on the logit) or "mse" (on the probability).
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            init_from_policy: start the backbone from pi_0's weights (else from its config, random).
+            warm_start: Q_k starts from Q_(k-1)'s weights instead of being rebuilt each iteration.
+            keep_optimizer_state: carry Adam moments across outer iterations.
+            calibration_bins: bins of the validation calibration error.
+        """
+        super().__init__()
+        if loss not in ("bce", "mse"):
+            raise ValueError(f"critic loss must be 'bce' or 'mse', got {loss!r}")
+        self.save_hyperparameters()
+        self.loss_name = loss
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.init_from_policy = init_from_policy
+        self.warm_start = warm_start
+        self.keep_optimizer_state = keep_optimizer_state
+        self.backbone: nn.Module | None = None
+        self.head: nn.Linear | None = None
+        self.val_brier = MeanSquaredError()
+        self.val_auroc = BinaryAUROC()
+        self.val_calibration = SoftCalibrationError(calibration_bins)
+
+    @property
+    def is_built(self) -> bool:
+        return self.backbone is not None
+
+    def build(self, base_model_dir: str | Path) -> None:
+        """Create backbone + scalar head from a saved causal LM folder."""
+        if self.init_from_policy:
+            self.backbone = AutoModel.from_pretrained(base_model_dir)
+        else:
+            self.backbone = AutoModel.from_config(AutoConfig.from_pretrained(base_model_dir))
+        hidden = self.backbone.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self._carried_optimizer_state = None
+
+    def on_fit_start(self) -> None:
+        # The policy phase freezes Q_k (attach_critic); fitting Q_(k+1) must thaw it.
+        self.requires_grad_(True)
+
+    # -- maths ----------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Q logits [B], read at each row's last real token."""
+        hidden = backbone_hidden(self.backbone, input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(h_last).squeeze(-1)
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Q_k(s, a) in [0, 1] for the policy phase."""
+        return torch.sigmoid(self(input_ids, attention_mask))
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss_name == "bce":
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return F.mse_loss(torch.sigmoid(logits), target)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = self._loss(logits, batch["target"])
+        self.log("critic/train_loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        probs = torch.sigmoid(logits)
+        n = len(logits)
+        self.log("critic/val_loss", self._loss(logits, batch["target"]), prog_bar=True, batch_size=n)
+        self.val_brier.update(probs, batch["target"])
+        self.val_auroc.update(probs, batch["success"])
+        self.val_calibration.update(probs, batch["target"])
+        self.log("critic/val_brier", self.val_brier, batch_size=n)
+        self.log("critic/val_auroc", self.val_auroc, batch_size=n)
+        self.log("critic/val_calibration_error", self.val_calibration, batch_size=n)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -1,0 +1,226 @@
+"""`TrajectoryDataModule`: the one DataModule both phases read.
+
+From the trajectory buffers it builds
+- critic examples ((state, suggestion) -> Monte Carlo return G_i), with the
+  validation split made by WHOLE conversation (turns of one conversation are
+  strongly correlated; splitting them would leak the outcome);
+- policy prompts: the logged states s_j, drawn with replacement, one batch per
+  PPO rollout;
+- SFT examples (state -> suggestion) for behaviour cloning pi_0 and the
+  filtered-BC baseline.
+The phase the next `fit` trains is chosen with `use_phase`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from .buffer import load_buffer
+from .conversation import Conversation
+from .rendering import render_state, render_suggestion
+
+PHASES = ("critic", "policy", "sft")
+
+
+@dataclass
+class TurnExample:
+    prompt_ids: list[int]
+    action_ids: list[int]
+    target: float
+    """Monte Carlo return G_i of the suggestion."""
+    success: int
+    """Whether the conversation ended in success (label for AUROC)."""
+    conversation_id: str
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def _in_validation(conversation_id: str, val_fraction: float, seed: int) -> bool:
+    # A hash of the id (not a shuffled index) keeps a conversation on the same
+    # side of the split no matter which buffers are loaded or in what order.
+    digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if s:
+            ids[row, width - len(s) :] = torch.tensor(s)
+            mask[row, width - len(s) :] = 1
+    return ids, mask
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    return ids, mask
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        gamma: float = 0.9,
+        val_fraction: float = 0.1,
+        critic_batch_size: int = 64,
+        sft_batch_size: int = 64,
+        policy_batch_size: int = 64,
+        policy_batches: int = 16,
+        max_prompt_tokens: int = 384,
+        max_action_tokens: int = 24,
+        sft_successful_only: bool = False,
+        split_seed: int = 0,
+    ):
+        """
+        Args:
+            gamma: discount of the Monte Carlo return G_i over customer turns (< 1).
+            val_fraction: share of conversations (not turns) held out to validate the critic.
+            critic_batch_size: (state, suggestion) pairs per critic step.
+            sft_batch_size: (state, suggestion) pairs per behaviour-cloning step.
+            policy_batch_size: logged states per PPO rollout.
+            policy_batches: PPO rollouts (prompt batches) per outer iteration.
+            max_prompt_tokens: states longer than this keep their most recent tokens.
+            max_action_tokens: suggestions are cut to this many tokens (incl. the end token).
+            sft_successful_only: behaviour-clone only successful conversations (filtered BC).
+            split_seed: seed of the conversation-level validation split.
+        """
+        super().__init__()
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"data.gamma must be in (0, 1], got {gamma}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.gamma = gamma
+        self.val_fraction = val_fraction
+        self.critic_batch_size = critic_batch_size
+        self.sft_batch_size = sft_batch_size
+        self.policy_batch_size = policy_batch_size
+        self.policy_batches = policy_batches
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_action_tokens = max_action_tokens
+        self.sft_successful_only = sft_successful_only
+        self.split_seed = split_seed
+        self.tokenizer = None
+        self.phase = "critic"
+        self.conversations: list[Conversation] = []
+        self.train_examples: list[TurnExample] = []
+        self.val_examples: list[TurnExample] = []
+
+    # -- wiring -----------------------------------------------------------
+    def connect(self, tokenizer) -> None:
+        """Give the data module the tokenizer of the models it feeds."""
+        self.tokenizer = tokenizer
+
+    def use_phase(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        self.phase = phase
+
+    def set_conversations(self, conversations: list[Conversation]) -> None:
+        """Use these conversations (e.g. the current buffer, or pooled buffers)."""
+        if self.tokenizer is None:
+            raise RuntimeError("call connect(tokenizer) before set_conversations")
+        self.conversations = list(conversations)
+        examples = self._build_examples(self.conversations)
+        self.train_examples = [e for e in examples if not _in_validation(e.conversation_id, self.val_fraction, self.split_seed)]
+        self.val_examples = [e for e in examples if _in_validation(e.conversation_id, self.val_fraction, self.split_seed)]
+        if not self.train_examples:
+            raise ValueError("the trajectory buffers hold no agent turns to train on")
+
+    def load_buffers(self, paths: list[str]) -> None:
+        conversations = []
+        for p in paths:
+            conversations.extend(load_buffer(p))
+        self.set_conversations(conversations)
+
+    # -- example building ---------------------------------------------------
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _build_examples(self, conversations: list[Conversation]) -> list[TurnExample]:
+        states, actions, meta = [], [], []
+        for conv in conversations:
+            returns = conv.returns(self.gamma)
+            for g, i in zip(returns, conv.agent_turns):
+                states.append(render_state(conv, i, self.tokenizer))
+                actions.append(render_suggestion(conv.turns[i].suggestion))
+                meta.append((g, int(conv.success), conv.conversation_id))
+        if not states:
+            return []
+        prompt_ids = self._encode(states)
+        action_ids = self._encode(actions)
+        return [
+            TurnExample(p[-self.max_prompt_tokens :], a[: self.max_action_tokens], g, s, cid)
+            for p, a, (g, s, cid) in zip(prompt_ids, action_ids, meta)
+        ]
+
+    # -- collation ----------------------------------------------------------
+    def _collate_pairs(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:
+        """[state | suggestion] right-padded, for the critic and for SFT."""
+        pad = self.tokenizer.pad_token_id
+        ids, mask = pad_right([e.prompt_ids + e.action_ids for e in batch], pad)
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        for row, e in enumerate(batch):
+            labels[row, : len(e.prompt_ids)] = -100  # behaviour cloning learns the reply only
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "target": torch.tensor([e.target for e in batch], dtype=torch.float32),
+            "success": torch.tensor([e.success for e in batch], dtype=torch.long),
+        }
+
+    def _collate_prompts(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:
+        ids, mask = pad_left([e.prompt_ids for e in batch], self.tokenizer.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # -- loaders --------------------------------------------------------------
+    def _sft_examples(self, examples: list[TurnExample]) -> list[TurnExample]:
+        return [e for e in examples if e.success] if self.sft_successful_only else examples
+
+    def train_dataloader(self) -> DataLoader:
+        if self.phase == "critic":
+            return DataLoader(
+                _ListDataset(self.train_examples), batch_size=self.critic_batch_size, shuffle=True, collate_fn=self._collate_pairs
+            )
+        if self.phase == "sft":
+            examples = self._sft_examples(self.train_examples)
+            if not examples:
+                raise ValueError("no successful conversations to behaviour-clone")
+            return DataLoader(_ListDataset(examples), batch_size=self.sft_batch_size, shuffle=True, collate_fn=self._collate_pairs)
+        # Policy phase: every logged state (train and validation alike) is a
+        # prompt; PPO needs no held-out set. Sampling with replacement gives a
+        # fixed number of rollouts per iteration regardless of buffer size.
+        prompts = self.train_examples + self.val_examples
+        sampler = RandomSampler(prompts, replacement=True, num_samples=self.policy_batch_size * self.policy_batches)
+        return DataLoader(_ListDataset(prompts), batch_size=self.policy_batch_size, sampler=sampler, collate_fn=self._collate_prompts)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.phase == "policy" or not self.val_examples:
+            return []
+        examples = self.val_examples if self.phase == "critic" else self._sft_examples(self.val_examples)
+        if not examples:
+            return []
+        batch = self.critic_batch_size if self.phase == "critic" else self.sft_batch_size
+        return DataLoader(_ListDataset(examples), batch_size=batch, shuffle=False, collate_fn=self._collate_pairs)

@@ -1,0 +1,71 @@
+"""Masked forward passes shared by the policy, the reference and the critic.
+
+Sequences are [left-padded prompt | right-padded response]. Position ids are
+`cumsum(mask) - 1`, exactly what Hugging Face `generate` uses, so log-probs
+computed here match the distribution the tokens were sampled from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (works with pads on either side)."""
+    length = attention_mask.shape[1]
+    positions = torch.arange(length, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [B, T, H] of a causal LM or a bare backbone."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
+        return out.last_hidden_state
+    return out.hidden_states[-1]
+
+
+def causal_lm_forward(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, want_hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [B, T, V] (and last hidden states when asked) for a causal LM."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=want_hidden,
+        use_cache=False,
+    )
+    return out.logits, (out.hidden_states[-1] if want_hidden else None)
+
+
+def load_policy(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a saved policy folder, with a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"policy directory {str(path)!r} does not exist")
+    missing = [name for name in ("config.json",) if not (path / name).exists()]
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+    if missing or not has_weights or not has_tokenizer:
+        what = missing + ([] if has_weights else ["model weights (*.safetensors)"])
+        what += [] if has_tokenizer else ["tokenizer (tokenizer.json)"]
+        raise ValueError(f"{str(path)!r} is not a saved policy: missing {', '.join(what)}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return model, tokenizer

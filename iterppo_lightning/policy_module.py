@@ -1,0 +1,293 @@
+"""`PolicyModule`: token-level PPO against a frozen Q-critic with a KL penalty to pi_k.
+
+One `training_step` = one PPO rollout and update on a batch of logged states:
+sample replies (batched, KV cache) -> score them (old log-probs and values,
+reference log-probs, Q_k at the last reply token) -> per-token rewards
+(-beta * KL + Q at the end) -> GAE -> `ppo_epochs` x `minibatches` clipped
+updates, stopping early when the approximate KL to the rollout policy passes
+`target_kl`. The reference is reset to the current weights (pi_k) at the start
+of every fit, i.e. every outer iteration, as Theorem 2 requires.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from . import ppo_math as pm
+from .generation import sample_responses
+from .modeling import causal_lm_forward, load_policy
+from .optimizer_carry import OptimizerCarryMixin
+
+VALUE_HEAD_FILE = "value_head.pt"
+
+
+class PolicyModule(OptimizerCarryMixin, L.LightningModule):
+    def __init__(
+        self,
+        lr: float = 1e-4,
+        ppo_epochs: int = 4,
+        minibatches: int = 2,
+        clip_eps: float = 0.2,
+        value_clip: float | None = 0.2,
+        vf_coef: float = 0.5,
+        gamma_token: float = 1.0,
+        gae_lambda: float = 0.95,
+        entropy_coef: float = 0.0,
+        kl_coef: float = 0.05,
+        adaptive_kl: bool = False,
+        kl_target: float = 1.0,
+        kl_horizon: int = 10000,
+        target_kl: float | None = None,
+        whiten_advantages: bool = True,
+        score_norm: str = "none",
+        missing_eos_penalty: float | None = None,
+        max_new_tokens: int = 24,
+        temperature: float = 1.0,
+        max_grad_norm: float = 1.0,
+        keep_optimizer_state: bool = False,
+    ):
+        """
+        Args:
+            lr: AdamW learning rate for the policy and its value head.
+            ppo_epochs: passes over each rollout batch.
+            minibatches: minibatches per pass.
+            clip_eps: PPO ratio clip epsilon.
+            value_clip: value-loss clip range around the rollout values (None = unclipped).
+            vf_coef: weight of the value loss.
+            gamma_token: discount across reply tokens in GAE (1.0: the reply is one action).
+            gae_lambda: GAE lambda.
+            entropy_coef: weight of the entropy bonus.
+            kl_coef: beta, the per-token KL penalty to the reference pi_k (initial value if adaptive).
+            adaptive_kl: adapt beta towards `kl_target` (Ziegler et al. 2019).
+            kl_target: target sequence KL of the adaptive controller.
+            kl_horizon: horizon of the adaptive controller.
+            target_kl: stop the current rollout's updates once the approximate KL
+                between the updated and the rollout policy passes this (None = never).
+            whiten_advantages: whiten advantages per rollout batch.
+            score_norm: per-batch normalisation of Q scores: none, whiten, or center.
+            missing_eos_penalty: subtracted from Q when a reply hits max_new_tokens without ending.
+            max_new_tokens: longest reply sampled.
+            temperature: sampling temperature (the log-probs use the same one).
+            max_grad_norm: gradient norm clip.
+            keep_optimizer_state: carry Adam moments across outer iterations.
+        """
+        super().__init__()
+        if score_norm not in ("none", "whiten", "center"):
+            raise ValueError(f"policy.score_norm must be none, whiten or center, got {score_norm!r}")
+        if ppo_epochs < 1 or minibatches < 1:
+            raise ValueError("policy.ppo_epochs and policy.minibatches must be >= 1")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        for key, value in self.hparams.items():
+            setattr(self, key, value)
+        self.kl_controller = (
+            pm.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else pm.FixedKLController(kl_coef)
+        )
+        self.policy = None
+        self.reference = None
+        self.value_head = None
+        self.critic = None
+        self.tokenizer = None
+        self.timings: dict[str, float] = defaultdict(float)
+        self._step_stats: list[dict[str, float]] = []
+        self._rollouts = 0
+        self.fit_stats: dict[str, float] = {}
+
+    # -- wiring -----------------------------------------------------------------
+    def attach(self, model, tokenizer, value_head: nn.Linear | None = None) -> None:
+        """Use this causal LM as the policy (pi_k); the reference is a frozen copy of it."""
+        self.policy = model
+        self.tokenizer = tokenizer
+        self.value_head = value_head or nn.Linear(model.config.hidden_size, 1)
+        if value_head is None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self.reference = copy.deepcopy(model)
+        self.reference.requires_grad_(False).eval()
+
+    def load(self, path: str | Path) -> None:
+        model, tokenizer = load_policy(path)
+        head = None
+        if (Path(path) / VALUE_HEAD_FILE).exists():
+            head = nn.Linear(model.config.hidden_size, 1)
+            head.load_state_dict(torch.load(Path(path) / VALUE_HEAD_FILE, weights_only=True))
+        self.attach(model, tokenizer, head)
+
+    def attach_critic(self, critic) -> None:
+        """The frozen Q_k used as the reward model during this fit."""
+        critic.requires_grad_(False).eval()
+        self.critic = critic
+
+    def save(self, path: str | Path) -> Path:
+        """`save_pretrained` policy + tokenizer (+ value head), written then renamed into place."""
+        path = Path(path)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self.policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save(self.value_head.state_dict(), tmp / VALUE_HEAD_FILE)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    # -- Lightning hooks ----------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.critic is None:
+            raise RuntimeError("PolicyModule needs a critic: call attach_critic(Q_k) before fit")
+        # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k.
+        self.reference.load_state_dict(self.policy.state_dict())
+        self.reference.requires_grad_(False).eval()
+        self._step_stats = []
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        keys = {k for s in self._step_stats for k in s}
+        self.fit_stats = {k: sum(s[k] for s in self._step_stats if k in s) / len(self._step_stats) for k in sorted(keys)}
+
+    def configure_optimizers(self):
+        params = list(self.policy.parameters()) + list(self.value_head.parameters())
+        return torch.optim.AdamW(params, lr=self.lr)
+
+    # -- rollout --------------------------------------------------------------------
+    def _timed(self, name: str):
+        module = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                module.timings[name] += time.perf_counter() - self.t0
+
+        return _Timer()
+
+    def _policy_outputs(self, full_ids, full_mask, prompt_len, response):
+        """Response log-probs [B, R], values [B, R] and logits of the response positions."""
+        logits, hidden = causal_lm_forward(self.policy, full_ids, full_mask, want_hidden=True)
+        # Position t of the sequence predicts token t+1: the reply's logits start at prompt_len-1.
+        resp_logits = logits[:, prompt_len - 1 : -1] / self.temperature
+        logprobs = pm.logprobs_from_logits(resp_logits, response)
+        values = self.value_head(hidden[:, prompt_len - 1 : -1]).squeeze(-1)
+        return logprobs, values, resp_logits
+
+    @torch.no_grad()
+    def make_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        with self._timed("generate"):
+            response, resp_mask = sample_responses(
+                self.policy, prompt_ids, prompt_mask, tok.eos_token_id, tok.pad_token_id, self.max_new_tokens, self.temperature
+            )
+        full_ids = torch.cat([prompt_ids, response], dim=1)
+        full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
+        prompt_len = prompt_ids.shape[1]
+        with self._timed("score_forward"):
+            old_logprobs, old_values, _ = self._policy_outputs(full_ids, full_mask, prompt_len, response)
+            ref_logits, _ = causal_lm_forward(self.reference, full_ids, full_mask)
+            ref_logprobs = pm.logprobs_from_logits(ref_logits[:, prompt_len - 1 : -1] / self.temperature, response)
+            # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
+            score = self.critic.score(full_ids, full_mask)
+        ended = (response == tok.eos_token_id).any(dim=1)
+        raw_score = score.clone()
+        if self.missing_eos_penalty is not None:
+            score = score - self.missing_eos_penalty * (~ended).float()
+        score = pm.normalize_scores(score, self.score_norm)
+        rewards, kl = pm.per_token_rewards(score, old_logprobs, ref_logprobs, resp_mask, self.kl_controller.value)
+        advantages, returns = pm.gae_advantages(rewards, old_values, resp_mask, self.gamma_token, self.gae_lambda)
+        if self.whiten_advantages:
+            advantages = pm.masked_whiten(advantages, resp_mask)
+        return {
+            "full_ids": full_ids,
+            "full_mask": full_mask,
+            "prompt_len": prompt_len,
+            "response": response,
+            "mask": resp_mask,
+            "old_logprobs": old_logprobs,
+            "old_values": old_values,
+            "advantages": advantages,
+            "returns": returns,
+            "raw_score": raw_score,
+            "seq_kl": (kl * resp_mask).sum(1),
+            "ended": ended,
+        }
+
+    # -- PPO update ----------------------------------------------------------------------
+    def ppo_update(self, rollout: dict[str, torch.Tensor]) -> dict[str, float]:
+        optimizer = self.optimizers()
+        batch = rollout["response"].shape[0]
+        mb_size = math.ceil(batch / self.minibatches)
+        agg: dict[str, list[float]] = defaultdict(list)
+        stopped_early = False
+        epochs_run = 0
+        for _ in range(self.ppo_epochs):
+            epochs_run += 1
+            for idx in torch.randperm(batch, device=rollout["response"].device).split(mb_size):
+                with self._timed("update_forward_backward"):
+                    logprobs, values, resp_logits = self._policy_outputs(
+                        rollout["full_ids"][idx], rollout["full_mask"][idx], rollout["prompt_len"], rollout["response"][idx]
+                    )
+                    mask = rollout["mask"][idx]
+                    pg_loss, pg_stats = pm.policy_loss(
+                        logprobs, rollout["old_logprobs"][idx], rollout["advantages"][idx], mask, self.clip_eps
+                    )
+                    vf_loss, vf_stats = pm.value_loss(
+                        values, rollout["old_values"][idx], rollout["returns"][idx], mask, self.value_clip
+                    )
+                    entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits), mask)
+                    loss = pg_loss + self.vf_coef * vf_loss - self.entropy_coef * entropy
+                    optimizer.zero_grad()
+                    self.manual_backward(loss)
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    optimizer.step()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"policy phase: non-finite PPO loss at global step {self.global_step} (rollout {self._rollouts})"
+                    )
+                agg["policy_loss"].append(pg_loss.item())
+                agg["value_loss"].append(vf_loss.item())
+                agg["entropy"].append(entropy.item())
+                agg["clip_frac"].append(float(pg_stats["clip_frac"]))
+                agg["approx_kl"].append(float(pg_stats["approx_kl"]))
+                agg["vf_clip_frac"].append(float(vf_stats["vf_clip_frac"]))
+                if self.target_kl is not None and float(pg_stats["approx_kl"]) > self.target_kl:
+                    stopped_early = True
+                    break
+            if stopped_early:
+                break
+        stats = {k: sum(v) / len(v) for k, v in agg.items()}
+        stats["epochs_run"] = float(epochs_run)
+        stats["early_stopped"] = float(stopped_early)
+        return stats
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        rollout = self.make_rollout(batch["input_ids"], batch["attention_mask"])
+        stats = self.ppo_update(rollout)
+        self._rollouts += 1
+        mean_kl = rollout["seq_kl"].mean().item()
+        stats.update(
+            kl=mean_kl,
+            kl_coef=self.kl_controller.value,
+            mean_score=rollout["raw_score"].mean().item(),
+            response_length=rollout["mask"].sum(1).float().mean().item(),
+            ended_frac=rollout["ended"].float().mean().item(),
+        )
+        self.kl_controller.update(mean_kl, n_steps=rollout["response"].shape[0])
+        self._step_stats.append(stats)
+        shown = {"mean_score", "kl"}  # on the progress bar; the rest only in the logger
+        n = rollout["response"].shape[0]
+        self.log_dict({f"ppo/{k}": v for k, v in stats.items() if k not in shown}, batch_size=n)
+        self.log_dict({f"ppo/{k}": stats[k] for k in shown}, prog_bar=True, batch_size=n)

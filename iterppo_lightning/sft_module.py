@@ -1,0 +1,50 @@
+"""`BehaviourCloningModule`: supervised fine-tuning of a causal LM on logged suggestions.
+
+Builds pi_0 from imagined conversations, and is the filtered-BC baseline when
+the DataModule keeps successful conversations only. Loss is next-token
+cross-entropy on the suggestion tokens only (prompt tokens are masked).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from .modeling import causal_lm_forward
+
+
+class BehaviourCloningModule(L.LightningModule):
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0):
+        """
+        Args:
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.model = None
+
+    def attach(self, model) -> None:
+        """Train this causal LM (weights are updated in place)."""
+        self.model = model
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        logits, _ = causal_lm_forward(self.model, batch["input_ids"], batch["attention_mask"])
+        # Position t predicts token t+1.
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("sft/train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("sft/val_loss", self._loss(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
