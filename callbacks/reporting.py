@@ -171,7 +171,7 @@ class ReportingCallback(IterationCallback):
         )
         initial = getattr(loop, "initial_eval", None)
         if initial:
-            self._print(f"pi_0 success {_fmt_success(initial)}  (episodes {_fmt(initial.get('episodes'), 'd')})")
+            self._print(f"pi_0 success {_fmt_success(initial)}  (episodes {_fmt(initial.get('eval_episodes', initial.get('episodes')), 'd')})")
         self._print_header()
 
     def on_iteration_end(self, loop: Any, iteration: int, record: dict) -> None:

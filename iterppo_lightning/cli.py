@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -101,7 +102,21 @@ class IterPPOCLI(LightningCLI):
         loop.run()
 
 
+def _quiet_third_party() -> None:
+    """Keep the console for our progress: per-shard save/load bars of datasets and transformers add nothing."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    # The frozen reference and critic are in eval mode on purpose during the policy phase.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+
+
 def main(args: list[str] | None = None) -> None:
+    _quiet_third_party()
     try:
         IterPPOCLI(
             IterativePPO,

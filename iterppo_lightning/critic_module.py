@@ -138,10 +138,19 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.log("critic/val_loss", self._loss(logits, batch["target"]), prog_bar=True, batch_size=n)
         self.val_brier.update(probs, batch["target"])
         self.val_auroc.update(probs, batch["success"])
+        self._val_classes_seen |= set(batch["success"].unique().tolist())
         self.val_calibration.update(probs, batch["target"])
         self.log("critic/val_brier", self.val_brier, batch_size=n)
-        self.log("critic/val_auroc", self.val_auroc, batch_size=n)
         self.log("critic/val_calibration_error", self.val_calibration, batch_size=n)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_classes_seen: set[int] = set()
+
+    def on_validation_epoch_end(self) -> None:
+        # AUROC is undefined with one class only; torchmetrics would report 0.0, the worst score. Say NaN.
+        auroc = self.val_auroc.compute() if self._val_classes_seen == {0, 1} else torch.tensor(float("nan"))
+        self.log("critic/val_auroc", auroc)
+        self.val_auroc.reset()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -40,21 +40,31 @@ def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
 
 
 def causal_lm_forward(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, want_hidden: bool = False
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    want_hidden: bool = False,
+    logits_to_keep: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits [B, T, V] (and last hidden states when asked) for a causal LM."""
+    """Logits [B, T, V] (or of the last `logits_to_keep` positions) and, when asked, last hidden states [B, T, H].
+
+    PPO only needs logits at the reply positions; skipping the LM head over the
+    prompt saves a large share of the forward and backward on long states.
+    """
+    extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         output_hidden_states=want_hidden,
         use_cache=False,
+        **extra,
     )
     return out.logits, (out.hidden_states[-1] if want_hidden else None)
 
 
-def load_policy(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a saved policy folder, with a clear error if it is not one."""
+def check_policy_dir(path: str | Path) -> Path:
+    """Raise a clear error naming `path` and what is missing unless it holds a saved policy."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"policy directory {str(path)!r} does not exist")
@@ -65,6 +75,12 @@ def load_policy(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         what = missing + ([] if has_weights else ["model weights (*.safetensors)"])
         what += [] if has_tokenizer else ["tokenizer (tokenizer.json)"]
         raise ValueError(f"{str(path)!r} is not a saved policy: missing {', '.join(what)}")
+    return path
+
+
+def load_policy(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a saved policy folder (model + tokenizer), with a clear error if it is not one."""
+    path = check_policy_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -17,6 +17,7 @@ import lightning as L
 
 from .bootstrap import make_pi0
 from .buffer import load_buffer
+from .modeling import check_policy_dir
 from .sales_simulator import SalesSimulator
 from .stats import atomic_write_json, atomic_write_text
 
@@ -114,6 +115,8 @@ class OuterLoop:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
+        if self.system.policy_init:
+            check_policy_dir(self.system.policy_init)  # a typo must not leave a half-started run_dir behind
         prepare_run_dir(self.run_dir)
         if self.config_text is not None:
             atomic_write_text(self.run_dir / "config.yaml", self.config_text)

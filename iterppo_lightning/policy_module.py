@@ -152,6 +152,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k.
         self.reference.load_state_dict(self.policy.state_dict())
         self.reference.requires_grad_(False).eval()
+        self.policy.train()
+        self.value_head.train()
         self._step_stats = []
 
     def on_train_end(self) -> None:
@@ -176,11 +178,17 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
 
         return _Timer()
 
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        # Dividing by 1.0 would still copy a [B, R, V] tensor.
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
     def _policy_outputs(self, full_ids, full_mask, prompt_len, response):
         """Response log-probs [B, R], values [B, R] and logits of the response positions."""
-        logits, hidden = causal_lm_forward(self.policy, full_ids, full_mask, want_hidden=True)
-        # Position t of the sequence predicts token t+1: the reply's logits start at prompt_len-1.
-        resp_logits = logits[:, prompt_len - 1 : -1] / self.temperature
+        resp_len = response.shape[1]
+        # Position t of the sequence predicts token t+1: the reply's logits are
+        # those of positions prompt_len-1 .. end-1, i.e. the last resp_len+1 minus the final one.
+        logits, hidden = causal_lm_forward(self.policy, full_ids, full_mask, want_hidden=True, logits_to_keep=resp_len + 1)
+        resp_logits = self._tempered(logits[:, :-1])
         logprobs = pm.logprobs_from_logits(resp_logits, response)
         values = self.value_head(hidden[:, prompt_len - 1 : -1]).squeeze(-1)
         return logprobs, values, resp_logits
@@ -195,10 +203,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         full_ids = torch.cat([prompt_ids, response], dim=1)
         full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
         prompt_len = prompt_ids.shape[1]
-        with self._timed("score_forward"):
+        with self._timed("score_forward"):  # policy + value, reference, and Q_k forwards
             old_logprobs, old_values, _ = self._policy_outputs(full_ids, full_mask, prompt_len, response)
-            ref_logits, _ = causal_lm_forward(self.reference, full_ids, full_mask)
-            ref_logprobs = pm.logprobs_from_logits(ref_logits[:, prompt_len - 1 : -1] / self.temperature, response)
+            ref_logits, _ = causal_lm_forward(self.reference, full_ids, full_mask, logits_to_keep=response.shape[1] + 1)
+            ref_logprobs = pm.logprobs_from_logits(self._tempered(ref_logits[:, :-1]), response)
             # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
             score = self.critic.score(full_ids, full_mask)
         ended = (response == tok.eos_token_id).any(dim=1)
@@ -236,27 +244,33 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         for _ in range(self.ppo_epochs):
             epochs_run += 1
             for idx in torch.randperm(batch, device=rollout["response"].device).split(mb_size):
-                with self._timed("update_forward_backward"):
+                with self._timed("update_forward"):
                     logprobs, values, resp_logits = self._policy_outputs(
                         rollout["full_ids"][idx], rollout["full_mask"][idx], rollout["prompt_len"], rollout["response"][idx]
                     )
-                    mask = rollout["mask"][idx]
-                    pg_loss, pg_stats = pm.policy_loss(
-                        logprobs, rollout["old_logprobs"][idx], rollout["advantages"][idx], mask, self.clip_eps
-                    )
-                    vf_loss, vf_stats = pm.value_loss(
-                        values, rollout["old_values"][idx], rollout["returns"][idx], mask, self.value_clip
-                    )
+                mask = rollout["mask"][idx]
+                pg_loss, pg_stats = pm.policy_loss(
+                    logprobs, rollout["old_logprobs"][idx], rollout["advantages"][idx], mask, self.clip_eps
+                )
+                vf_loss, vf_stats = pm.value_loss(values, rollout["old_values"][idx], rollout["returns"][idx], mask, self.value_clip)
+                loss = pg_loss + self.vf_coef * vf_loss
+                if self.entropy_coef:
                     entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits), mask)
-                    loss = pg_loss + self.vf_coef * vf_loss - self.entropy_coef * entropy
-                    optimizer.zero_grad()
-                    self.manual_backward(loss)
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                    optimizer.step()
+                    loss = loss - self.entropy_coef * entropy
+                else:  # logged only: keep the full-vocabulary softmax out of the backward pass
+                    with torch.no_grad():
+                        entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits.detach()), mask)
                 if not torch.isfinite(loss):
+                    # Raise before backward/step so the last good weights stay intact.
                     raise FloatingPointError(
                         f"policy phase: non-finite PPO loss at global step {self.global_step} (rollout {self._rollouts})"
                     )
+                optimizer.zero_grad()
+                with self._timed("update_backward"):
+                    self.manual_backward(loss)
+                with self._timed("optimizer_step"):
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    optimizer.step()
                 agg["policy_loss"].append(pg_loss.item())
                 agg["value_loss"].append(vf_loss.item())
                 agg["entropy"].append(entropy.item())

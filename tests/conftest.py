@@ -1,0 +1,95 @@
+"""Shared fixtures: simulated conversations, a word-level tokenizer trained on them, a tiny GPT-2.
+
+Everything is built locally (nothing is downloaded) and small enough for CPU tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from iterppo_lightning.bootstrap import corpus
+from iterppo_lightning.conversation import Conversation, Turn
+from iterppo_lightning.sales_simulator import SalesSimulator
+from iterppo_lightning.scripted_agents import BehaviourAgent, play_episode
+from iterppo_lightning.tiny_lm import TinyLMConfig, build_tiny_causal_lm, train_word_tokenizer
+
+# Words that never occur in simulator text; tests use them as distinct, controllable tokens.
+EXTRA_WORDS = ["good", "bad", "bonus", "hello", "greetings", "howdy", "thanks", "bye"]
+
+# The models here are tiny: one intra-op thread is fastest, and on a shared 2-core machine
+# several threads per process oversubscribe the CPU (measured: a PPO step ~40x slower).
+torch.set_num_threads(1)
+
+TINY_SHAPE = TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=256)
+
+
+def make_conversations(n: int = 40, seed0: int = 1000) -> list[Conversation]:
+    """`n` conversations played by the noisy behaviour agent against the simulator (deterministic)."""
+    simulator, agent = SalesSimulator(), BehaviourAgent()
+    return [play_episode(agent, simulator, seed0 + i, f"conv-{i}") for i in range(n)]
+
+
+def toy_conversation(conversation_id: str, opening: str, suggestion: str, success: bool) -> Conversation:
+    """One agent turn whose return (1 or 0) is decided by the suggestion alone."""
+    return Conversation(
+        conversation_id=conversation_id,
+        turns=[
+            Turn(customer=opening, suggestion=suggestion, sent=suggestion, business_action="accept"),
+            Turn(customer="thanks" if success else "bye", outcome=int(success)),
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def conversations() -> list[Conversation]:
+    """~40 simulated conversations (treat as read-only; deep-copy before mutating)."""
+    return make_conversations()
+
+
+@pytest.fixture(scope="session")
+def _session_tokenizer(conversations):
+    return train_word_tokenizer(corpus(conversations) + [" ".join(EXTRA_WORDS)])
+
+
+@pytest.fixture()
+def tokenizer(_session_tokenizer):
+    """A fresh copy per test, so tests that mutate it (padding side, chat template) stay isolated."""
+    return copy.deepcopy(_session_tokenizer)
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    """A fresh, deterministically initialised 1-layer GPT-2 for the tokenizer."""
+    return build_tiny_causal_lm(tokenizer, TINY_SHAPE, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning():
+    """Lightning's tips and eval-mode notices are noise in test output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        warnings.filterwarnings("ignore", message=r".*val_dataloader.*validation_step.*")
+        yield
+
+
+def make_trainer(**overrides):
+    """A quiet CPU Trainer (no logger, checkpoints, progress bar or sanity check)."""
+    import lightning as L
+
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)

@@ -1,0 +1,265 @@
+"""End to end through the real `iterppo` command: fit on configs/smoke.yaml, evaluate, and bad input.
+
+The smoke fit runs once per module (a subprocess, like a user's shell). Bad-input cases
+call `iterppo_lightning.cli.main(args)` in-process: same parser, same error handling and
+exit codes, without paying the package import once more per case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from iterppo_lightning.buffer import load_buffer
+from iterppo_lightning.modeling import load_policy
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+ITERATIONS = 2  # configs/smoke.yaml: model.loop.iterations
+EPISODES_PER_ITERATION = 32  # configs/smoke.yaml: model.loop.episodes_per_iteration
+
+# One intra-op thread: on a small shared CPU machine, torch's default thread count
+# oversubscribes the cores (the smoke fit takes ~10 s with 1 thread, ~60 s without).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "iterppo"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("iterppo")
+    return [found] if found else [sys.executable, "-m", "iterppo_lightning.cli"]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*_command(), *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def run_inprocess(capsys, *args: str) -> SimpleNamespace:
+    """`main(args)` as a process would see it: (exit code, stdout, stderr)."""
+    from iterppo_lightning.cli import main
+
+    capsys.readouterr()
+    code, trace = 0, ""
+    argv, sys.argv = sys.argv, ["iterppo"]  # as if typed in a shell (pytest's own argv is not ours)
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except Exception:  # an uncaught exception would end the process with status 1
+        code, trace = 1, traceback.format_exc()
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err + trace)
+
+
+def _last_json_line(stdout: str) -> dict:
+    lines = [line for line in stdout.strip().splitlines() if line.strip()]
+    assert lines, "nothing on stdout"
+    return json.loads(lines[-1])
+
+
+def _tree_fingerprint(root: Path) -> dict[str, str]:
+    """Relative path -> content hash (or link target) of everything under root."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = "link:" + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    proc = run_cli("fit", "--config", str(SMOKE), "--run_dir", str(run_dir))
+    assert proc.returncode == 0, f"iterppo fit failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return SimpleNamespace(run_dir=run_dir, stdout=proc.stdout, stderr=proc.stderr)
+
+
+# -- fit ------------------------------------------------------------------------------------------
+
+
+def test_fit_writes_one_metrics_line_per_iteration(smoke_run):
+    lines = (smoke_run.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == ITERATIONS
+    for k, line in enumerate(lines):
+        record = json.loads(line)  # strict JSON
+        assert record["iteration"] == k and record["policy"] == f"pi_{k + 1}"
+        rate, (low, high) = record["success_rate"], record["ci95"]
+        assert 0 <= low <= rate <= high <= 1
+        assert {"val_loss", "val_brier", "val_auroc"} <= set(record["critic"])
+        assert {"kl", "policy_loss", "value_loss", "clip_frac", "mean_score"} <= set(record["ppo"])
+        assert all(math.isfinite(v) for v in record["ppo"].values())
+        seconds = record["seconds"]
+        assert set(seconds) >= {"collect", "critic", "policy", "evaluate"}
+        assert all(isinstance(v, float) and v >= 0 for v in seconds.values())
+        assert record["collect"]["episodes"] == EPISODES_PER_ITERATION
+
+
+def test_fit_writes_summary_and_learning_curve(smoke_run):
+    run_dir = smoke_run.run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iterations"] == ITERATIONS
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["final_success_rate"] == last["success_rate"]
+    assert 0 <= summary["initial_success_rate"] <= 1
+    final = Path(summary["final_policy"])
+    assert final.is_dir()
+    assert final.resolve() == (run_dir / f"iteration_{ITERATIONS - 1}" / "policy").resolve()
+    # final_policy (the link users pass to evaluate) points at the same newest policy.
+    assert (run_dir / "final_policy").resolve() == final.resolve()
+    assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["loop"]["iterations"] == ITERATIONS
+
+
+@pytest.mark.parametrize("k", range(ITERATIONS))
+def test_fit_writes_each_iteration_folder(smoke_run, k):
+    folder = smoke_run.run_dir / f"iteration_{k}"
+    buffer = load_buffer(folder / "buffer")
+    assert len(buffer) == EPISODES_PER_ITERATION
+    assert {(c.iteration, c.policy_id) for c in buffer} == {(k, f"pi_{k}")}
+    assert all(c.turns[-1].terminal for c in buffer), "collected conversations are finished"
+
+    checkpoint = torch.load(folder / "critic.pt", weights_only=False)
+    assert any(key.startswith("head.") for key in checkpoint["state_dict"])
+    assert checkpoint["hparams"]["loss"] == "bce"
+
+    policy = folder / "policy"
+    assert (policy / "config.json").exists() and (policy / "tokenizer.json").exists()
+    model, tokenizer = load_policy(policy)
+    assert model.config.vocab_size == len(tokenizer)
+    assert not [p.name for p in smoke_run.run_dir.rglob(".*tmp*")], "temporary files left behind"
+
+
+def test_fit_reports_how_many_episodes_pi0_was_evaluated_on(smoke_run):
+    line = next(line for line in smoke_run.stdout.splitlines() if line.startswith("pi_0 success"))
+    assert "(episodes 32)" in line
+
+
+# -- evaluate -----------------------------------------------------------------------------------------
+
+
+def test_evaluate_prints_one_json_result_and_is_deterministic(smoke_run):
+    args = ["evaluate", "--config", str(SMOKE), "--policy", str(smoke_run.run_dir / "final_policy"), "--episodes", "20", "--seed", "7"]
+    # Two independent processes, run side by side.
+    procs = [subprocess.Popen([*_command(), *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    first, second = (_last_json_line(out) for out, _ in outs)
+    assert first == second, "same policy, config and seed must give the same result"
+
+    assert first["episodes"] == 20
+    rate, (low, high) = first["success_rate"], first["ci95"]
+    assert 0 <= low <= rate <= high <= 1
+    assert rate * 20 == pytest.approx(round(rate * 20))  # a share of 20 episodes
+    assert first["mean_turns"] >= 1
+    assert first["seed"] == 7
+
+
+def test_evaluate_a_folder_that_is_not_a_policy_names_it(tmp_path, capsys):
+    not_policy = tmp_path / "just_some_folder"
+    not_policy.mkdir()
+    (not_policy / "notes.txt").write_text("hello")
+    res = run_inprocess(capsys, "evaluate", "--config", str(SMOKE), "--policy", str(not_policy), "--episodes", "2")
+    assert res.returncode != 0
+    assert str(not_policy) in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_evaluate_a_missing_path_names_it(tmp_path, capsys):
+    missing = tmp_path / "no_policy_here"
+    res = run_inprocess(capsys, "evaluate", "--config", str(SMOKE), "--policy", str(missing))
+    assert res.returncode != 0 and str(missing) in res.stderr
+
+
+def test_evaluate_without_policy_says_what_is_needed(capsys):
+    res = run_inprocess(capsys, "evaluate", "--config", str(SMOKE))
+    assert res.returncode != 0 and "--policy" in res.stderr
+
+
+# -- bad input to fit ---------------------------------------------------------------------------------------
+
+
+def test_fit_refuses_an_existing_run_dir_and_changes_nothing(smoke_run, capsys):
+    run_dir = smoke_run.run_dir
+    metrics_before = (run_dir / "metrics.jsonl").read_bytes()
+    tree_before = _tree_fingerprint(run_dir)
+    res = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(run_dir))
+    assert res.returncode != 0
+    assert str(run_dir) in res.stderr
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics_before
+    assert _tree_fingerprint(run_dir) == tree_before
+
+
+def test_unknown_key_on_the_command_line_is_named(tmp_path, capsys):
+    res = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(tmp_path / "run"), "--model.loop.iterationz", "3")
+    assert res.returncode != 0
+    assert "iterationz" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_in_the_yaml_is_named(tmp_path, capsys):
+    text = SMOKE.read_text()
+    assert "    iterations: 2\n" in text
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(text.replace("    iterations: 2\n", "    iterationz: 2\n"))
+    res = run_inprocess(capsys, "fit", "--config", str(typo), "--run_dir", str(tmp_path / "run"))
+    assert res.returncode != 0
+    assert "iterationz" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_type_is_rejected(tmp_path, capsys):
+    res = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(tmp_path / "run"), "--model.loop.iterations", "abc")
+    assert res.returncode != 0
+    assert "abc" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, named",
+    [("--model.loop.iterations", "0", "loop.iterations"), ("--data.gamma", "1.5", "data.gamma")],
+)
+def test_out_of_range_settings_are_named_before_any_work(tmp_path, capsys, flag, value, named):
+    res = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(tmp_path / "run"), flag, value)
+    assert res.returncode != 0
+    assert named in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_policy_init_fails_without_blocking_the_run_dir(tmp_path, capsys):
+    run_dir, missing = tmp_path / "run", tmp_path / "no_pi0"
+    res = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--model.policy_init", str(missing))
+    assert res.returncode != 0
+    assert str(missing) in res.stderr
+    assert not run_dir.exists() or not any(run_dir.iterdir()), "a failed start must not make the run_dir unusable"
+
+
+def test_print_config_shows_the_resolved_yaml(capsys):
+    res = run_inprocess(capsys, "fit", "--print_config", "--config", str(SMOKE))
+    assert res.returncode == 0, res.stderr
+    assert "iterations" in res.stdout
+    config = yaml.safe_load(res.stdout)
+    assert config["model"]["loop"]["iterations"] == ITERATIONS
+    assert config["model"]["policy"]["init_args"]["kl_coef"] == 0.05
+    assert config["data"]["policy_batches"] == 2
