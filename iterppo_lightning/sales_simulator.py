@@ -56,17 +56,17 @@ NEED_TEMPLATES: tuple[str, ...] = (
 )
 """How the customer reveals its need; ``{word}`` is the category or one of its synonyms."""
 
-NEED_SYNONYM_PROB = 0.3
-"""Chance that a need reveal uses a synonym ("notebook") instead of the category name."""
-
 BUDGET_PHRASES: dict[str, tuple[str, ...]] = {
-    "basic": ("i am on a tight budget .", "something cheap please .", "i can not spend a lot ."),
+    # Every answer names the tier word in a varied frame: the task is to learn WHEN
+    # to ask and recommend, not a paraphrase lexicon (which a 0.5M-parameter model
+    # trained for minutes on CPU cannot learn from a few thousand conversations).
+    "basic": ("i am on a tight budget , basic is fine .", "something basic please .", "i can not spend a lot , a basic one ."),
     "standard": (
-        "something mid range .",
-        "a moderate price is fine .",
-        "nothing too fancy , nothing too cheap .",
+        "something standard , mid range .",
+        "a standard price is fine .",
+        "nothing too fancy , a standard one .",
     ),
-    "premium": ("money is no object .", "i want the best there is .", "only the best for me ."),
+    "premium": ("money is no object , i want premium .", "i want a premium one .", "only premium for me ."),
 }
 """How the customer reveals its budget, per tier. Phrases must be distinct across tiers."""
 
@@ -145,6 +145,8 @@ class SimulatorConfig:
     """Messages with more words than this are not read (and cost extra patience)."""
     max_agent_turns: int = 8
     """The customer leaves after this many business messages, whatever its patience."""
+    need_synonym_prob: float = 0.1
+    """Chance that the customer names its need with a synonym ("notebook") instead of the category word."""
     wrong_category_penalty: int = 2
     """Extra patience lost when offered a product of a category the customer does not need.
 
@@ -162,6 +164,8 @@ class SimulatorConfig:
             )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.need_synonym_prob <= 1.0:
+            raise ValueError(f"need_synonym_prob must be in [0, 1], got {self.need_synonym_prob}")
         if not 0.0 <= self.price_sensitive_prob <= 1.0:
             raise ValueError(f"price_sensitive_prob must be in [0, 1], got {self.price_sensitive_prob}")
         probs = {
@@ -316,7 +320,7 @@ class SalesEpisode:
 
     def _need_phrase(self, rng: random.Random) -> str:
         words = CATEGORY_WORDS[self.persona.need]
-        word = rng.choice(words[1:]) if rng.random() < NEED_SYNONYM_PROB else words[0]
+        word = rng.choice(words[1:]) if rng.random() < self.config.need_synonym_prob else words[0]
         template = NEED_TEMPLATES[self.persona.style % len(NEED_TEMPLATES)]
         return template.format(word=word)
 

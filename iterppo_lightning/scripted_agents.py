@@ -185,6 +185,10 @@ class BehaviourAgent:
     discount_prob: float = 0.5
     synonym_prob: float = 0.3
     """Probability of naming a tier or category with a synonym, so logs show the customer's vocabulary."""
+    skip_known_questions: bool = False
+    """Never re-ask what the customer already revealed: that question's probability goes to
+    recommending. Keeps the order of intents random while making informed recommendations
+    common enough in imagined data for a tiny model to learn to use what it was told."""
 
     ASK_NEED: ClassVar[tuple[str, ...]] = (
         "what are you looking for ?",
@@ -236,6 +240,12 @@ class BehaviourAgent:
 
     def act(self, conversation: Conversation, rng: random.Random) -> str | None:
         intents = self._intent_probs()
+        info = revealed_info(conversation)
+        if self.skip_known_questions:
+            for known, question in ((info.need, "ask_need"), (info.budget, "ask_budget")):
+                if known:
+                    intents["recommend"] += intents[question]
+                    intents[question] = 0.0
         intent = rng.choices(list(intents), weights=list(intents.values()))[0]
         if intent == "ask_need":
             return rng.choice(self.ASK_NEED)
@@ -245,7 +255,7 @@ class BehaviourAgent:
             return rng.choice(self.DISCOUNT)
         if intent == "small_talk":
             return rng.choice(self.SMALL_TALK)
-        return self._recommendation(revealed_info(conversation), rng)
+        return self._recommendation(info, rng)
 
     def _recommendation(self, info: RevealedInfo, rng: random.Random) -> str:
         category = info.need if info.need and rng.random() < self.informed_prob else rng.choice(CATEGORIES)

@@ -530,3 +530,26 @@ def test_run_agent_is_reproducible() -> None:
     a = run_agent(BehaviourAgent(), SimulatorConfig(), 100, seed=4)
     b = run_agent(BehaviourAgent(), SimulatorConfig(), 100, seed=4)
     assert a == b
+
+
+def test_behaviour_agent_skip_known_questions_never_reasks_revealed_facts():
+    """With skip_known_questions the explorer never asks again what the customer told it,
+    and recommends the revealed need (informed_prob=1)."""
+    sim = SalesSimulator(SimulatorConfig(mode="agent"))
+    agent = BehaviourAgent(ask_need_prob=0.9, ask_budget_prob=0.0, recommend_prob=0.1, small_talk_prob=0.0,
+                           discount_only_prob=0.0, informed_prob=1.0, synonym_prob=0.0, skip_known_questions=True)
+    reasked = recommended_wrong_need = 0
+    for seed in range(200):
+        episode = sim.new_episode(seed, str(seed))
+        rng = random.Random(seed)
+        while not episode.done:
+            info = revealed_info(episode.conversation)
+            reply = agent.act(episode.conversation, rng)
+            parsed = parse_reply(reply)
+            if info.need and parsed.asks_need:
+                reasked += 1
+            if info.need and parsed.product and parsed.product[1] != info.need:
+                recommended_wrong_need += 1
+            episode.step(reply)
+    assert reasked == 0
+    assert recommended_wrong_need == 0
