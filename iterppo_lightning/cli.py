@@ -11,11 +11,13 @@ from the `trainer:` section of the config.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import default_callbacks
@@ -84,7 +86,11 @@ class IterPPOCLI(LightningCLI):
     def _trainer_factory(self, phase: str, **overrides) -> L.Trainer:
         trainer_config = dict(self._get(self.config_init, "trainer", default={}))
         # instantiate_trainer extends the callbacks list in place: hand it a copy per phase.
-        overrides.setdefault("callbacks", list(trainer_config.get("callbacks") or []))
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # A fresh rich bar per phase: a bar object is tied to the Trainer that used it.
+            callbacks.append(RichProgressBar(leave=True))
+        overrides.setdefault("callbacks", callbacks)
         return self.instantiate_trainer(**overrides)
 
     def fit(self, model: IterativePPO, datamodule: TrajectoryDataModule | None = None, **_: object) -> None:
@@ -110,6 +116,10 @@ def _quiet_third_party() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    # One Trainer per phase would repeat "GPU available ..." and tips every phase; the
+    # per-iteration table is the record of progress. Warnings still show.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     # The frozen reference and critic are in eval mode on purpose during the policy phase.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
