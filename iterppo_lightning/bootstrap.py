@@ -16,7 +16,8 @@ from .buffer import save_buffer
 from .conversation import Conversation
 from .rollout import episode_seeds
 from .sales_simulator import SalesSimulator
-from .scripted_agents import BehaviourAgent, play_episode
+from .reply_parser import parse_reply
+from .scripted_agents import BehaviourAgent, play_episode, revealed_info
 from .tiny_lm import TinyLMConfig, build_tiny_causal_lm, train_word_tokenizer
 
 
@@ -28,6 +29,11 @@ class BootstrapConfig:
     """Behaviour-cloning epochs."""
     lr: float = 1e-3
     """Behaviour-cloning learning rate."""
+    curriculum_steps: int = 0
+    """Optimizer steps that first clone only the explorer's informed recommendations (made after
+    the customer said what it needs). Copying what the customer said is the skill a tiny model
+    learns slowest when it is 1 target in 3; learnt first, it survives the full data (measured:
+    correct product 0.99 vs 0.25 without). 0 = no curriculum."""
     batch_size: int = 16
     """Behaviour-cloning batch size: small batches, many steps (copying what the customer said
     emerges after ~1-2k optimizer steps in a tiny model, not after a number of epochs)."""
@@ -37,11 +43,26 @@ class BootstrapConfig:
     """Overrides of BehaviourAgent's intent probabilities (e.g. {informed_prob: 0.5})."""
 
 
+def informed_recommendation_turns(conversation: Conversation) -> list[int]:
+    """Agent turns that recommend a product after the customer had told its need.
+
+    The imagined conversations come from our own explorer, so this label is part of
+    generating the data (it is not available, or needed, for real logs).
+    """
+    turns = []
+    for i in conversation.agent_turns:
+        told = revealed_info(Conversation(conversation.conversation_id, conversation.turns[: i + 1]))
+        if told.need and parse_reply(conversation.turns[i].suggestion).product:
+            turns.append(i)
+    return turns
+
+
 def imagine_conversations(simulator: SalesSimulator, agent: BehaviourAgent, seeds: list[int]) -> list[Conversation]:
     conversations = []
     for seed in seeds:
         conv = play_episode(agent, simulator, seed, f"imagined-{seed}")
         conv.policy_id = "behaviour"
+        conv.metadata["informed_recommendation_turns"] = informed_recommendation_turns(conv)
         conversations.append(conv)
     return conversations
 
@@ -70,6 +91,13 @@ def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, tra
     datamodule.sft_batch_size = config.batch_size
     module = BehaviourCloningModule(lr=config.lr)
     module.attach(model)
+    if config.curriculum_steps > 0:
+        datamodule.restrict_sft(
+            {(c.conversation_id, i) for c in conversations for i in c.metadata["informed_recommendation_turns"]}
+        )
+        trainer = trainer_factory("bootstrap", max_steps=config.curriculum_steps, max_epochs=-1, default_root_dir=str(out_dir))
+        trainer.fit(module, datamodule=datamodule)
+        datamodule.restrict_sft(None)
     trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))
     trainer.fit(module, datamodule=datamodule)
     return model, tokenizer

@@ -36,6 +36,7 @@ class TurnExample:
     success: int
     """Whether the conversation ended in success (label for AUROC)."""
     conversation_id: str
+    turn_index: int = 0
 
 
 class _ListDataset(Dataset):
@@ -122,6 +123,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.tokenizer = None
         self.phase = "critic"
+        self.sft_turns: set[tuple[str, int]] | None = None
         self.conversations: list[Conversation] = []
         self.train_examples: list[TurnExample] = []
         self.val_examples: list[TurnExample] = []
@@ -164,14 +166,14 @@ class TrajectoryDataModule(L.LightningDataModule):
             for g, i in zip(returns, conv.agent_turns):
                 states.append(render_state(conv, i, self.tokenizer))
                 actions.append(render_suggestion(conv.turns[i].suggestion))
-                meta.append((g, int(conv.success), conv.conversation_id))
+                meta.append((g, int(conv.success), conv.conversation_id, i))
         if not states:
             return []
         prompt_ids = self._encode(states)
         action_ids = self._encode(actions)
         return [
-            TurnExample(p[-self.max_prompt_tokens :], a[: self.max_action_tokens], g, s, cid)
-            for p, a, (g, s, cid) in zip(prompt_ids, action_ids, meta)
+            TurnExample(p[-self.max_prompt_tokens :], a[: self.max_action_tokens], g, s, cid, i)
+            for p, a, (g, s, cid, i) in zip(prompt_ids, action_ids, meta)
         ]
 
     # -- collation ----------------------------------------------------------
@@ -196,7 +198,13 @@ class TrajectoryDataModule(L.LightningDataModule):
         return {"input_ids": ids, "attention_mask": mask}
 
     # -- loaders --------------------------------------------------------------
+    def restrict_sft(self, turns: set[tuple[str, int]] | None) -> None:
+        """Behaviour-clone only these (conversation_id, turn index) pairs (None = all turns)."""
+        self.sft_turns = turns
+
     def _sft_examples(self, examples: list[TurnExample]) -> list[TurnExample]:
+        if self.sft_turns is not None:
+            examples = [e for e in examples if (e.conversation_id, e.turn_index) in self.sft_turns]
         return [e for e in examples if e.success] if self.sft_successful_only else examples
 
     def train_dataloader(self) -> DataLoader:
