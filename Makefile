@@ -25,6 +25,7 @@ THREADS ?= 1
 quickstart: $(VENV)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/iterppo fit --config $(CONFIG) --run_dir $(RUN_DIR)
 	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/iterppo evaluate --config $(CONFIG) --policy $(RUN_DIR)/final_policy --episodes 500 --seed 12345
+	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/iterppo evaluate --config $(CONFIG) --policy $(RUN_DIR)/final_policy --episodes 500 --seed 12345 --greedy true
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
