@@ -49,6 +49,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         kl_target: float = 1.0,
         kl_horizon: int = 10000,
         target_kl: float | None = None,
+        max_iteration_kl: float | None = None,
         whiten_advantages: bool = True,
         score_norm: str = "none",
         missing_eos_penalty: float | None = None,
@@ -74,6 +75,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             kl_horizon: horizon of the adaptive controller.
             target_kl: stop the current rollout's updates once the approximate KL
                 between the updated and the rollout policy passes this (None = never).
+            max_iteration_kl: end this fit (this outer iteration's policy phase) once a rollout's
+                mean sequence KL to the reference pi_k passes this (None = never). `target_kl`
+                bounds each update; this bounds the drift of a whole iteration.
             whiten_advantages: whiten advantages per rollout batch.
             score_norm: per-batch normalisation of Q scores: none, whiten, or center.
             missing_eos_penalty: subtracted from Q when a reply hits max_new_tokens without ending.
@@ -300,6 +304,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             ended_frac=rollout["ended"].float().mean().item(),
         )
         self.kl_controller.update(mean_kl, n_steps=rollout["response"].shape[0])
+        if self.max_iteration_kl is not None and mean_kl > self.max_iteration_kl:
+            # Q_k is only trustworthy near pi_k (Theorem 2): stop before PPO exploits its errors.
+            stats["stopped_on_iteration_kl"] = 1.0
+            self.trainer.should_stop = True
         self._step_stats.append(stats)
         shown = {"mean_score", "kl"}  # on the progress bar; the rest only in the logger
         n = rollout["response"].shape[0]

@@ -160,7 +160,7 @@ def _rewarded_rate(model, tokenizer, prompts, mask, max_new_tokens, seed=123) ->
     return ((response == token) & resp_mask.bool()).any(dim=1).float().mean().item()
 
 
-def _ppo_run(tokenizer, conversations, kl_coef: float) -> tuple[float, float, PolicyModule]:
+def _ppo_run(tokenizer, conversations, kl_coef: float, **policy_kwargs) -> tuple[float, float, PolicyModule]:
     from conftest import TINY_SHAPE
     from iterppo_lightning.tiny_lm import build_tiny_causal_lm
 
@@ -171,7 +171,7 @@ def _ppo_run(tokenizer, conversations, kl_coef: float) -> tuple[float, float, Po
     assert not (prompts == tokenizer.convert_tokens_to_ids(REWARDED_WORD)).any(), "the reward must come from the reply"
     before = _rewarded_rate(model, tokenizer, prompts, mask, 8)
     torch.manual_seed(0)
-    module = _module(model, tokenizer, ppo_epochs=4, minibatches=2, kl_coef=kl_coef, max_new_tokens=8)
+    module = _module(model, tokenizer, ppo_epochs=4, minibatches=2, kl_coef=kl_coef, max_new_tokens=8, **policy_kwargs)
     make_trainer().fit(module, datamodule=dm)
     return before, _rewarded_rate(model, tokenizer, prompts, mask, 8), module
 
@@ -340,3 +340,14 @@ def test_load_policy_on_a_folder_without_weights_says_so(tmp_path, tiny_model, t
 def test_bad_settings_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PolicyModule(**kwargs)
+
+
+def test_max_iteration_kl_ends_the_policy_phase_once_the_drift_passes_it(tokenizer, conversations):
+    """Rollout 1 samples from pi_k itself (KL 0); after one update the next rollout's KL to pi_k is > 0."""
+    _, _, capped = _ppo_run(tokenizer, conversations, kl_coef=0.01, max_iteration_kl=1e-9)
+    # Flagged at rollout 2; Lightning may finish one more step after `should_stop` is set.
+    assert 2 <= capped._rollouts <= 3
+    assert capped.fit_stats["stopped_on_iteration_kl"] > 0
+    _, _, uncapped = _ppo_run(tokenizer, conversations, kl_coef=0.01)
+    assert uncapped._rollouts == 16
+    assert "stopped_on_iteration_kl" not in uncapped.fit_stats
