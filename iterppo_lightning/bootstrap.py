@@ -88,7 +88,8 @@ def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, tra
     datamodule.connect(tokenizer)
     datamodule.set_conversations(conversations)
     datamodule.use_phase("sft")
-    datamodule.sft_batch_size = config.batch_size
+    # Behaviour cloning's batch size is pi_0's recipe; restore the DataModule's own afterwards.
+    own_batch_size, datamodule.sft_batch_size = datamodule.sft_batch_size, config.batch_size
     module = BehaviourCloningModule(lr=config.lr)
     module.attach(model)
     if config.curriculum_steps > 0:
@@ -100,4 +101,5 @@ def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, tra
         datamodule.restrict_sft(None)
     trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))
     trainer.fit(module, datamodule=datamodule)
+    datamodule.sft_batch_size = own_batch_size
     return model, tokenizer

@@ -11,6 +11,7 @@ of every fit, i.e. every outer iteration, as Theorem 2 requires.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -170,17 +171,14 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         return torch.optim.AdamW(params, lr=self.lr)
 
     # -- rollout --------------------------------------------------------------------
+    @contextlib.contextmanager
     def _timed(self, name: str):
-        module = self
-
-        class _Timer:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                module.timings[name] += time.perf_counter() - self.t0
-
-        return _Timer()
+        """Accumulate wall seconds under `timings[name]` (read by benchmarks/ppo_phase.py)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] += time.perf_counter() - start
 
     def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
         # Dividing by 1.0 would still copy a [B, R, V] tensor.
