@@ -32,10 +32,14 @@ FEATURES = datasets.Features(
                 "suggestion": datasets.Value("string"),
                 "sent": datasets.Value("string"),
                 "business_action": datasets.Value("string"),
+                "timestamp": datasets.Value("string"),
             }
         ),
     }
 )
+
+
+TURN_FIELDS = ("customer", "outcome", "suggestion", "sent", "business_action", "timestamp")
 
 
 def _to_row(conv: Conversation) -> dict:
@@ -46,7 +50,7 @@ def _to_row(conv: Conversation) -> dict:
         "metadata": json.dumps(conv.metadata, sort_keys=True),
         "turns": {
             key: [getattr(t, key) for t in conv.turns]
-            for key in ("customer", "outcome", "suggestion", "sent", "business_action")
+            for key in TURN_FIELDS
         },
     }
 
@@ -60,6 +64,7 @@ def _from_row(row: dict) -> Conversation:
             suggestion=cols["suggestion"][i],
             sent=cols["sent"][i],
             business_action=cols["business_action"][i],
+            timestamp=cols["timestamp"][i] if "timestamp" in cols else None,
         )
         for i in range(len(cols["customer"]))
     ]

@@ -30,6 +30,8 @@ class Turn:
     """Message m_i the business actually sent; ``None`` on a terminal turn."""
     business_action: str = "none"
     """How the business treated the suggestion: accept, edit, reject, or none (terminal)."""
+    timestamp: str | None = None
+    """When the customer message arrived (ISO 8601), if the logs record it."""
 
     @property
     def terminal(self) -> bool:
@@ -80,7 +82,7 @@ class Conversation:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Conversation:
-        turns = [Turn(**t) for t in d["turns"]]
+        turns = [Turn(**t) for t in d["turns"]]  # older records without a timestamp get None
         return cls(
             conversation_id=d["conversation_id"],
             turns=turns,
