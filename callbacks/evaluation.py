@@ -35,10 +35,15 @@ def evaluate_policy(loop, iteration: int) -> dict:
 
 
 class EvaluationCallback(IterationCallback):
+    """True success on simulated customers; off (loop.eval_episodes 0) for runs on real logs only."""
+
     def on_run_start(self, loop) -> None:
-        loop.initial_eval = evaluate_policy(loop, -1)
+        if loop.initial_eval is None and loop.config.eval_episodes > 0:  # a resumed run already has it
+            loop.initial_eval = evaluate_policy(loop, -1)
 
     def on_iteration_end(self, loop, iteration: int, record: dict) -> None:
+        if loop.config.eval_episodes == 0:
+            return
         start = time.perf_counter()
         record.update(evaluate_policy(loop, iteration))
         record["seconds"]["evaluate"] = time.perf_counter() - start

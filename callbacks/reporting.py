@@ -3,6 +3,8 @@
 Files written under ``loop.run_dir`` (every write is atomic):
 
 * ``metrics.jsonl`` - one JSON line per finished iteration (the full record);
+  "return" is the true discounted return of the new policy on simulated
+  customers, "ope" the critic's estimate of it from the logs alone;
 * ``learning_curve.png`` - success rate of pi_0..pi_(k+1) with 95% CIs, and
   critic AUROC / PPO KL per iteration; redrawn after every iteration;
 * ``summary.json`` - the run summary, written at the end.
@@ -42,6 +44,8 @@ COLUMNS: tuple[tuple[str, int, str | None, str], ...] = (
     ("policy", 7, "policy", ""),
     ("success [95% CI]", 20, None, ""),
     ("turns", 5, "mean_turns", ".2f"),
+    ("return", 6, "mean_return", ".3f"),
+    ("ope", 5, "ope.q_policy", ".3f"),
     ("auroc", 5, "critic.val_auroc", ".3f"),
     ("brier", 5, "critic.val_brier", ".3f"),
     ("kl", 7, "ppo.kl", ".4f"),
@@ -175,10 +179,11 @@ class ReportingCallback(IterationCallback):
         self._print_header()
 
     def on_iteration_end(self, loop: Any, iteration: int, record: dict) -> None:
-        self._append_metrics(Path(loop.run_dir), record)
+        records = self._records(loop, record)
+        self._write_metrics(Path(loop.run_dir), records)
         self._print_header()
         self._print(table_row(record))
-        self._draw_curve(loop, self._records(loop, record))
+        self._draw_curve(loop, records)
 
     def on_run_end(self, loop: Any, summary: dict) -> None:
         history = list(getattr(loop, "history", None) or [])
@@ -245,15 +250,11 @@ class ReportingCallback(IterationCallback):
         return None if found is None else found[1]
 
     @staticmethod
-    def _append_metrics(run_dir: Path, record: dict) -> None:
-        # Rewrite the whole file atomically instead of appending in place, so a
-        # kill mid-write never leaves a truncated last line.
-        path = run_dir / METRICS_FILE
-        existing = path.read_text(encoding="utf-8") if path.exists() else ""
-        if existing and not existing.endswith("\n"):
-            existing += "\n"
-        line = json.dumps(_plain(record), allow_nan=False)
-        atomic_write_text(path, existing + line + "\n")
+    def _write_metrics(run_dir: Path, records: list[dict]) -> None:
+        # One line per finished iteration, rebuilt from the records and replaced atomically:
+        # a kill mid-write never truncates a line, and a redone iteration never repeats one.
+        lines = "".join(json.dumps(_plain(r), allow_nan=False) + "\n" for r in records)
+        atomic_write_text(run_dir / METRICS_FILE, lines)
 
     def _draw_curve(self, loop: Any, records: list[dict]) -> None:
         """Redraw learning_curve.png; a plotting failure is reported, not raised."""

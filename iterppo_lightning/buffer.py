@@ -8,14 +8,13 @@ a half-written buffer under the final name.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import datasets
 
 from .conversation import Conversation, Turn
+from .failpoints import failpoint
+from .stats import atomic_dir
 
 # A fixed schema keeps every buffer loadable together; metadata varies by
 # source (simulator persona, log fields), so it is stored as a JSON string.
@@ -82,15 +81,10 @@ def save_buffer(conversations: list[Conversation], path: str | Path) -> Path:
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"buffer {str(path)!r} already exists; buffers are never overwritten")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        ds = datasets.Dataset.from_list([_to_row(c) for c in conversations], features=FEATURES)
-        ds.save_to_disk(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    rows = [_to_row(c) for c in conversations]
+    with atomic_dir(path) as tmp:
+        datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(tmp))
+        failpoint("buffer.before_rename")
     return path
 
 
@@ -101,3 +95,8 @@ def load_buffer(path: str | Path) -> list[Conversation]:
         raise FileNotFoundError(f"buffer {str(path)!r} does not exist")
     ds = datasets.load_from_disk(str(path))
     return [_from_row(row) for row in ds]
+
+
+def buffer_conversation_ids(path: str | Path) -> list[str]:
+    """The conversation ids of a buffer (one column read; the turns are not decoded)."""
+    return list(datasets.load_from_disk(str(path))["conversation_id"])

@@ -1,7 +1,10 @@
 """`iterppo` command line (LightningCLI): `fit` runs the outer loop, `evaluate` scores a saved policy.
 
-    iterppo fit --config configs/quickstart.yaml --run_dir runs/quickstart
+    iterppo fit --config configs/quickstart.yaml --run_dir runs/quickstart [--resume]
+    iterppo fit --config C --run_dir runs/logged --data.logs logs/batch_0.jsonl   # one iteration on logs
     iterppo evaluate --config configs/quickstart.yaml --policy runs/quickstart/final_policy --episodes 500 --seed 1
+    iterppo collect --config C --episodes 500 --output logs/batch_0.jsonl [--policy DIR]
+    iterppo validate-data logs/batch_0.jsonl
 
 `fit` is defined on the CLI class, which LightningCLI calls instead of
 `Trainer.fit`; it builds a fresh Trainer for every phase of every iteration
@@ -21,9 +24,12 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import default_callbacks
+from .collect_logs import collect_logs
 from .datamodule import TrajectoryDataModule
 from .evaluate import evaluate_saved_policy
-from .outer_loop import OuterLoop, RunDirError
+from .log_io import LogValidationError
+from .outer_loop import NumericalFault, OuterLoop, RunDirError
+from .run_state import RunStateError
 from .system import IterativePPO
 
 TRAINER_DEFAULTS = {
@@ -72,16 +78,49 @@ class IterPPOTrainer(L.Trainer):
         return result
 
 
+    def collect(
+        self,
+        model: IterativePPO,
+        datamodule: TrajectoryDataModule | None = None,
+        output: str = "",
+        episodes: int = 500,
+        seed: int = 0,
+        policy: str = "",
+        greedy: bool = False,
+        batch_size: int = 256,
+    ) -> dict:
+        """Simulate conversations and write them as logs (docs/data.md): a file `fit --data.logs` accepts.
+
+        Args:
+            output: the log file to write, `.jsonl` or `.parquet` (never overwritten).
+            episodes: number of simulated conversations.
+            seed: seed of the simulated customers (another seed gives other customers and conversation ids).
+            policy: a saved policy folder to suggest the replies; empty = the scripted behaviour agent.
+            greedy: greedy decoding instead of sampling (with --policy).
+            batch_size: conversations advanced together in one generate call.
+        """
+        result = collect_logs(model, output, episodes, seed, policy=policy, greedy=greedy, batch_size=batch_size)
+        print(json.dumps(result))
+        return result
+
+
 class IterPPOCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
             "evaluate": {"model", "datamodule"},
+            "collect": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run_dir", type=str, default="runs/iterppo", help="Folder for this run's outputs (must not hold a run).")
+        parser.add_argument("--run_dir", type=str, default="runs/iterppo", help="Folder for this run's outputs (must not hold another run).")
+        parser.add_argument(
+            "--resume", type=bool, default=False, help="Continue the run in --run_dir where it stopped (or start it when there is none)."
+        )
+        parser.add_argument(
+            "--allow_config_change", type=bool, default=False, help="Let --resume continue although the model/data config changed."
+        )
 
     def _trainer_factory(self, phase: str, **overrides) -> L.Trainer:
         trainer_config = dict(self._get(self.config_init, "trainer", default={}))
@@ -104,6 +143,8 @@ class IterPPOCLI(LightningCLI):
             default_callbacks(model.loop.early_stopping_patience),
             seed=int(config["seed_everything"]),
             config_text=self._parser("fit").dump(config, skip_none=False),
+            resume=bool(config["resume"]),
+            allow_config_change=bool(config["allow_config_change"]),
         )
         loop.run()
 
@@ -126,6 +167,12 @@ def _quiet_third_party() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "validate-data":
+        # No config, no model: a plain argument parser, not LightningCLI.
+        from .validate_data import main as validate_data
+
+        sys.exit(validate_data(argv[1:]))
     _quiet_third_party()
     try:
         IterPPOCLI(
@@ -138,7 +185,13 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults=TRAINER_DEFAULTS,
             args=args,
         )
-    except (RunDirError, FileNotFoundError, ValueError) as err:
+    except LogValidationError as err:  # the same report as `iterppo validate-data`
+        print(f"iterppo: error: {err}\nnothing was written", file=sys.stderr)
+        sys.exit(1)
+    except NumericalFault as err:
+        print(f"iterppo: error: {err}", file=sys.stderr)
+        sys.exit(3)
+    except (RunDirError, RunStateError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"iterppo: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -17,8 +17,12 @@ from torchmetrics import MeanSquaredError, Metric
 from torchmetrics.classification import BinaryAUROC
 from transformers import AutoConfig, AutoModel
 
+from .failpoints import failpoint, maybe_nan
 from .modeling import backbone_hidden, last_token_index
 from .optimizer_carry import OptimizerCarryMixin
+
+
+CRITIC_TARGETS = ("mc", "td", "fqe")
 
 
 class SoftCalibrationError(Metric):
@@ -60,6 +64,9 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         warm_start: bool = True,
         keep_optimizer_state: bool = False,
         calibration_bins: int = 10,
+        target: str = "mc",
+        td_lambda: float = 0.8,
+        td_rounds: int = 2,
     ):
         """
         Args:
@@ -70,10 +77,24 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             warm_start: Q_k starts from Q_(k-1)'s weights instead of being rebuilt each iteration.
             keep_optimizer_state: carry Adam moments across outer iterations.
             calibration_bins: bins of the validation calibration error.
+            target: what Q_k regresses on. "mc": the Monte Carlo return (sound when the
+                buffer comes from pi_k alone); "td": TD(lambda) targets bootstrapped on the
+                logged next suggestion (evaluates the logging policies, SARSA-style);
+                "fqe": fitted Q evaluation, bootstrapped on pi_k's own reply at the next
+                state (evaluates pi_k even from mixed or pooled logs). See docs/data.md.
+            td_lambda: lambda of the "td" targets (1.0 = Monte Carlo; "fqe" uses 0).
+            td_rounds: for "td"/"fqe": refits after the first Monte Carlo fit, each on
+                targets recomputed with the previous round's critic.
         """
         super().__init__()
         if loss not in ("bce", "mse"):
             raise ValueError(f"critic loss must be 'bce' or 'mse', got {loss!r}")
+        if target not in CRITIC_TARGETS:
+            raise ValueError(f"critic.target must be one of {CRITIC_TARGETS}, got {target!r}")
+        if not 0.0 <= td_lambda <= 1.0:
+            raise ValueError(f"critic.td_lambda must be in [0, 1], got {td_lambda}")
+        if td_rounds < 1:
+            raise ValueError(f"critic.td_rounds must be >= 1, got {td_rounds}")
         self.save_hyperparameters()
         self.loss_name = loss
         self.lr = lr
@@ -81,6 +102,9 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.init_from_policy = init_from_policy
         self.warm_start = warm_start
         self.keep_optimizer_state = keep_optimizer_state
+        self.target = target
+        self.td_lambda = td_lambda
+        self.td_rounds = td_rounds
         self.backbone: nn.Module | None = None
         self.head: nn.Linear | None = None
         self.val_brier = MeanSquaredError()
@@ -120,15 +144,25 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         """Q_k(s, a) in [0, 1] for the policy phase."""
         return torch.sigmoid(self(input_ids, attention_mask))
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.loss_name == "bce":
-            return F.binary_cross_entropy_with_logits(logits, target)
-        return F.mse_loss(torch.sigmoid(logits), target)
+            per_example = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        else:
+            per_example = (torch.sigmoid(logits) - target) ** 2
+        if weight is None:
+            return per_example.mean()
+        # Pooled buffers: older batches count less (data.pool_weights).
+        return (weight * per_example).sum() / weight.sum().clamp(min=1e-12)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = self._loss(logits, batch["target"])
+        loss = self._loss(logits, batch["target"], batch.get("weight"))
+        loss = maybe_nan("critic.loss", loss)  # crash tests only; a no-op otherwise
+        if not torch.isfinite(loss):
+            # Raised before backward and step, so the weights stay the last good ones.
+            raise FloatingPointError(f"critic phase: non-finite loss ({loss.item()}) at step {self.global_step} (batch {batch_idx})")
         self.log("critic/train_loss", loss, prog_bar=True, batch_size=len(logits))
+        failpoint("critic.step")
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

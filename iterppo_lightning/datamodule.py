@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from .buffer import load_buffer
 from .conversation import Conversation
@@ -37,6 +37,8 @@ class TurnExample:
     """Whether the conversation ended in success (label for AUROC)."""
     conversation_id: str
     turn_index: int = 0
+    weight: float = 1.0
+    """Sample weight (data.pool_weights: older buffers may count less)."""
 
 
 class _ListDataset(Dataset):
@@ -91,6 +93,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         max_action_tokens: int = 24,
         sft_successful_only: bool = False,
         split_seed: int = 0,
+        logs: str | None = None,
+        pool_weights: list[float] | None = None,
     ):
         """
         Args:
@@ -104,13 +108,25 @@ class TrajectoryDataModule(L.LightningDataModule):
             max_action_tokens: suggestions are cut to this many tokens (incl. the end token).
             sft_successful_only: behaviour-clone only successful conversations (filtered BC).
             split_seed: seed of the conversation-level validation split.
+            logs: conversation logs (JSONL, Parquet or a saved HF dataset folder, see
+                docs/data.md) to train this iteration on instead of simulating: `fit`
+                runs one iteration on them and exports the next policy.
+            pool_weights: weights of the buffers an iteration trains on, newest first:
+                [1.0] (default) = only the current batch; [1.0, 0.5] adds the previous
+                batch at half weight. Pooling makes the data off-policy: pair it with
+                critic.target "fqe" (see docs/data.md).
         """
         super().__init__()
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"data.gamma must be in (0, 1], got {gamma}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        pool_weights = [1.0] if pool_weights is None else [float(w) for w in pool_weights]
+        if not pool_weights or pool_weights[0] <= 0 or any(w < 0 for w in pool_weights):
+            raise ValueError(f"data.pool_weights must start with a weight > 0 and hold no negative weight, got {pool_weights}")
         self.save_hyperparameters()
+        self.logs = logs
+        self.pool_weights = pool_weights
         self.gamma = gamma
         self.val_fraction = val_fraction
         self.critic_batch_size = critic_batch_size
@@ -127,6 +143,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.conversations: list[Conversation] = []
         self.train_examples: list[TurnExample] = []
         self.val_examples: list[TurnExample] = []
+        self._weighted = False
 
     # -- wiring -----------------------------------------------------------
     def connect(self, tokenizer) -> None:
@@ -138,42 +155,58 @@ class TrajectoryDataModule(L.LightningDataModule):
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         self.phase = phase
 
-    def set_conversations(self, conversations: list[Conversation]) -> None:
-        """Use these conversations (e.g. the current buffer, or pooled buffers)."""
+    def set_conversations(self, conversations: list[Conversation], weights: list[float] | None = None) -> None:
+        """Use these conversations (e.g. the current buffer, or pooled buffers), optionally weighted per conversation."""
         if self.tokenizer is None:
             raise RuntimeError("call connect(tokenizer) before set_conversations")
+        if weights is not None and len(weights) != len(conversations):
+            raise ValueError(f"{len(weights)} weights for {len(conversations)} conversations")
         self.conversations = list(conversations)
-        examples = self._build_examples(self.conversations)
+        examples = self._build_examples(self.conversations, weights)
         self.train_examples = [e for e in examples if not _in_validation(e.conversation_id, self.val_fraction, self.split_seed)]
         self.val_examples = [e for e in examples if _in_validation(e.conversation_id, self.val_fraction, self.split_seed)]
         if not self.train_examples:
             raise ValueError("the trajectory buffers hold no agent turns to train on")
+        self._weighted = any(e.weight != 1.0 for e in examples)
 
-    def load_buffers(self, paths: list[str]) -> None:
-        conversations = []
-        for p in paths:
-            conversations.extend(load_buffer(p))
-        self.set_conversations(conversations)
+    def load_buffers(self, paths: list[str], weights: list[float] | None = None) -> None:
+        """Train on these buffers; `weights[i]` weighs every conversation of `paths[i]`."""
+        conversations, per_conversation = [], []
+        for i, p in enumerate(paths):
+            loaded = load_buffer(p)
+            conversations.extend(loaded)
+            per_conversation.extend([1.0 if weights is None else float(weights[i])] * len(loaded))
+        self.set_conversations(conversations, None if weights is None else per_conversation)
+
+    @property
+    def all_examples(self) -> list[TurnExample]:
+        return self.train_examples + self.val_examples
+
+    def set_targets(self, targets) -> None:
+        """Replace the critic targets: `targets[(conversation_id, turn_index)]` (e.g. TD(lambda), see critic_targets)."""
+        for e in self.all_examples:
+            e.target = float(targets[(e.conversation_id, e.turn_index)])
 
     # -- example building ---------------------------------------------------
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _build_examples(self, conversations: list[Conversation]) -> list[TurnExample]:
+    def _build_examples(self, conversations: list[Conversation], weights: list[float] | None = None) -> list[TurnExample]:
         states, actions, meta = [], [], []
-        for conv in conversations:
+        for n, conv in enumerate(conversations):
             returns = conv.returns(self.gamma)
+            weight = 1.0 if weights is None else weights[n]
             for g, i in zip(returns, conv.agent_turns):
                 states.append(render_state(conv, i, self.tokenizer))
                 actions.append(render_suggestion(conv.turns[i].suggestion))
-                meta.append((g, int(conv.success), conv.conversation_id, i))
+                meta.append((g, int(conv.success), conv.conversation_id, i, weight))
         if not states:
             return []
         prompt_ids = self._encode(states)
         action_ids = self._encode(actions)
         return [
-            TurnExample(p[-self.max_prompt_tokens :], a[: self.max_action_tokens], g, s, cid, i)
-            for p, a, (g, s, cid, i) in zip(prompt_ids, action_ids, meta)
+            TurnExample(p[-self.max_prompt_tokens :], a[: self.max_action_tokens], g, s, cid, i, w)
+            for p, a, (g, s, cid, i, w) in zip(prompt_ids, action_ids, meta)
         ]
 
     # -- collation ----------------------------------------------------------
@@ -185,13 +218,16 @@ class TrajectoryDataModule(L.LightningDataModule):
         labels[mask == 0] = -100
         for row, e in enumerate(batch):
             labels[row, : len(e.prompt_ids)] = -100  # behaviour cloning learns the reply only
-        return {
+        out = {
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
             "target": torch.tensor([e.target for e in batch], dtype=torch.float32),
             "success": torch.tensor([e.success for e in batch], dtype=torch.long),
         }
+        if self._weighted:  # unweighted batches keep the plain mean (bit-identical to before pooling existed)
+            out["weight"] = torch.tensor([e.weight for e in batch], dtype=torch.float32)
+        return out
 
     def _collate_prompts(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:
         ids, mask = pad_left([e.prompt_ids for e in batch], self.tokenizer.pad_token_id)
@@ -220,8 +256,12 @@ class TrajectoryDataModule(L.LightningDataModule):
         # Policy phase: every logged state (train and validation alike) is a
         # prompt; PPO needs no held-out set. Sampling with replacement gives a
         # fixed number of rollouts per iteration regardless of buffer size.
-        prompts = self.train_examples + self.val_examples
-        sampler = RandomSampler(prompts, replacement=True, num_samples=self.policy_batch_size * self.policy_batches)
+        prompts = self.all_examples
+        n = self.policy_batch_size * self.policy_batches
+        if self._weighted:
+            sampler = WeightedRandomSampler([e.weight for e in prompts], num_samples=n, replacement=True)
+        else:
+            sampler = RandomSampler(prompts, replacement=True, num_samples=n)
         return DataLoader(_ListDataset(prompts), batch_size=self.policy_batch_size, sampler=sampler, collate_fn=self._collate_prompts)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -12,7 +12,8 @@ class LoopConfig:
     episodes_per_iteration: int = 512
     """Conversations collected with pi_k per iteration (the batch Q_k is fit on)."""
     eval_episodes: int = 256
-    """Fresh simulated conversations used to measure each new policy's true success rate."""
+    """Fresh simulated conversations used to measure each new policy's true success rate
+    (0 = none: training on real logs, with no simulator to ask)."""
     critic_epochs: int = 3
     """Passes of the critic over the iteration's (state, suggestion, return) examples."""
     collect_temperature: float = 1.0
@@ -27,6 +28,8 @@ class LoopConfig:
     """Stop after this many iterations without a better success rate (None = run all)."""
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "episodes_per_iteration", "eval_episodes", "critic_epochs", "rollout_batch_size"):
+        for name in ("iterations", "episodes_per_iteration", "critic_epochs", "rollout_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_episodes < 0:
+            raise ValueError(f"loop.eval_episodes must be >= 0, got {self.eval_episodes}")

@@ -1,35 +1,69 @@
 """`OuterLoop`: the plain-Python controller of Iterative PPO.
 
-Per iteration k: callbacks collect with pi_k -> fit Q_k (fresh Trainer) ->
-fit pi_(k+1) with PPO (fresh Trainer) -> callbacks evaluate, checkpoint,
-report and decide to stop. Lightning 2.x has no public loop API, and a
-Trainer's second `fit` trains nothing, hence a controller around fresh
-Trainers instead of a custom fit loop.
+Per iteration k: collect with pi_k (or read a batch of logs) -> fit Q_k (fresh
+Trainer) -> fit pi_(k+1) with PPO (fresh Trainer) -> callbacks estimate,
+evaluate, export, report and decide to stop. Lightning 2.x has no public loop
+API, and a Trainer's second `fit` trains nothing, hence a controller around
+fresh Trainers instead of a custom fit loop.
+
+Each step ends with a commit to `run_state.json` (see run_state.py), and each
+step reseeds from (seed, iteration, step): a run killed anywhere and resumed
+computes exactly what an uninterrupted run computes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import lightning as L
+import torch
+from rich.console import Console
 
 from .bootstrap import make_pi0
-from .buffer import load_buffer
+from .buffer import load_buffer, save_buffer
+from .collection import read_log_batch, simulate_batch
+from .critic_targets import lambda_return_targets, sample_replies, score_pairs
+from .failpoints import failpoint
 from .modeling import check_policy_dir
+from .policy_module import POLICY_CARD_FILE
+from .rollout import summarize_conversations
+from .run_state import (
+    IterationProgress,
+    RunState,
+    RunStateError,
+    config_differences,
+    load_run_state,
+    remove_stale_temporaries,
+    save_run_state,
+)
 from .sales_simulator import SalesSimulator
-from .stats import atomic_write_json, atomic_write_text
+from .stats import atomic_path, atomic_write_text
 
 TrainerFactory = Callable[..., L.Trainer]
+
+# Keys a continued run may change: the next batch of logs, and how many iterations to run in total.
+RESUMABLE_CHANGES = {"data.logs", "model.loop.iterations"}
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used (already holds a run, or is not writable)."""
 
 
+class NumericalFault(RuntimeError):
+    """A loss became NaN or Inf; the phase stopped before touching the weights."""
+
+
+def step_seed(seed: int, iteration: int, step: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{iteration}:{step}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
 def prepare_run_dir(run_dir: Path) -> None:
-    """Refuse to reuse a run directory, and fail before any work if it is not writable."""
+    """Refuse a folder that holds anything but a run, and fail before any work if it is not writable."""
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(
             f"run_dir {str(run_dir)!r} already holds files; choose a new --run_dir (runs are never overwritten)"
@@ -44,7 +78,19 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 
 class OuterLoop:
-    def __init__(self, system, datamodule, trainer_factory: TrainerFactory, run_dir: str | Path, callbacks: list, seed: int = 0, config_text: str | None = None):
+    def __init__(
+        self,
+        system,
+        datamodule,
+        trainer_factory: TrainerFactory,
+        run_dir: str | Path,
+        callbacks: list,
+        seed: int = 0,
+        config_text: str | None = None,
+        resume: bool = False,
+        allow_config_change: bool = False,
+        console: Console | None = None,
+    ):
         self.system = system
         self.config = system.loop
         self.datamodule = datamodule
@@ -53,7 +99,11 @@ class OuterLoop:
         self.callbacks = list(callbacks)
         self.seed = seed
         self.config_text = config_text
+        self.resume = resume
+        self.allow_config_change = allow_config_change
+        self.console = console or Console(stderr=True)
         self.environment = SalesSimulator(system.environment)
+        self.logs = datamodule.logs
         self.num_iterations = self.config.iterations
         self.history: list[dict] = []
         self.should_stop = False
@@ -62,6 +112,8 @@ class OuterLoop:
         self.record: dict = {}
         self.buffer_path: Path | None = None
         self.base_model_dir: Path | None = None
+        self.state: RunState | None = None
+        self._log_batch = None
 
     # -- helpers used by callbacks ---------------------------------------------------
     @property
@@ -71,9 +123,123 @@ class OuterLoop:
     def iteration_dir(self, k: int) -> Path:
         return self.run_dir / f"iteration_{k}"
 
+    def policy_dir(self, k: int) -> Path:
+        """Folder of pi_k (pi_0 = the bootstrapped or given starting policy)."""
+        if k == 0:
+            return Path(self.system.policy_init) if self.system.policy_init else self.run_dir / "pi_0" / "policy"
+        return self.iteration_dir(k - 1) / "policy"
+
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
+
+    def _seed(self, iteration: int, step: str) -> None:
+        L.seed_everything(step_seed(self.seed, iteration, step), verbose=False)
+
+    def _warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        self.record.setdefault("warnings", []).append(message)
+
+    def _commit(self) -> None:
+        save_run_state(self.run_dir, self.state)
+
+    # -- opening the run directory ----------------------------------------------------
+    def _open(self) -> None:
+        """Start a new run, resume an interrupted one, or continue a logged run with its next batch."""
+        if self.system.policy_init:
+            check_policy_dir(self.system.policy_init)  # a typo must not leave a half-started run_dir behind
+        state_file = self.run_dir / "run_state.json"
+        if not state_file.exists():
+            self.state = RunState(seed=self.seed)
+            self._read_logs_first()
+            prepare_run_dir(self.run_dir)
+            self._commit()
+            if self.config_text is not None:
+                atomic_write_text(self.run_dir / "config.yaml", self.config_text)
+            return
+        self.state = load_run_state(self.run_dir)
+        progress = self.state.in_progress
+        if progress is not None and progress.source.get("kind") == "logs" and not self.logs:
+            # An interrupted logged iteration finishes on the batch it started with.
+            self.logs = progress.source["path"]
+        interrupted = self.state.in_progress is not None or not self.state.pi0_ready
+        if not self.resume and not (self.logs and not interrupted):
+            hint = "rerun with --resume to finish it" if interrupted or not self.state.finished else "it is finished"
+            raise RunDirError(
+                f"run_dir {str(self.run_dir)!r} already holds a run ({hint}; a logged run continues when given "
+                "its next batch with --data.logs; otherwise choose a new --run_dir)"
+            )
+        self._check_config()
+        self._read_logs_first()
+        removed = remove_stale_temporaries(self.run_dir)
+        if removed:
+            self.console.print(f"resume: removed {len(removed)} half-written file(s): {', '.join(removed)}", highlight=False)
+
+    def _read_logs_first(self) -> None:
+        """Validate the batch of logs before any work (and before a new run_dir is even created)."""
+        progress = self.state.in_progress
+        if not self.logs or (progress is not None and progress.collected):
+            return
+        k = progress.iteration if progress is not None else self.state.completed_iterations
+        self._log_batch = read_log_batch(self.logs, self.state, self.run_dir, k)
+
+    def _check_config(self) -> None:
+        saved = self.run_dir / "config.yaml"
+        if self.config_text is None or not saved.exists():
+            return
+        diffs = config_differences(saved.read_text(encoding="utf-8"), self.config_text, RESUMABLE_CHANGES)
+        if diffs and not self.allow_config_change:
+            raise RunStateError(
+                f"the config differs from the one {str(self.run_dir)!r} was started with, so resuming would not "
+                "reproduce the run:\n  " + "\n  ".join(diffs) + "\npass --allow_config_change true to continue anyway"
+            )
+        if diffs:
+            self.console.print("[yellow]continuing with a changed config:[/yellow]\n  " + "\n  ".join(diffs), highlight=False)
+        atomic_write_text(saved, self.config_text)
+
+    # -- restoring modules after a restart -----------------------------------------------
+    def _restore(self) -> None:
+        """Bring the modules to the last committed state (everything a fresh process lacks)."""
+        state, policy, critic = self.state, self.system.policy, self.system.critic
+        c = state.completed_iterations
+        progress = state.in_progress
+        policy_from = self.iteration_dir(c) / "policy" if progress and progress.policy_fitted else self.policy_dir(c)
+        policy.load(policy_from)
+        self._load_optimizer_state(policy, policy_from.parent / "policy_optimizer.pt")
+        if state.policy_state:
+            policy.kl_controller.load_state_dict(state.policy_state["kl_controller"])
+        critic_file = (
+            self.iteration_dir(c) / "critic.pt" if progress and progress.critic_fitted else self.iteration_dir(c - 1) / "critic.pt"
+        )
+        if critic_file.exists():
+            self._load_critic(critic_file)
+        for cb in self.callbacks:
+            saved = state.callbacks.get(type(cb).__name__)
+            if saved is not None and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(saved)
+        self.history = list(state.history)
+        self.initial_eval = state.initial_eval
+
+    @staticmethod
+    def _load_optimizer_state(module, path: Path) -> None:
+        if module.keep_optimizer_state and path.exists():
+            module._carried_optimizer_state = torch.load(path, weights_only=False)
+
+    def _load_critic(self, path: Path) -> None:
+        critic = self.system.critic
+        saved = torch.load(path, weights_only=False)
+        critic.build(self.base_model_dir)
+        critic.load_state_dict(saved["state_dict"])
+        critic._carried_optimizer_state = saved.get("optimizer_state")
+
+    def _save_critic(self, path: Path) -> None:
+        critic = self.system.critic
+        with atomic_path(path) as tmp:
+            torch.save(
+                {"state_dict": critic.state_dict(), "hparams": dict(critic.hparams), "optimizer_state": critic._carried_optimizer_state},
+                tmp,
+            )
+            failpoint("critic_save.before_rename")
 
     # -- phases ---------------------------------------------------------------------------
     def make_initial_policy(self) -> None:
@@ -81,29 +247,87 @@ class OuterLoop:
         policy = self.system.policy
         if self.system.policy_init:
             policy.load(self.system.policy_init)
-            self.base_model_dir = Path(self.system.policy_init)
             return
         out = self.run_dir / "pi_0"
-        L.seed_everything(self.seed, verbose=False)
+        shutil.rmtree(out, ignore_errors=True)  # what an interrupted bootstrap left (never committed)
+        self._seed(-1, "bootstrap")
         start = time.perf_counter()
         model, tokenizer = make_pi0(self.system.bootstrap, self.environment, self.datamodule, self.trainer_factory, out, self.seed)
         policy.attach(model, tokenizer)
-        policy.save(out / "policy")
-        self.base_model_dir = out / "policy"
-        atomic_write_json(out / "bootstrap.json", {"seconds": time.perf_counter() - start, "episodes": self.system.bootstrap.episodes})
+        policy.save(out / "policy", card={"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": "bootstrap"})
+        atomic_write_text(out / "bootstrap.json", f'{{"seconds": {time.perf_counter() - start}, "episodes": {self.system.bootstrap.episodes}}}\n')
+
+    def collect(self, k: int, progress: IterationProgress) -> None:
+        buffer = self.iteration_dir(k) / "buffer"
+        if progress.collected:
+            self.buffer_path = buffer
+            return
+        shutil.rmtree(buffer, ignore_errors=True)  # written but never committed: redo it
+        start = time.perf_counter()
+        if self.logs:
+            batch = self._log_batch
+            conversations, progress.source = batch.conversations, batch.source
+            for message in batch.warnings:
+                self._warn(message)
+        else:
+            self._seed(k, "collect")
+            conversations = simulate_batch(self, k)
+            failpoint("collect.before_save")
+        self.buffer_path = save_buffer(conversations, buffer)
+        stats = summarize_conversations(conversations)
+        self.record["collect"] = {"episodes": stats["episodes"], "success_rate": stats["success_rate"], "mean_turns": stats["mean_turns"]}
+        self.record["seconds"]["collect"] = time.perf_counter() - start
+        progress.collected = True
+        self._commit()
+
+    def _training_buffers(self, k: int) -> tuple[list[str], list[float]]:
+        """This iteration's buffer and, with data.pool_weights, earlier ones (newest first)."""
+        paths, weights = [], []
+        for age, weight in enumerate(self.datamodule.pool_weights):
+            j = k - age
+            if j < 0:
+                break
+            if weight > 0:
+                paths.append(str(self.iteration_dir(j) / "buffer"))
+                weights.append(weight)
+        return paths, weights
 
     def fit_critic(self, k: int) -> dict:
         critic, dm = self.system.critic, self.datamodule
         dm.connect(self.policy.tokenizer)
-        dm.set_conversations(load_buffer(self.buffer_path))
+        paths, weights = self._training_buffers(k)
+        dm.load_buffers(paths, None if weights == [1.0] else weights)
         dm.use_phase("critic")
         if not critic.is_built or not critic.warm_start:
             critic.build(self.base_model_dir)
-        trainer = self.trainer_factory(
-            "critic", max_epochs=self.config.critic_epochs, default_root_dir=str(self.iteration_dir(k) / "critic_logs")
-        )
-        trainer.fit(critic, datamodule=dm)
-        return {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("critic/val")}
+        metrics = self._fit_critic_once(k, "critic_logs")
+        if critic.target != "mc":
+            for round_ in range(1, critic.td_rounds + 1):
+                dm.set_targets(self._bootstrapped_targets(dm.conversations))
+                dm.use_phase("critic")
+                metrics = self._fit_critic_once(k, f"critic_logs_td{round_}")
+            metrics["target"] = critic.target
+        return metrics
+
+    def _fit_critic_once(self, k: int, logs: str) -> dict:
+        trainer = self.trainer_factory("critic", max_epochs=self.config.critic_epochs, default_root_dir=str(self.iteration_dir(k) / logs))
+        trainer.fit(self.system.critic, datamodule=self.datamodule)
+        return {key.split("/", 1)[1]: float(v) for key, v in trainer.callback_metrics.items() if key.startswith("critic/val")}
+
+    def _bootstrapped_targets(self, conversations) -> dict:
+        """TD(lambda) or FQE targets from the current critic (critic_targets.py)."""
+        critic, dm, policy = self.system.critic, self.datamodule, self.system.policy
+        examples = dm.all_examples
+        prompts = [e.prompt_ids for e in examples]
+        if critic.target == "fqe":
+            replies = sample_replies(policy.policy, policy.tokenizer, prompts, policy.max_new_tokens)
+            lam = 0.0
+        else:
+            replies = [e.action_ids for e in examples]
+            lam = critic.td_lambda
+        q = score_pairs(critic, prompts, replies, policy.tokenizer.pad_token_id)
+        next_q = {(e.conversation_id, e.turn_index): value for e, value in zip(examples, q)}
+        return lambda_return_targets(conversations, next_q, dm.gamma, lam)
 
     def fit_policy(self, k: int) -> dict:
         policy, dm = self.system.policy, self.datamodule
@@ -113,38 +337,133 @@ class OuterLoop:
         trainer.fit(policy, datamodule=dm)
         return dict(policy.fit_stats)
 
-    # -- the loop ---------------------------------------------------------------------------
-    def run(self) -> dict:
-        if self.system.policy_init:
-            check_policy_dir(self.system.policy_init)  # a typo must not leave a half-started run_dir behind
-        prepare_run_dir(self.run_dir)
-        if self.config_text is not None:
-            atomic_write_text(self.run_dir / "config.yaml", self.config_text)
-        self.make_initial_policy()
-        self._call("on_run_start")
-        for k in range(self.num_iterations):
-            self.iteration = k
-            # Reseeding per iteration makes iteration k reproducible on its own (needed for resume).
-            L.seed_everything(self.seed * 1000 + k, verbose=False)
-            self.record = {"iteration": k, "policy": f"pi_{k + 1}", "seconds": {}}
-            self._call("on_iteration_start", k)
+    def _policy_card(self, k: int, source: dict) -> dict:
+        return {
+            "policy_id": f"pi_{k + 1}",
+            "parent": f"pi_{k}",
+            "iteration": k,
+            "run_id": self.state.run_id,
+            "run_dir": str(self.run_dir.resolve()),
+            "base_model": str(self.base_model_dir),
+            "trained_on": source,
+            "critic_target": self.system.critic.target,
+        }
 
+    # -- one iteration ----------------------------------------------------------------------
+    def _phase(self, k: int, fn):
+        try:
+            return fn(k)
+        except FloatingPointError as err:
+            where = "before iteration 0" if k < 0 else f"iteration {k}"
+            raise NumericalFault(
+                f"{where}, {err}. The weights were not updated with it; the last good state is "
+                f"{self._last_good()} ({self.run_dir / 'run_state.json'}). Lower the learning rate or fix the data, "
+                "then rerun with --resume (and --allow_config_change true if the config changed)."
+            ) from err
+
+    def _last_good(self) -> str:
+        c = self.state.completed_iterations
+        return f"pi_{c} in {self.policy_dir(c)}"
+
+    def run_iteration(self, k: int) -> None:
+        state = self.state
+        progress = state.in_progress
+        if progress is None or progress.iteration != k:
+            source = {"kind": "logs", "path": str(Path(self.logs).resolve())} if self.logs else {"kind": "simulator"}
+            progress = IterationProgress(k, source)
+            progress.record = {"iteration": k, "policy": f"pi_{k + 1}", "seconds": {}}
+            state.in_progress = progress
+        self.record = progress.record
+        self._call("on_iteration_start", k)
+
+        self.collect(k, progress)
+
+        if progress.critic_fitted:
+            self.datamodule.connect(self.policy.tokenizer)
+            paths, weights = self._training_buffers(k)
+            self.datamodule.load_buffers(paths, None if weights == [1.0] else weights)
+        else:
+            self._seed(k, "critic")
             start = time.perf_counter()
-            critic_metrics = self.fit_critic(k)
+            self.record["critic"] = self._phase(k, self.fit_critic)
             self.record["seconds"]["critic"] = time.perf_counter() - start
-            self.record["critic"] = critic_metrics
-            self._call("on_critic_end", k, critic_metrics)
+            self._save_critic(self.iteration_dir(k) / "critic.pt")
+            progress.critic_fitted = True
+            self._commit()
+        self._call("on_critic_end", k, self.record["critic"])
 
+        if not progress.policy_fitted:
+            self._seed(k, "policy")
             start = time.perf_counter()
-            ppo_metrics = self.fit_policy(k)
+            self.record["ppo"] = self._phase(k, self.fit_policy)
             self.record["seconds"]["policy"] = time.perf_counter() - start
-            self.record["ppo"] = ppo_metrics
-            self._call("on_policy_end", k, ppo_metrics)
+            out = self.iteration_dir(k) / "policy"
+            self.policy.save(out, card=self._policy_card(k, progress.source))
+            if self.policy.keep_optimizer_state:
+                with atomic_path(out.parent / "policy_optimizer.pt") as tmp:
+                    torch.save(self.policy._carried_optimizer_state, tmp)
+            state.policy_state = {"kl_controller": self.policy.kl_controller.state_dict()}
+            progress.policy_fitted = True
+            self._commit()
+        else:
+            self.policy.attach_critic(self.system.critic)
+        self._call("on_policy_end", k, self.record["ppo"])
 
-            self._call("on_iteration_end", k, self.record)
-            self.history.append(self.record)
+        self._seed(k, "iteration_end")
+        self._call("on_iteration_end", k, self.record)
+        self.history.append(self.record)
+        state.history = list(self.history)
+        state.lineage.append({"iteration": k, "trained": f"pi_{k}", "exported": f"pi_{k + 1}", "source": progress.source})
+        state.completed_iterations = k + 1
+        state.in_progress = None
+        state.callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}
+        self._commit()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def iterations_to_run(self) -> range:
+        start = self.state.completed_iterations
+        if self.logs:
+            # Logged mode: one iteration per batch of logs (per `fit` call).
+            return range(start, start + 1)
+        if self.state.finished:
+            self.console.print(f"{self.run_dir} is finished ({start} iteration(s)); nothing to resume", highlight=False)
+            return range(start, start)
+        return range(start, self.num_iterations)
+
+    def run(self) -> dict:
+        self._open()
+        try:
+            return self._run()
+        except OSError as err:
+            raise RunStateError(
+                f"could not write the run's files: {err}. Everything is written to a temporary name and renamed, so "
+                f"nothing is half-written: {self.run_dir / 'run_state.json'} still describes the last finished step. "
+                "Free space or fix permissions, then rerun with --resume."
+            ) from err
+
+    def _run(self) -> dict:
+        state = self.state
+        self.base_model_dir = self.policy_dir(0)
+        if not state.pi0_ready:
+            self._phase(-1, lambda _: self.make_initial_policy())
+            state.pi0_ready = True
+            self._commit()
+        else:
+            self._restore()
+        self._seed(-1, "initial_eval")
+        self._call("on_run_start")
+        if state.initial_eval is None and self.initial_eval is not None:
+            state.initial_eval = self.initial_eval
+            self._commit()
+        for k in self.iterations_to_run():
+            self.iteration = k
+            self.run_iteration(k)
             if self.should_stop:
                 break
-        summary = {"final_policy": str(self.run_dir / f"iteration_{self.history[-1]['iteration']}" / "policy")}
+        last = state.completed_iterations - 1
+        summary = {"final_policy": str(self.policy_dir(last + 1))}
+        if not self.logs and (self.should_stop or state.completed_iterations >= self.num_iterations):
+            state.finished = True
         self._call("on_run_end", summary)
+        self._commit()
         return summary

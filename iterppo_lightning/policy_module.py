@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
-import os
-import shutil
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,9 +26,12 @@ from torch import nn
 from . import ppo_math as pm
 from .generation import sample_responses
 from .modeling import causal_lm_forward, load_policy
+from .failpoints import failpoint, maybe_nan
 from .optimizer_carry import OptimizerCarryMixin
+from .stats import atomic_dir
 
 VALUE_HEAD_FILE = "value_head.pt"
+POLICY_CARD_FILE = "iterppo_policy.json"
 
 
 class PolicyModule(OptimizerCarryMixin, L.LightningModule):
@@ -134,21 +135,20 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         critic.requires_grad_(False).eval()
         self.critic = critic
 
-    def save(self, path: str | Path) -> Path:
-        """`save_pretrained` policy + tokenizer (+ value head), written then renamed into place."""
-        path = Path(path)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+    def save(self, path: str | Path, card: dict | None = None) -> Path:
+        """`save_pretrained` policy + tokenizer (+ value head, + a JSON `card`), written then renamed into place.
+
+        The folder is a deployable Hugging Face model (tokenizer and chat template
+        included). `card` (lineage: policy id, parent, data) goes to POLICY_CARD_FILE.
+        """
+        with atomic_dir(path, overwrite=True) as tmp:
             self.policy.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             torch.save(self.value_head.state_dict(), tmp / VALUE_HEAD_FILE)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+            if card is not None:
+                (tmp / POLICY_CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+            failpoint("policy_save.before_rename")
+        return Path(path)
 
     # -- Lightning hooks ----------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -262,6 +262,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 else:  # logged only: keep the full-vocabulary softmax out of the backward pass
                     with torch.no_grad():
                         entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits.detach()), mask)
+                loss = maybe_nan("policy.loss", loss)  # crash tests only; a no-op otherwise
                 if not torch.isfinite(loss):
                     # Raise before backward/step so the last good weights stay intact.
                     raise FloatingPointError(
@@ -307,6 +308,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             stats["stopped_on_iteration_kl"] = 1.0
             self.trainer.should_stop = True
         self._step_stats.append(stats)
+        failpoint("policy.step")
         shown = {"mean_score", "kl"}  # on the progress bar; the rest only in the logger
         n = rollout["response"].shape[0]
         self.log_dict({f"ppo/{k}": v for k, v in stats.items() if k not in shown}, batch_size=n)

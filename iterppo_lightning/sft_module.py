@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from .failpoints import failpoint, maybe_nan
 from .modeling import causal_lm_forward
 
 
@@ -39,7 +40,10 @@ class BehaviourCloningModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = maybe_nan("sft.loss", self._loss(batch))  # crash tests only; a no-op otherwise
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"bootstrap phase (behaviour cloning of pi_0): non-finite loss at step {self.global_step}")
+        failpoint("sft.step")
         self.log("sft/train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

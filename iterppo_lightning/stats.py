@@ -22,6 +22,8 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "atomic_write_json",
+    "atomic_dir",
+    "is_temp_name",
     "json_default",
     "lookup",
     "as_number",
@@ -154,6 +156,47 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of the temporaries the atomic writers make (``.NAME.tmp...``, ``.NAME.old-...``)."""
+    return name.startswith(".") and (".tmp" in name or ".old-" in name)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it becomes ``path``.
+
+    Folders (a saved model, a dataset) cannot be renamed over a non-empty
+    folder, so an existing ``path`` (``overwrite=True``) is first renamed aside
+    and removed only after the new one is in place: at every instant either
+    the old or the new complete folder is there (during the swap, under the
+    ``.NAME.old-*`` name). On any exception the temporary folder is removed and
+    ``path`` is untouched.
+    """
+    import shutil
+    import uuid
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} already exists and is never overwritten")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{tag}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
 

@@ -1,23 +1,21 @@
-"""`CheckpointCallback`: save Q_k and pi_(k+1) into `iteration_<k>/`, atomically, and point `final_policy` at the newest."""
+"""`ExportCallback`: finish each iteration's export: its metrics next to the policy, and `final_policy` -> newest policy.
+
+The loop itself writes the state a resume needs (buffer, critic.pt, the policy
+folder with its lineage card); this callback only adds what a user reads.
+"""
 
 from __future__ import annotations
 
 import os
 
-import torch
-
-from iterppo_lightning.stats import atomic_path, atomic_write_json
+from iterppo_lightning.stats import atomic_write_json
 
 from .base import IterationCallback
 
 
-class CheckpointCallback(IterationCallback):
+class ExportCallback(IterationCallback):
     def on_iteration_end(self, loop, iteration: int, record: dict) -> None:
         out = loop.iteration_dir(iteration)
-        critic = loop.system.critic
-        with atomic_path(out / "critic.pt") as tmp:
-            torch.save({"state_dict": critic.state_dict(), "hparams": dict(critic.hparams)}, tmp)
-        loop.policy.save(out / "policy")
         atomic_write_json(out / "metrics.json", record)
         # `final_policy` -> newest policy; a symlink swapped in with rename, never half-updated.
         link = loop.run_dir / "final_policy"

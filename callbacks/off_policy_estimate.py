@@ -1,0 +1,50 @@
+"""`OffPolicyEstimateCallback`: before deploying pi_(k+1), estimate its outcome rate from the logs alone.
+
+For the logged opening states s_1 (up to `max_states`), it samples pi_(k+1)'s
+reply and averages the frozen Q_k(s_1, a): a direct-method estimate of
+pi_(k+1)'s discounted success. It is optimistic in two known ways: Q_k values
+the turns after the first as pi_k would play them, and PPO pushed pi_(k+1)
+towards the replies Q_k over-rates. Beside it, as a calibration check, Q_k on
+the logged replies and the logged discounted return they actually got. In
+simulated runs the evaluation callback's `mean_return` (same discount, true
+simulated customers) is the number to compare it with.
+"""
+
+from __future__ import annotations
+
+import random
+
+from iterppo_lightning.critic_targets import sample_replies, score_pairs
+
+from .base import IterationCallback
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+class OffPolicyEstimateCallback(IterationCallback):
+    def __init__(self, max_states: int = 512) -> None:
+        if max_states < 1:
+            raise ValueError(f"max_states must be >= 1, got {max_states}")
+        self.max_states = max_states
+
+    def on_iteration_end(self, loop, iteration: int, record: dict) -> None:
+        dm, critic, policy = loop.datamodule, loop.system.critic, loop.policy
+        current = {c.conversation_id: c for c in dm.conversations if c.iteration == iteration}
+        opening = [
+            e for e in dm.all_examples if e.conversation_id in current and e.turn_index == current[e.conversation_id].agent_turns[0]
+        ]
+        if not opening:
+            return
+        if len(opening) > self.max_states:
+            opening = random.Random(iteration).sample(opening, self.max_states)
+        prompts = [e.prompt_ids for e in opening]
+        pad = policy.tokenizer.pad_token_id
+        replies = sample_replies(policy.policy, policy.tokenizer, prompts, policy.max_new_tokens)
+        record["ope"] = {
+            "q_policy": _mean(score_pairs(critic, prompts, replies, pad)),
+            "q_logged": _mean(score_pairs(critic, prompts, [e.action_ids for e in opening], pad)),
+            "logged_return": _mean([current[e.conversation_id].returns(dm.gamma)[0] for e in opening]),
+            "states": len(opening),
+        }

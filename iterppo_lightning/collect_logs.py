@@ -1,0 +1,79 @@
+"""`iterppo collect`: simulated conversations written in the log schema (docs/data.md), as a business would log them.
+
+With `--policy DIR` the saved policy suggests every reply (its policy id comes
+from the folder's lineage card); without it the scripted behaviour agent of the
+config's `bootstrap.behaviour` plays the business's existing agents. Either
+way the file is exactly what `fit --data.logs` and `validate-data` accept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .log_io import summarize_logs, write_logs
+from .modeling import load_policy
+from .policy_module import POLICY_CARD_FILE
+from .rollout import episode_seeds, run_episodes
+from .sales_simulator import SalesSimulator
+from .scripted_agents import BehaviourAgent, play_episode
+
+BEHAVIOUR_POLICY_ID = "behaviour"
+
+
+def policy_id_of(policy_dir: str | Path) -> str:
+    """The id in a policy folder's lineage card (exported by `fit`), or the folder name."""
+    card = Path(policy_dir) / POLICY_CARD_FILE
+    if card.is_file():
+        return str(json.loads(card.read_text(encoding="utf-8"))["policy_id"])
+    return Path(policy_dir).resolve().name
+
+
+def collect_logs(
+    system,
+    output: str,
+    episodes: int,
+    seed: int,
+    *,
+    policy: str = "",
+    greedy: bool = False,
+    batch_size: int = 256,
+) -> dict:
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if not output:
+        raise ValueError("collect needs --output FILE (.jsonl or .parquet)")
+    out = Path(output)
+    if out.exists():
+        raise FileExistsError(f"{output!r} already exists; logs are never overwritten")
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"--output {output!r}: the name must end in .jsonl or .parquet")
+    simulator = SalesSimulator(system.environment)
+    # Namespace "logs" is used by nothing else, so these customers are new to any run.
+    seeds = episode_seeds("logs", seed, 0, episodes)
+    if policy:
+        model, tokenizer = load_policy(policy)
+        policy_id = policy_id_of(policy)
+        conversations = run_episodes(
+            model,
+            tokenizer,
+            simulator,
+            seeds,
+            policy_id=policy_id,
+            id_prefix=f"{policy_id}-{seed}-",
+            max_new_tokens=system.policy.max_new_tokens,
+            max_prompt_tokens=system.loop.max_prompt_tokens,
+            greedy=greedy,
+            batch_size=batch_size,
+        )
+    else:
+        agent = BehaviourAgent(**system.bootstrap.behaviour)
+        policy_id = BEHAVIOUR_POLICY_ID
+        conversations = [play_episode(agent, simulator, s, f"{policy_id}-{seed}-{s}") for s in seeds]
+        for conv in conversations:
+            conv.policy_id = policy_id
+    for conv in conversations:
+        conv.iteration = 0  # a run assigns its own iteration when it trains on the file
+    write_logs(conversations, out)
+    summary = summarize_logs(conversations)
+    return {"output": str(out), "policy_id": policy_id, **summary}
