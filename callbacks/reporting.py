@@ -170,9 +170,9 @@ class ReportingCallback(IterationCallback):
     # -- hooks -----------------------------------------------------------
 
     def on_run_start(self, loop: Any) -> None:
-        self._print(
-            Text(f"Iterative PPO: {loop.num_iterations} iteration(s), run dir {loop.run_dir}", style="bold")
-        )
+        logs = getattr(loop, "logs", None)
+        plan = f"one iteration on logs {logs}" if logs else f"{loop.num_iterations} iteration(s)"
+        self._print(Text(f"Iterative PPO: {plan}, run dir {loop.run_dir}", style="bold"))
         initial = getattr(loop, "initial_eval", None)
         if initial:
             self._print(f"pi_0 success {_fmt_success(initial)}  (episodes {_fmt(initial.get('eval_episodes', initial.get('episodes')), 'd')})")

@@ -169,8 +169,10 @@ class OuterLoop:
                 f"run_dir {str(self.run_dir)!r} already holds a run ({hint}; a logged run continues when given "
                 "its next batch with --data.logs; otherwise choose a new --run_dir)"
             )
-        self._check_config()
+        changed = self._check_config()
         self._read_logs_first()
+        if changed:  # only once the logs passed: a refused batch changes nothing on disk
+            atomic_write_text(self.run_dir / "config.yaml", self.config_text)
         removed = remove_stale_temporaries(self.run_dir)
         if removed:
             self.console.print(f"resume: removed {len(removed)} half-written file(s): {', '.join(removed)}", highlight=False)
@@ -183,10 +185,13 @@ class OuterLoop:
         k = progress.iteration if progress is not None else self.state.completed_iterations
         self._log_batch = read_log_batch(self.logs, self.state, self.run_dir, k)
 
-    def _check_config(self) -> None:
+    def _check_config(self) -> bool:
+        """Refuse changes a resume could not reproduce; True when config.yaml needs the new text."""
         saved = self.run_dir / "config.yaml"
-        if self.config_text is None or not saved.exists():
-            return
+        if self.config_text is None:
+            return False
+        if not saved.exists():
+            return True
         diffs = config_differences(saved.read_text(encoding="utf-8"), self.config_text, RESUMABLE_CHANGES)
         if diffs and not self.allow_config_change:
             raise RunStateError(
@@ -195,7 +200,7 @@ class OuterLoop:
             )
         if diffs:
             self.console.print("[yellow]continuing with a changed config:[/yellow]\n  " + "\n  ".join(diffs), highlight=False)
-        atomic_write_text(saved, self.config_text)
+        return saved.read_text(encoding="utf-8") != self.config_text
 
     # -- restoring modules after a restart -----------------------------------------------
     def _restore(self) -> None:

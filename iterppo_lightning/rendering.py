@@ -13,7 +13,7 @@ Outcome flags are not rendered: in every non-terminal state all o_j are 0
 from __future__ import annotations
 
 from .conversation import Conversation, Turn
-from .tiny_lm import ABSTAIN, AGENT, CUSTOMER, EDITED, END, REJECTED
+from .tiny_lm import ABSTAIN, AGENT, CUSTOMER, EDITED, END, PLAIN_CHAT_TEMPLATE, REJECTED
 
 
 def render_suggestion(suggestion: str | None) -> str:
@@ -39,6 +39,18 @@ def render_plain_state(conversation: Conversation, turn_index: int) -> str:
     return " ".join(parts)
 
 
+def plain_chat_messages(conversation: Conversation, turn_index: int) -> list[dict]:
+    """State s_i as the messages PLAIN_CHAT_TEMPLATE renders (how a deployer calls an exported tiny policy)."""
+    messages: list[dict] = []
+    for turn in conversation.turns[:turn_index]:
+        messages.append({"role": "user", "content": turn.customer})
+        messages.append(
+            {"role": "assistant", "content": turn.sent or "", "suggestion": turn.suggestion, "business_action": turn.business_action}
+        )
+    messages.append({"role": "user", "content": conversation.turns[turn_index].customer})
+    return messages
+
+
 def render_chat_messages(conversation: Conversation, turn_index: int) -> list[dict[str, str]]:
     messages: list[dict[str, str]] = []
     for turn in conversation.turns[:turn_index]:
@@ -53,7 +65,10 @@ def render_chat_messages(conversation: Conversation, turn_index: int) -> list[di
 
 def render_state(conversation: Conversation, turn_index: int, tokenizer=None) -> str:
     """Model text of state s_i; chat format when the tokenizer has a chat template."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if template == PLAIN_CHAT_TEMPLATE:
+        return render_plain_state(conversation, turn_index)  # the same text, without a Jinja pass per state
+    if template:
         return tokenizer.apply_chat_template(
             render_chat_messages(conversation, turn_index), tokenize=False, add_generation_prompt=True
         )

@@ -19,6 +19,28 @@ CUSTOMER, AGENT, END = "<customer>", "<agent>", "<end>"
 EDITED, REJECTED, ABSTAIN = "<edited>", "<rejected>", "<abstain>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, CUSTOMER, AGENT, END, EDITED, REJECTED, ABSTAIN]
 
+# The marker format of rendering.render_plain_state as a chat template, so an exported
+# tiny policy is deployable like any chat model: `apply_chat_template(messages,
+# add_generation_prompt=True)` gives exactly the text it was trained on. Messages:
+# {"role": "user", "content": customer message} and {"role": "assistant", "content":
+# message sent, "suggestion": the agent's suggestion (None = abstained),
+# "business_action": "accept" (default) | "edit" | "reject"}.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- ('' if loop.first else ' ') + '<customer> ' + message['content'] -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set action = message.get('business_action') or 'accept' -%}"
+    "{%- set suggestion = (message.get('suggestion') if action in ['edit', 'reject'] else message['content']) or '' -%}"
+    "{%- set suggestion = suggestion | trim -%}"
+    "{{- ' <agent> ' + (suggestion if suggestion else '<abstain>') + ' <end>' -}}"
+    "{%- if action == 'edit' -%}{{- ' <edited> ' + message['content'] -}}"
+    "{%- elif action == 'reject' -%}{{- ' <rejected> ' + message['content'] -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ' <agent>' -}}{%- endif -%}"
+)
+
 
 def train_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTrainedTokenizerFast:
     """Train a whitespace word-level tokenizer; `<end>` doubles as EOS (it closes every reply)."""
@@ -28,7 +50,7 @@ def train_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTra
     tok.decoder = decoders.WordPiece(prefix="\x00", cleanup=False)
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=min_frequency)
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
         unk_token=UNK,
@@ -37,6 +59,8 @@ def train_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTra
         padding_side="left",
         additional_special_tokens=[CUSTOMER, AGENT, EDITED, REJECTED, ABSTAIN],
     )
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
 
 
 @dataclass

@@ -57,8 +57,10 @@ def test_render_suggestion(suggestion, expected):
     assert render_suggestion(suggestion) == expected
 
 
-def test_word_tokenizer_without_chat_template_gets_the_plain_format(tokenizer):
-    assert not tokenizer.chat_template
+def test_word_tokenizer_gets_the_plain_format(tokenizer):
+    from iterppo_lightning.tiny_lm import PLAIN_CHAT_TEMPLATE
+
+    assert tokenizer.chat_template == PLAIN_CHAT_TEMPLATE
     conv = _conversation()
     assert render_state(conv, 3, tokenizer) == render_plain_state(conv, 3)
     # Every marker is one token of the word-level tokenizer (none becomes <unk>).
@@ -99,3 +101,30 @@ def test_chat_messages_alternate_and_end_with_the_current_customer_message():
     assert messages[1]["content"] == "what do you need ?"
     assert messages[3]["content"].startswith("so , what is your budget ?")
     assert messages[-1] == {"role": "user", "content": "cheap please"}
+
+
+def test_the_tiny_tokenizers_chat_template_renders_exactly_the_training_text(conversations, tokenizer):
+    """An exported tiny policy is deployable: apply_chat_template gives the text it was trained on."""
+    from iterppo_lightning.rendering import plain_chat_messages, render_plain_state
+
+    checked = 0
+    for conv in conversations:
+        for i in conv.agent_turns:
+            messages = plain_chat_messages(conv, i)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            assert text == render_plain_state(conv, i)
+            checked += 1
+    actions = {t.business_action for c in conversations for t in c.turns}
+    assert checked > 50 and {"accept", "edit", "reject"} <= actions
+
+
+def test_the_chat_template_survives_save_and_reload(tmp_path, tokenizer, conversations):
+    from transformers import AutoTokenizer
+
+    from iterppo_lightning.rendering import plain_chat_messages, render_state
+
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    conv = next(c for c in conversations if len(c.agent_turns) > 2)
+    assert reloaded.chat_template == tokenizer.chat_template
+    assert reloaded.apply_chat_template(plain_chat_messages(conv, 2), tokenize=False, add_generation_prompt=True) == render_state(conv, 2, tokenizer)

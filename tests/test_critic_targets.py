@@ -1,0 +1,84 @@
+"""TD(lambda) / FQE critic targets (critic_targets.py) and pooled-buffer weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iterppo_lightning.conversation import Conversation, Turn
+from iterppo_lightning.critic_module import CriticModule
+from iterppo_lightning.critic_targets import lambda_return_targets
+
+
+def three_turn_success() -> Conversation:
+    agent = dict(suggestion="x", sent="x", business_action="accept")
+    return Conversation("c", [Turn("a", **agent), Turn("b", **agent), Turn("d", **agent), Turn("bought", outcome=1)])
+
+
+def test_lambda_one_is_the_monte_carlo_return(conversations):
+    targets = lambda_return_targets(conversations, {}, gamma=0.9, lam=1.0)
+    for conv in conversations:
+        assert [targets[(conv.conversation_id, t)] for t in conv.agent_turns] == pytest.approx(conv.returns(0.9))
+
+
+def test_td_lambda_by_hand():
+    # y2 = 1 (the next message ends it with a sale); y1 = 0.9 * (0.5 * Q(t2) + 0.5 * y2); y0 likewise.
+    next_q = {("c", 1): 0.4, ("c", 2): 0.6}
+    targets = lambda_return_targets([three_turn_success()], next_q, gamma=0.9, lam=0.5)
+    assert targets[("c", 2)] == pytest.approx(1.0)
+    assert targets[("c", 1)] == pytest.approx(0.9 * (0.5 * 0.6 + 0.5 * 1.0))
+    assert targets[("c", 0)] == pytest.approx(0.9 * (0.5 * 0.4 + 0.5 * 0.72))
+
+
+def test_td_zero_bootstraps_on_the_next_q_only():
+    next_q = {("c", 1): 0.4, ("c", 2): 0.6}
+    targets = lambda_return_targets([three_turn_success()], next_q, gamma=0.9, lam=0.0)
+    assert [targets[("c", t)] for t in range(3)] == pytest.approx([0.36, 0.54, 1.0])
+
+
+def test_a_failed_conversation_bootstraps_to_zero_at_its_end():
+    agent = dict(suggestion="x", sent="x", business_action="accept")
+    conv = Conversation("f", [Turn("a", **agent), Turn("bye")])
+    assert lambda_return_targets([conv], {}, gamma=0.9, lam=0.0) == {("f", 0): 0.0}
+
+
+def test_critic_loss_weights_pooled_examples():
+    critic = CriticModule()
+    logits = torch.tensor([0.0, 2.0])
+    target = torch.tensor([1.0, 0.0])
+    weight = torch.tensor([1.0, 0.25])
+    per_example = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    assert critic._loss(logits, target, weight) == pytest.approx(float((per_example * weight).sum() / weight.sum()))
+    assert critic._loss(logits, target) == pytest.approx(float(per_example.mean()))
+
+
+def test_pooled_buffers_carry_their_weight_into_critic_batches(tmp_path, conversations, tokenizer):
+    from iterppo_lightning.buffer import save_buffer
+    from iterppo_lightning.datamodule import TrajectoryDataModule
+
+    old = save_buffer(conversations[:20], tmp_path / "old")
+    new = save_buffer(conversations[20:], tmp_path / "new")
+    dm = TrajectoryDataModule(val_fraction=0.0, critic_batch_size=1000)
+    dm.connect(tokenizer)
+    dm.load_buffers([str(new), str(old)], [1.0, 0.25])
+    batch = next(iter(dm.train_dataloader()))
+    old_ids = {c.conversation_id for c in conversations[:20]}
+    expected = sorted(0.25 if e.conversation_id in old_ids else 1.0 for e in dm.train_examples)
+    assert sorted(batch["weight"].tolist()) == expected
+    # Unpooled data keeps unweighted batches (the plain mean).
+    dm.load_buffers([str(new)])
+    assert "weight" not in next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("bad", [[], [0.0], [1.0, -0.5]])
+def test_bad_pool_weights_are_named(bad):
+    from iterppo_lightning.datamodule import TrajectoryDataModule
+
+    with pytest.raises(ValueError, match="data.pool_weights"):
+        TrajectoryDataModule(pool_weights=bad)
+
+
+@pytest.mark.parametrize("kwargs, named", [({"target": "sarsa"}, "critic.target"), ({"td_lambda": 1.5}, "critic.td_lambda"), ({"td_rounds": 0}, "critic.td_rounds")])
+def test_bad_critic_target_settings_are_named(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        CriticModule(**kwargs)
