@@ -41,7 +41,7 @@ class OffPolicyEstimateCallback(IterationCallback):
             opening = random.Random(iteration).sample(opening, self.max_states)
         prompts = [e.prompt_ids for e in opening]
         pad = policy.tokenizer.pad_token_id
-        replies = sample_replies(policy.policy, policy.tokenizer, prompts, policy.max_new_tokens)
+        replies = sample_replies(policy.policy, policy.tokenizer, prompts, policy.max_new_tokens, temperature=policy.temperature)
         record["ope"] = {
             "q_policy": _mean(score_pairs(critic, prompts, replies, pad)),
             "q_logged": _mean(score_pairs(critic, prompts, [e.action_ids for e in opening], pad)),

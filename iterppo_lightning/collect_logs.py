@@ -21,12 +21,12 @@ from .scripted_agents import BehaviourAgent, play_episode
 BEHAVIOUR_POLICY_ID = "behaviour"
 
 
-def policy_id_of(policy_dir: str | Path) -> str:
-    """The id in a policy folder's lineage card (exported by `fit`), or the folder name."""
+def policy_card(policy_dir: str | Path) -> dict:
+    """A policy folder's lineage card (exported by `fit`); a folder without one is named after itself."""
     card = Path(policy_dir) / POLICY_CARD_FILE
     if card.is_file():
-        return str(json.loads(card.read_text(encoding="utf-8"))["policy_id"])
-    return Path(policy_dir).resolve().name
+        return json.loads(card.read_text(encoding="utf-8"))
+    return {"policy_id": Path(policy_dir).resolve().name}
 
 
 def collect_logs(
@@ -53,7 +53,8 @@ def collect_logs(
     seeds = episode_seeds("logs", seed, 0, episodes)
     if policy:
         model, tokenizer = load_policy(policy)
-        policy_id = policy_id_of(policy)
+        card = policy_card(policy)
+        policy_id = str(card["policy_id"])
         conversations = run_episodes(
             model,
             tokenizer,
@@ -74,6 +75,9 @@ def collect_logs(
             conv.policy_id = policy_id
     for conv in conversations:
         conv.iteration = 0  # a run assigns its own iteration when it trains on the file
+        if policy and card.get("run_id"):
+            # Ids like pi_1 repeat across runs; the run id lets `fit` refuse another run's logs.
+            conv.metadata["policy_run_id"] = card["run_id"]
     write_logs(conversations, out)
     summary = summarize_logs(conversations)
     return {"output": str(out), "policy_id": policy_id, **summary}

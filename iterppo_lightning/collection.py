@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .buffer import buffer_conversation_ids
 from .conversation import Conversation
-from .log_io import LogValidationError, logs_fingerprint, read_logs, summarize_logs
+from .log_io import LogReport, LogValidationError, logs_fingerprint, read_logs_report, summarize_logs
 from .log_schema import LogProblem
 from .rollout import episode_seeds, run_episodes
 from .run_state import RunState
@@ -50,15 +50,20 @@ def read_log_batch(path: str | Path, state: RunState, run_dir: Path, k: int, *, 
     path = Path(path)
     sha = logs_fingerprint(path) if path.exists() else ""
     used = state.used_log_fingerprints()
-    if sha and sha in used and used[sha] != k:
+    if sha in used:
         raise LogValidationError(
             str(path), [LogProblem(str(path), "", "", f"these logs were already trained on in iteration {used[sha]} of this run; give the next batch")]
         )
     # Before the first batch nothing is known about the logging policy; afterwards an id
     # that is neither this run's policy nor seen in earlier batches is most likely a mix-up.
     known = state.known_policy_ids() if k > 0 else None
-    conversations = read_logs(path, max_problems=max_problems, known_policy_ids=known)
-    _refuse_repeated_ids(path, conversations, run_dir, k)
+    report = read_logs_report(path, max_problems=max_problems, known_policy_ids=known)
+    conversations = report.conversations
+    problems = _repeated_ids(path, report, run_dir, k)
+    if k > 0:
+        problems += _other_runs(path, report, state.run_id)
+    if problems:
+        raise LogValidationError(str(path), problems[:max_problems], total=len(problems))
     summary = summarize_logs(conversations)
     expected = f"pi_{k}"
     others = {pid: n for pid, n in summary["policy_ids"].items() if pid != expected}
@@ -76,7 +81,7 @@ def read_log_batch(path: str | Path, state: RunState, run_dir: Path, k: int, *, 
         "kind": "logs",
         "path": str(path.resolve()),
         "sha256": sha,
-        "format": "parquet" if path.suffix == ".parquet" else "hf_dataset" if path.is_dir() else "jsonl",
+        "format": report.format,
         "conversations": len(conversations),
         "policy_ids": summary["policy_ids"],
         "outcome_rate": summary["outcome_rate"],
@@ -84,14 +89,30 @@ def read_log_batch(path: str | Path, state: RunState, run_dir: Path, k: int, *, 
     return LogBatch(conversations, source, warnings)
 
 
-def _refuse_repeated_ids(path: Path, conversations: list[Conversation], run_dir: Path, k: int) -> None:
+def _repeated_ids(path: Path, report: LogReport, run_dir: Path, k: int) -> list[LogProblem]:
     """A conversation id already in an earlier batch of this run means the same conversation would count twice."""
-    ids = {c.conversation_id for c in conversations}
+    ids = set(report.locations)
     problems = []
     for j in range(k):
         buffer = run_dir / f"iteration_{j}" / "buffer"
         if buffer.is_dir():
-            for cid in sorted(ids & set(buffer_conversation_ids(buffer))):
-                problems.append(LogProblem(str(path), "", "conversation_id", f"{cid!r} was already trained on in iteration {j} of this run"))
-    if problems:
-        raise LogValidationError(str(path), problems[:20], total=len(problems))
+            for cid in ids & set(buffer_conversation_ids(buffer)):
+                message = f"{cid!r} was already trained on in iteration {j} of this run"
+                problems.append(LogProblem(str(path), report.locations[cid], "conversation_id", message))
+    return sorted(problems, key=lambda p: _location_order(p.location))
+
+
+def _other_runs(path: Path, report: LogReport, run_id: str) -> list[LogProblem]:
+    """Logs made by a policy exported from ANOTHER run (its card's run_id, kept by `iterppo collect`)."""
+    problems = []
+    for conv in report.conversations:
+        other = conv.metadata.get("policy_run_id")
+        if other is not None and other != run_id:
+            message = f"made by {conv.policy_id} of run {other!r}, not of this run ({run_id!r}): the logs of another run"
+            problems.append(LogProblem(str(path), report.locations[conv.conversation_id], "metadata.policy_run_id", message))
+    return problems
+
+
+def _location_order(location: str) -> int:
+    digits = location.rsplit(" ", 1)[-1]
+    return int(digits) if digits.isdigit() else 0

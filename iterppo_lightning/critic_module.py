@@ -151,8 +151,9 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             per_example = (torch.sigmoid(logits) - target) ** 2
         if weight is None:
             return per_example.mean()
-        # Pooled buffers: older batches count less (data.pool_weights).
-        return (weight * per_example).sum() / weight.sum().clamp(min=1e-12)
+        # Pooled buffers (data.pool_weights): weights arrive divided by the data's mean weight,
+        # so this is the weighted mean over the data set, not re-normalised per batch.
+        return (weight * per_example).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])

@@ -168,6 +168,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         if not self.train_examples:
             raise ValueError("the trajectory buffers hold no agent turns to train on")
         self._weighted = any(e.weight != 1.0 for e in examples)
+        # Batches carry weight / (mean weight of the data), so the loss is a weighted mean over
+        # the whole data set: a batch of old examples counts less, not the same as any batch.
+        self._mean_weight = sum(e.weight for e in examples) / len(examples)
 
     def load_buffers(self, paths: list[str], weights: list[float] | None = None) -> None:
         """Train on these buffers; `weights[i]` weighs every conversation of `paths[i]`."""
@@ -183,8 +186,12 @@ class TrajectoryDataModule(L.LightningDataModule):
         return self.train_examples + self.val_examples
 
     def set_targets(self, targets) -> None:
-        """Replace the critic targets: `targets[(conversation_id, turn_index)]` (e.g. TD(lambda), see critic_targets)."""
-        for e in self.all_examples:
+        """Replace the training targets: `targets[(conversation_id, turn_index)]` (e.g. TD(lambda), see critic_targets).
+
+        Validation keeps the Monte Carlo returns, so its metrics stay comparable across
+        critic targets instead of measuring agreement with the critic's own bootstrap.
+        """
+        for e in self.train_examples:
             e.target = float(targets[(e.conversation_id, e.turn_index)])
 
     # -- example building ---------------------------------------------------
@@ -226,7 +233,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             "success": torch.tensor([e.success for e in batch], dtype=torch.long),
         }
         if self._weighted:  # unweighted batches keep the plain mean (bit-identical to before pooling existed)
-            out["weight"] = torch.tensor([e.weight for e in batch], dtype=torch.float32)
+            out["weight"] = torch.tensor([e.weight / self._mean_weight for e in batch], dtype=torch.float32)
         return out
 
     def _collate_prompts(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:

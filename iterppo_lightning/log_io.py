@@ -67,6 +67,8 @@ class LogReport:
     problems: list[LogProblem] = field(default_factory=list)
     """The first ``max_problems`` problems, in file order."""
     total_problems: int = 0
+    locations: dict[str, str] = field(default_factory=dict)
+    """conversation_id -> where its record is ("line 3", "row 3"), for later checks to point at."""
 
     @property
     def ok(self) -> bool:
@@ -260,7 +262,7 @@ def validate_logs(
             conversations.append(conversation)
     if records == 0 and problems.total == 0:
         problems.add("", "", "no conversations: the input holds no records")
-    return LogReport(str(path), fmt, conversations, problems.kept, problems.total)
+    return LogReport(str(path), fmt, conversations, problems.kept, problems.total, first_seen)
 
 
 def read_logs(
@@ -274,12 +276,22 @@ def read_logs(
     All-or-nothing on purpose: training on the valid part of a broken export
     would quietly skew the outcome rate the critic learns.
     """
+    return read_logs_report(path, max_problems=max_problems, known_policy_ids=known_policy_ids).conversations
+
+
+def read_logs_report(
+    path: str | os.PathLike[str],
+    *,
+    max_problems: int = 20,
+    known_policy_ids: set[str] | None = None,
+) -> LogReport:
+    """Like ``read_logs``, but the whole report (format, where each conversation is) of valid logs."""
     report = validate_logs(path, max_problems=max_problems, known_policy_ids=known_policy_ids)
     if not report.ok:
         raise LogValidationError(report.path, report.problems, report.total_problems)
     if not report.conversations:  # validate_logs reports this already; kept as a guard
         raise LogValidationError(report.path, [LogProblem(report.path, "", "", "no conversations")], 1)
-    return report.conversations
+    return report
 
 
 # ---------------------------------------------------------------------- summary

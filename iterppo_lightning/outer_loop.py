@@ -24,12 +24,11 @@ import torch
 from rich.console import Console
 
 from .bootstrap import make_pi0
-from .buffer import load_buffer, save_buffer
+from .buffer import save_buffer
 from .collection import read_log_batch, simulate_batch
 from .critic_targets import lambda_return_targets, sample_replies, score_pairs
 from .failpoints import failpoint
 from .modeling import check_policy_dir
-from .policy_module import POLICY_CARD_FILE
 from .rollout import summarize_conversations
 from .run_state import (
     IterationProgress,
@@ -41,12 +40,22 @@ from .run_state import (
     save_run_state,
 )
 from .sales_simulator import SalesSimulator
-from .stats import atomic_path, atomic_write_text
+from .stats import atomic_path, atomic_write_text, is_temp_name
 
 TrainerFactory = Callable[..., L.Trainer]
 
-# Keys a continued run may change: the next batch of logs, and how many iterations to run in total.
-RESUMABLE_CHANGES = {"data.logs", "model.loop.iterations"}
+# Keys a continued run may change: the next batch of logs, how many iterations to run in total,
+# and trainer settings that do not touch the numbers (display, logging).
+RESUMABLE_CHANGES = {
+    "data.logs",
+    "model.loop.iterations",
+    "trainer.enable_progress_bar",
+    "trainer.logger",
+    "trainer.callbacks",
+    "trainer.default_root_dir",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+}
 
 
 class RunDirError(RuntimeError):
@@ -64,6 +73,11 @@ def step_seed(seed: int, iteration: int, step: str) -> int:
 
 def prepare_run_dir(run_dir: Path) -> None:
     """Refuse a folder that holds anything but a run, and fail before any work if it is not writable."""
+    if run_dir.exists():
+        # A run killed before its first commit left only temporaries: they do not make it a run.
+        for leftover in run_dir.iterdir():
+            if leftover.name == ".write_probe" or (is_temp_name(leftover.name) and leftover.is_file()):
+                leftover.unlink()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(
             f"run_dir {str(run_dir)!r} already holds files; choose a new --run_dir (runs are never overwritten)"
@@ -110,7 +124,6 @@ class OuterLoop:
         self.initial_eval: dict | None = None
         self.iteration = -1
         self.record: dict = {}
-        self.buffer_path: Path | None = None
         self.base_model_dir: Path | None = None
         self.state: RunState | None = None
         self._log_batch = None
@@ -150,21 +163,28 @@ class OuterLoop:
             check_policy_dir(self.system.policy_init)  # a typo must not leave a half-started run_dir behind
         state_file = self.run_dir / "run_state.json"
         if not state_file.exists():
-            self.state = RunState(seed=self.seed)
+            self.state = RunState(seed=self.seed, mode="logs" if self.logs else "simulator")
             self._read_logs_first()
             prepare_run_dir(self.run_dir)
+            self._start_logged_iteration()
             self._commit()
             if self.config_text is not None:
                 atomic_write_text(self.run_dir / "config.yaml", self.config_text)
             return
         self.state = load_run_state(self.run_dir)
         progress = self.state.in_progress
-        if progress is not None and progress.source.get("kind") == "logs" and not self.logs:
-            # An interrupted logged iteration finishes on the batch it started with.
+        if progress is not None and progress.source.get("kind") == "logs":
+            # An interrupted logged iteration finishes on the batch it started with, and only on that one.
+            if self.logs and str(Path(self.logs).resolve()) != progress.source["path"]:
+                raise RunStateError(
+                    f"iteration {progress.iteration} of {str(self.run_dir)!r} was interrupted while training on "
+                    f"{progress.source['path']}; finish it with --resume true (that batch, or no --data.logs) "
+                    f"before giving the next batch {self.logs}"
+                )
             self.logs = progress.source["path"]
         interrupted = self.state.in_progress is not None or not self.state.pi0_ready
         if not self.resume and not (self.logs and not interrupted):
-            hint = "rerun with --resume to finish it" if interrupted or not self.state.finished else "it is finished"
+            hint = "rerun with --resume true to finish it" if interrupted or not self.state.finished else "it is finished"
             raise RunDirError(
                 f"run_dir {str(self.run_dir)!r} already holds a run ({hint}; a logged run continues when given "
                 "its next batch with --data.logs; otherwise choose a new --run_dir)"
@@ -176,6 +196,19 @@ class OuterLoop:
         removed = remove_stale_temporaries(self.run_dir)
         if removed:
             self.console.print(f"resume: removed {len(removed)} half-written file(s): {', '.join(removed)}", highlight=False)
+        if self.logs and self.state.in_progress is None:
+            self._start_logged_iteration()
+            self._commit()
+
+    def _start_logged_iteration(self) -> None:
+        """Record which batch the next iteration trains on, so a crash anywhere resumes on that batch."""
+        if not self.logs:
+            return
+        self.state.mode = "logs"
+        k = self.state.completed_iterations
+        progress = IterationProgress(k, {"kind": "logs", "path": str(Path(self.logs).resolve())})
+        progress.record = {"iteration": k, "policy": f"pi_{k + 1}", "seconds": {}}
+        self.state.in_progress = progress
 
     def _read_logs_first(self) -> None:
         """Validate the batch of logs before any work (and before a new run_dir is even created)."""
@@ -200,7 +233,9 @@ class OuterLoop:
             )
         if diffs:
             self.console.print("[yellow]continuing with a changed config:[/yellow]\n  " + "\n  ".join(diffs), highlight=False)
-        return saved.read_text(encoding="utf-8") != self.config_text
+        # Rewrite only for a real change: a bare --resume (no --data.logs) changes nothing.
+        every = config_differences(saved.read_text(encoding="utf-8"), self.config_text, set())
+        return any(not (d.startswith("data.logs:") and not self.logs) for d in every)
 
     # -- restoring modules after a restart -----------------------------------------------
     def _restore(self) -> None:
@@ -210,7 +245,10 @@ class OuterLoop:
         progress = state.in_progress
         policy_from = self.iteration_dir(c) / "policy" if progress and progress.policy_fitted else self.policy_dir(c)
         policy.load(policy_from)
-        self._load_optimizer_state(policy, policy_from.parent / "policy_optimizer.pt")
+        # Adam moments exist only for policies this run fitted (never for pi_0 / policy_init).
+        fitted_in = c if progress and progress.policy_fitted else c - 1
+        if fitted_in >= 0:
+            self._load_optimizer_state(policy, self.iteration_dir(fitted_in) / "policy_optimizer.pt")
         if state.policy_state:
             policy.kl_controller.load_state_dict(state.policy_state["kl_controller"])
         critic_file = (
@@ -265,7 +303,6 @@ class OuterLoop:
     def collect(self, k: int, progress: IterationProgress) -> None:
         buffer = self.iteration_dir(k) / "buffer"
         if progress.collected:
-            self.buffer_path = buffer
             return
         shutil.rmtree(buffer, ignore_errors=True)  # written but never committed: redo it
         start = time.perf_counter()
@@ -278,7 +315,7 @@ class OuterLoop:
             self._seed(k, "collect")
             conversations = simulate_batch(self, k)
             failpoint("collect.before_save")
-        self.buffer_path = save_buffer(conversations, buffer)
+        save_buffer(conversations, buffer)
         stats = summarize_conversations(conversations)
         self.record["collect"] = {"episodes": stats["episodes"], "success_rate": stats["success_rate"], "mean_turns": stats["mean_turns"]}
         self.record["seconds"]["collect"] = time.perf_counter() - start
@@ -297,11 +334,16 @@ class OuterLoop:
                 weights.append(weight)
         return paths, weights
 
+    def load_training_data(self, k: int) -> list[str]:
+        """Give the DataModule this iteration's buffer (and pooled earlier ones); returns their paths."""
+        self.datamodule.connect(self.policy.tokenizer)
+        paths, weights = self._training_buffers(k)
+        self.datamodule.load_buffers(paths, None if weights == [1.0] else weights)
+        return paths
+
     def fit_critic(self, k: int) -> dict:
         critic, dm = self.system.critic, self.datamodule
-        dm.connect(self.policy.tokenizer)
-        paths, weights = self._training_buffers(k)
-        dm.load_buffers(paths, None if weights == [1.0] else weights)
+        paths = self.load_training_data(k)
         dm.use_phase("critic")
         if not critic.is_built or not critic.warm_start:
             critic.build(self.base_model_dir)
@@ -311,7 +353,14 @@ class OuterLoop:
                 dm.set_targets(self._bootstrapped_targets(dm.conversations))
                 dm.use_phase("critic")
                 metrics = self._fit_critic_once(k, f"critic_logs_td{round_}")
-            metrics["target"] = critic.target
+        targets = [e.target for e in dm.all_examples]
+        metrics.update(
+            target=critic.target,
+            fits=1 + (critic.td_rounds if critic.target != "mc" else 0),
+            mean_target=sum(targets) / len(targets),
+            buffers=len(paths),
+            conversations=len(dm.conversations),
+        )
         return metrics
 
     def _fit_critic_once(self, k: int, logs: str) -> dict:
@@ -322,10 +371,12 @@ class OuterLoop:
     def _bootstrapped_targets(self, conversations) -> dict:
         """TD(lambda) or FQE targets from the current critic (critic_targets.py)."""
         critic, dm, policy = self.system.critic, self.datamodule, self.system.policy
-        examples = dm.all_examples
+        # Q at a conversation's opening state is never bootstrapped on: score only later turns.
+        first = {c.conversation_id: c.agent_turns[0] for c in conversations if c.agent_turns}
+        examples = [e for e in dm.all_examples if e.turn_index != first.get(e.conversation_id)]
         prompts = [e.prompt_ids for e in examples]
         if critic.target == "fqe":
-            replies = sample_replies(policy.policy, policy.tokenizer, prompts, policy.max_new_tokens)
+            replies = sample_replies(policy.policy, policy.tokenizer, prompts, policy.max_new_tokens, temperature=policy.temperature)
             lam = 0.0
         else:
             replies = [e.action_ids for e in examples]
@@ -351,6 +402,7 @@ class OuterLoop:
             "run_dir": str(self.run_dir.resolve()),
             "base_model": str(self.base_model_dir),
             "trained_on": source,
+            "pooled": [{"iteration": k - age, "weight": w} for age, w in enumerate(self.datamodule.pool_weights[1:], 1) if k - age >= 0 and w > 0],
             "critic_target": self.system.critic.target,
         }
 
@@ -384,9 +436,7 @@ class OuterLoop:
         self.collect(k, progress)
 
         if progress.critic_fitted:
-            self.datamodule.connect(self.policy.tokenizer)
-            paths, weights = self._training_buffers(k)
-            self.datamodule.load_buffers(paths, None if weights == [1.0] else weights)
+            self.load_training_data(k)
         else:
             self._seed(k, "critic")
             start = time.perf_counter()
@@ -421,6 +471,8 @@ class OuterLoop:
         state.lineage.append({"iteration": k, "trained": f"pi_{k}", "exported": f"pi_{k + 1}", "source": progress.source})
         state.completed_iterations = k + 1
         state.in_progress = None
+        if self.should_stop:  # committed with the iteration, so a resume never runs past an early stop
+            state.finished = state.stopped_early = True
         state.callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}
         self._commit()
 
@@ -430,9 +482,13 @@ class OuterLoop:
         if self.logs:
             # Logged mode: one iteration per batch of logs (per `fit` call).
             return range(start, start + 1)
-        if self.state.finished:
+        if self.state.mode == "logs":
+            self.console.print(f"{self.run_dir} trains on logs and is between batches; give the next one with --data.logs", highlight=False)
+            return range(start, start)
+        if self.state.stopped_early or start >= self.num_iterations:
             self.console.print(f"{self.run_dir} is finished ({start} iteration(s)); nothing to resume", highlight=False)
             return range(start, start)
+        self.state.finished = False  # a finished run extended with a larger --model.loop.iterations
         return range(start, self.num_iterations)
 
     def run(self) -> dict:
@@ -441,9 +497,9 @@ class OuterLoop:
             return self._run()
         except OSError as err:
             raise RunStateError(
-                f"could not write the run's files: {err}. Everything is written to a temporary name and renamed, so "
-                f"nothing is half-written: {self.run_dir / 'run_state.json'} still describes the last finished step. "
-                "Free space or fix permissions, then rerun with --resume."
+                f"file error in the run: {err}. Everything is written to a temporary name and renamed, so nothing is "
+                f"half-written: {self.run_dir / 'run_state.json'} still describes the last finished step. If the disk "
+                "is full or a folder unwritable, free space or fix permissions, then rerun with --resume true."
             ) from err
 
     def _run(self) -> dict:
@@ -469,6 +525,7 @@ class OuterLoop:
         summary = {"final_policy": str(self.policy_dir(last + 1))}
         if not self.logs and (self.should_stop or state.completed_iterations >= self.num_iterations):
             state.finished = True
+        state.stopped_early = state.stopped_early or self.should_stop
         self._call("on_run_end", summary)
         self._commit()
         return summary

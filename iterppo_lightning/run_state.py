@@ -63,10 +63,9 @@ class RunState:
     callbacks: dict[str, Any] = field(default_factory=dict)
     """`state_dict()` of callbacks that have one (early stopping), by class name."""
     finished: bool = False
-
-    @property
-    def last_policy_id(self) -> str:
-        return f"pi_{self.completed_iterations}"
+    stopped_early: bool = False
+    mode: str = "simulator"
+    """"logs" once the run has trained on logs: it then only continues with the next batch of logs."""
 
     def known_policy_ids(self) -> set[str]:
         """Policies of this run (pi_0 .. last exported) and every policy id already seen in its data."""
@@ -89,7 +88,7 @@ def save_run_state(run_dir: Path, state: RunState) -> None:
 def load_run_state(run_dir: Path) -> RunState:
     path = run_dir / STATE_FILE
     if not path.is_file():
-        raise RunStateError(f"{str(run_dir)!r} holds no run to resume (no {STATE_FILE})")
+        raise RunStateError(f"{str(run_dir)!r} holds no run (no {STATE_FILE})")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
@@ -126,7 +125,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[str]:
 
 
 def config_differences(saved_yaml: str, current_yaml: str, ignore: set[str]) -> list[str]:
-    """Dotted keys whose values differ between two config dumps (only under seed_everything, model and data)."""
+    """Dotted keys whose values differ between two config dumps (seed_everything, model, data, trainer)."""
     saved, current = yaml.safe_load(saved_yaml) or {}, yaml.safe_load(current_yaml) or {}
     diffs: list[str] = []
 
@@ -139,6 +138,6 @@ def config_differences(saved_yaml: str, current_yaml: str, ignore: set[str]) -> 
         elif a != b:
             diffs.append(f"{prefix}: {a!r} -> {b!r}")
 
-    for section in ("seed_everything", "model", "data"):
+    for section in ("seed_everything", "model", "data", "trainer"):
         walk(saved.get(section), current.get(section), section)
     return diffs

@@ -2,6 +2,7 @@
 
     iterppo validate-data logs.jsonl
     iterppo validate-data logs.parquet --known_policy_ids pi_0 pi_1 --json
+    iterppo validate-data logs/week_2.jsonl --run_dir runs/shop   # + the checks `fit` makes for the run's next batch
     python -m iterppo_lightning.validate_data runs/x/iteration_0/buffer
 
 Exit codes: 0 the logs are valid, 1 they are not (every kept problem is
@@ -39,6 +40,13 @@ def build_parser() -> ArgumentParser:
         nargs="+",
         default=None,
         help="policy ids the logs may name (e.g. pi_0 pi_1); any other id is a problem",
+    )
+    parser.add_argument(
+        "--run_dir",
+        type=str,
+        default=None,
+        help="also check the logs as the next batch of this run, as `fit --data.logs` would "
+        "(file or conversations already trained on, unknown policy ids, logs from another policy)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
@@ -88,6 +96,18 @@ def _problems_json(path: str, fmt: str | None, problems: list[LogProblem], total
     )
 
 
+def _check_as_next_batch(path: str, run_dir: str) -> list[str]:
+    """The lineage checks `fit --data.logs` makes for the run's next iteration; returns its warnings."""
+    from pathlib import Path
+
+    from .collection import read_log_batch
+    from .run_state import load_run_state
+
+    state = load_run_state(Path(run_dir))
+    k = state.in_progress.iteration if state.in_progress is not None else state.completed_iterations
+    return read_log_batch(path, state, Path(run_dir), k).warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (0 valid, 1 invalid, 2 bad arguments)."""
     parser = build_parser()
@@ -111,6 +131,20 @@ def main(argv: list[str] | None = None) -> int:
             print(_problems_json(report.path, report.format, report.problems, report.total_problems))
         _print_problems(report.path, report.problems, report.total_problems)
         return 1
+    warnings: list[str] = []
+    if args.run_dir is not None:
+        try:
+            warnings = _check_as_next_batch(args.path, args.run_dir)
+        except LogValidationError as err:
+            if args.json:
+                print(_problems_json(err.path, report.format, err.problems, err.total))
+            _print_problems(err.path, err.problems, err.total)
+            return 1
+        except RuntimeError as err:  # no run there
+            print(f"iterppo validate-data: error: {err}", file=sys.stderr)
+            return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     summary = summarize_logs(report.conversations)
     if args.json:
         print(json.dumps({"ok": True, "path": report.path, "format": report.format, **summary}, ensure_ascii=False))

@@ -48,7 +48,7 @@ def test_critic_loss_weights_pooled_examples():
     target = torch.tensor([1.0, 0.0])
     weight = torch.tensor([1.0, 0.25])
     per_example = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    assert critic._loss(logits, target, weight) == pytest.approx(float((per_example * weight).sum() / weight.sum()))
+    assert critic._loss(logits, target, weight) == pytest.approx(float((per_example * weight).mean()))
     assert critic._loss(logits, target) == pytest.approx(float(per_example.mean()))
 
 
@@ -63,8 +63,9 @@ def test_pooled_buffers_carry_their_weight_into_critic_batches(tmp_path, convers
     dm.load_buffers([str(new), str(old)], [1.0, 0.25])
     batch = next(iter(dm.train_dataloader()))
     old_ids = {c.conversation_id for c in conversations[:20]}
-    expected = sorted(0.25 if e.conversation_id in old_ids else 1.0 for e in dm.train_examples)
-    assert sorted(batch["weight"].tolist()) == expected
+    raw = [0.25 if e.conversation_id in old_ids else 1.0 for e in dm.train_examples]
+    # Divided by the data's mean weight: a batch of old examples counts less than a batch of new ones.
+    assert sorted(batch["weight"].tolist()) == pytest.approx(sorted(w * len(raw) / sum(raw) for w in raw))
     # Unpooled data keeps unweighted batches (the plain mean).
     dm.load_buffers([str(new)])
     assert "weight" not in next(iter(dm.train_dataloader()))
@@ -82,3 +83,29 @@ def test_bad_pool_weights_are_named(bad):
 def test_bad_critic_target_settings_are_named(kwargs, named):
     with pytest.raises(ValueError, match=named):
         CriticModule(**kwargs)
+
+
+@pytest.mark.parametrize("target", ["td", "fqe"])
+def test_bootstrapped_targets_with_pooled_buffers_run_end_to_end(tmp_path, target):
+    import json
+
+    from cli_helpers import SMOKE, run_cli
+
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "fit", "--config", str(SMOKE), "--run_dir", str(run_dir),
+        "--model.critic.target", target, "--model.critic.td_rounds", "1", "--data.pool_weights", "[1.0, 0.5]",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["critic"]["target"] for r in records] == [target, target]
+    # Iteration 1 trains on its own batch and iteration 0's (32 conversations each).
+    assert [r["critic"]["buffers"] for r in records] == [1, 2]
+    assert [r["critic"]["conversations"] for r in records] == [32, 64]
+    # One Monte Carlo fit, then one refit on bootstrapped targets, which are not the MC returns.
+    assert [r["critic"]["fits"] for r in records] == [2, 2]
+    from iterppo_lightning.buffer import load_buffer
+
+    returns = [g for c in load_buffer(run_dir / "iteration_0" / "buffer") for g in c.returns(0.9)]
+    assert 0.0 <= records[0]["critic"]["mean_target"] <= 1.0
+    assert records[0]["critic"]["mean_target"] != pytest.approx(sum(returns) / len(returns), abs=1e-3)

@@ -122,7 +122,7 @@ def test_the_same_conversations_in_another_file_are_refused(logged_run, tmp_path
     before = tree_fingerprint(logged_run["run_dir"])
     proc = fit_on(logged_run["run_dir"], copy)
     assert proc.returncode == 1
-    assert "already trained on in iteration 0" in proc.stderr and "conversation_id" in proc.stderr
+    assert "already trained on in iteration 0" in proc.stderr and f"{copy}:row 1: conversation_id" in proc.stderr
     assert tree_fingerprint(logged_run["run_dir"]) == before
 
 
@@ -150,9 +150,10 @@ def test_bad_logs_fail_before_any_work_and_create_no_run_dir(tmp_path, logged_ru
     assert not run_dir.exists()
 
 
-def test_an_interrupted_logged_iteration_resumes_on_its_own_batch(tmp_path, logged_run):
+@pytest.mark.parametrize("point", ["sft.step@5", "policy.step@1"])  # while bootstrapping pi_0; mid PPO
+def test_an_interrupted_logged_iteration_resumes_on_its_own_batch(tmp_path, logged_run, point):
     run_dir = tmp_path / "run"
-    killed = fit_on(run_dir, logged_run["batch0"], env={"ITERPPO_FAILPOINT": "policy.step@1"})
+    killed = fit_on(run_dir, logged_run["batch0"], env={"ITERPPO_FAILPOINT": point})
     assert killed.returncode == -signal.SIGKILL
     refused = fit_on(run_dir, logged_run["batch1"])
     assert refused.returncode == 2 and "--resume" in refused.stderr
@@ -165,3 +166,42 @@ def test_an_interrupted_logged_iteration_resumes_on_its_own_batch(tmp_path, logg
     for record in (reference, got):
         record.pop("seconds")
     assert got == reference
+
+
+def test_validate_data_with_run_dir_makes_the_checks_fit_would_make(logged_run, tmp_path):
+    run_dir = logged_run["run_dir"]
+    used = run_cli("validate-data", str(logged_run["batch1"]), "--run_dir", str(run_dir))
+    assert used.returncode == 1 and "already trained on in iteration 1" in used.stderr
+    fresh = tmp_path / "from_scripted_agents.jsonl"
+    collect(fresh, seed=7)
+    ok = run_cli("validate-data", str(fresh), "--run_dir", str(run_dir))
+    assert ok.returncode == 0, ok.stderr
+    assert "come from behaviour (48), not from pi_2" in ok.stderr
+    missing = run_cli("validate-data", str(fresh), "--run_dir", str(tmp_path / "no_run"))
+    assert missing.returncode == 2 and "holds no run" in missing.stderr
+
+
+def test_resume_of_a_logged_run_between_batches_waits_for_the_next_batch(logged_run):
+    run_dir = logged_run["run_dir"]
+    before = tree_fingerprint(run_dir)
+    proc = run_cli("fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--resume", "true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "give the next one with --data.logs" in proc.stdout + proc.stderr
+    assert state_of(run_dir)["completed_iterations"] == 2  # never simulated its own data
+    after = tree_fingerprint(run_dir)
+    assert {k: v for k, v in after.items() if k != "run_state.json" and not k.startswith("summary")} == {
+        k: v for k, v in before.items() if k != "run_state.json" and not k.startswith("summary")
+    }
+
+
+def test_logs_of_another_runs_policy_are_refused(logged_run, tmp_path):
+    conversations = read_logs(logged_run["batch1"])
+    assert all(c.metadata["policy_run_id"] == state_of(logged_run["run_dir"])["run_id"] for c in conversations)
+    for i, conv in enumerate(conversations):
+        conv.conversation_id = f"elsewhere-{i}"
+        conv.metadata["policy_run_id"] = "another-run"
+    path = tmp_path / "another_run.jsonl"
+    write_logs(conversations, path)
+    proc = fit_on(logged_run["run_dir"], path)
+    assert proc.returncode == 1
+    assert f"{path}:line 1: metadata.policy_run_id" in proc.stderr and "another run" in proc.stderr
