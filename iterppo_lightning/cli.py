@@ -5,6 +5,7 @@
     iterppo evaluate --config configs/quickstart.yaml --policy runs/quickstart/final_policy --episodes 500 --seed 1
     iterppo collect --config C --episodes 500 --output logs/batch_0.jsonl [--policy DIR]
     iterppo validate-data logs/batch_0.jsonl
+    iterppo imagine --config configs/sales_smollm2.yaml --output runs/imagined   # LLM-imagined conversations
 
 `fit` is defined on the CLI class, which LightningCLI calls instead of
 `Trainer.fit`; it builds a fresh Trainer for every phase of every iteration
@@ -104,6 +105,48 @@ class IterPPOTrainer(L.Trainer):
         return result
 
 
+    def imagine(
+        self,
+        model: IterativePPO,
+        datamodule: TrajectoryDataModule | None = None,
+        output: str = "",
+        personas: int = 8,
+        dialogues_per_persona: int = 4,
+        critique: bool = True,
+        seed: int = 0,
+    ) -> dict:
+        """Imagined conversations from an LLM (personas -> outcome-conditioned dialogues -> critique) as a buffer.
+
+        The model is `model.base_model` (or `model.customer_model`). OUTPUT/buffer is valid logs
+        (policy id "imagined"): `fit --data.logs OUTPUT/buffer` trains iteration 0 on it.
+
+        Args:
+            output: a new folder: OUTPUT/buffer and OUTPUT/imagine_report.json (never overwritten).
+            personas: personas to ask the LLM for.
+            dialogues_per_persona: dialogues imagined per persona (outcome sampled per dialogue).
+            critique: rewrite each dialogue so the customer reveals one thing at a time.
+            seed: seed of the sampled outcomes and of the generation.
+        """
+        from .imagine import ImagineConfig, imagine_conversations, write_imagined_buffer
+        from .model_source import load_causal_lm
+
+        if not output:
+            raise ValueError("imagine needs --output DIR (a new folder for the buffer)")
+        if Path(output).exists():
+            raise FileExistsError(f"{output!r} already exists; buffers are never overwritten")
+        source = model.base_model or model.customer_model
+        if source is None:
+            raise ValueError("imagine needs a chat model: set model.base_model (or model.customer_model) in the config")
+        config = ImagineConfig(personas=personas, dialogues_per_persona=dialogues_per_persona, critique=critique, seed=seed)
+        llm, tokenizer = load_causal_lm(source, require_chat_template=True)
+        L.seed_everything(seed, verbose=False)
+        report = imagine_conversations(llm, tokenizer, config)
+        write_imagined_buffer(report, output)
+        result = {"output": output, "personas": len(report.personas), "requested": report.requested, "parsed": report.parsed, "rejected": report.rejected}
+        print(json.dumps(result))
+        return result
+
+
 class IterPPOCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -111,6 +154,7 @@ class IterPPOCLI(LightningCLI):
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
             "evaluate": {"model", "datamodule"},
             "collect": {"model", "datamodule"},
+            "imagine": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser) -> None:

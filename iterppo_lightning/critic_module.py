@@ -18,6 +18,7 @@ from torchmetrics.classification import BinaryAUROC
 from transformers import AutoConfig, AutoModel
 
 from .failpoints import failpoint, maybe_nan
+from .lora import LoraSettings, add_lora_to_backbone
 from .modeling import backbone_hidden, last_token_index
 from .optimizer_carry import OptimizerCarryMixin
 
@@ -67,6 +68,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         target: str = "mc",
         td_lambda: float = 0.8,
         td_rounds: int = 2,
+        lora: LoraSettings | None = None,
     ):
         """
         Args:
@@ -85,6 +87,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             td_lambda: lambda of the "td" targets (1.0 = Monte Carlo; "fqe" uses 0).
             td_rounds: for "td"/"fqe": refits after the first Monte Carlo fit, each on
                 targets recomputed with the previous round's critic.
+            lora: train a LoRA adapter on the backbone (plus the head) instead of every weight.
         """
         super().__init__()
         if loss not in ("bce", "mse"):
@@ -105,6 +108,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.target = target
         self.td_lambda = td_lambda
         self.td_rounds = td_rounds
+        self.lora = lora
+        self._trainable: set[str] = set()
         self.backbone: nn.Module | None = None
         self.head: nn.Linear | None = None
         self.val_brier = MeanSquaredError()
@@ -122,14 +127,26 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         else:
             self.backbone = AutoModel.from_config(AutoConfig.from_pretrained(base_model_dir))
         hidden = self.backbone.config.hidden_size
+        if self.lora is not None:
+            self.backbone = add_lora_to_backbone(self.backbone, self.lora)
         self.head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self._carried_optimizer_state = None
+        self._trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def _thaw(self) -> list[nn.Parameter]:
+        """The policy phase freezes Q_k (attach_critic); fitting Q_(k+1) thaws what trains
+        (everything, or with LoRA only the adapter and the head) and returns it."""
+        trainable = []
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in self._trainable)
+            if name in self._trainable:
+                trainable.append(p)
+        return trainable
 
     def on_fit_start(self) -> None:
-        # The policy phase freezes Q_k (attach_critic); fitting Q_(k+1) must thaw it.
-        self.requires_grad_(True)
+        self._thaw()
 
     # -- maths ----------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -188,4 +205,5 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.val_auroc.reset()
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # Lightning builds the optimizer before on_fit_start: thaw here too.
+        return torch.optim.AdamW(self._thaw(), lr=self.lr, weight_decay=self.weight_decay)

@@ -205,7 +205,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             weight = 1.0 if weights is None else weights[n]
             for g, i in zip(returns, conv.agent_turns):
                 states.append(render_state(conv, i, self.tokenizer))
-                actions.append(render_suggestion(conv.turns[i].suggestion))
+                actions.append(render_suggestion(conv.turns[i].suggestion, self.tokenizer))
                 meta.append((g, int(conv.success), conv.conversation_id, i, weight))
         if not states:
             return []

@@ -29,6 +29,7 @@ from .collection import read_log_batch, simulate_batch
 from .critic_targets import lambda_return_targets, sample_replies, score_pairs
 from .failpoints import failpoint
 from .modeling import check_policy_dir
+from .model_source import check_source, load_causal_lm
 from .rollout import summarize_conversations
 from .run_state import (
     IterationProgress,
@@ -137,7 +138,7 @@ class OuterLoop:
         return self.run_dir / f"iteration_{k}"
 
     def policy_dir(self, k: int) -> Path:
-        """Folder of pi_k (pi_0 = the bootstrapped or given starting policy)."""
+        """Folder of pi_k (pi_0 = the given policy folder, or the run's copy of a base model / bootstrapped pi_0)."""
         if k == 0:
             return Path(self.system.policy_init) if self.system.policy_init else self.run_dir / "pi_0" / "policy"
         return self.iteration_dir(k - 1) / "policy"
@@ -159,8 +160,14 @@ class OuterLoop:
     # -- opening the run directory ----------------------------------------------------
     def _open(self) -> None:
         """Start a new run, resume an interrupted one, or continue a logged run with its next batch."""
+        # Bad model paths fail here, before a run_dir exists or any training starts.
         if self.system.policy_init:
-            check_policy_dir(self.system.policy_init)  # a typo must not leave a half-started run_dir behind
+            check_policy_dir(self.system.policy_init)
+        if self.system.base_model is not None:
+            check_source(self.system.base_model, require_chat_template=True)
+        customer = self.system.customer_model or self.system.base_model
+        if self.system.llm_customer is not None:
+            check_source(customer, require_chat_template=True)
         state_file = self.run_dir / "run_state.json"
         if not state_file.exists():
             self.state = RunState(seed=self.seed, mode="logs" if self.logs else "simulator")
@@ -286,10 +293,17 @@ class OuterLoop:
 
     # -- phases ---------------------------------------------------------------------------
     def make_initial_policy(self) -> None:
-        """pi_0: a given folder, or behaviour cloning on imagined conversations."""
+        """pi_0: a given folder, a pretrained chat model (copied into the run), or behaviour cloning on imagined conversations."""
         policy = self.system.policy
         if self.system.policy_init:
             policy.load(self.system.policy_init)
+            return
+        if self.system.base_model is not None:
+            model, tokenizer = load_causal_lm(self.system.base_model, require_chat_template=True)
+            policy.attach(model, tokenizer)
+            # A copy in the run: resume and the critic's backbone never depend on the source staying put.
+            card = {"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": self.system.base_model.path}
+            policy.save(self.policy_dir(0), card=card)
             return
         out = self.run_dir / "pi_0"
         shutil.rmtree(out, ignore_errors=True)  # what an interrupted bootstrap left (never committed)
@@ -502,8 +516,19 @@ class OuterLoop:
                 "is full or a folder unwritable, free space or fix permissions, then rerun with --resume true."
             ) from err
 
+    def _make_environment(self) -> None:
+        """The scripted simulator, or a chat model playing the customer (loaded once, frozen)."""
+        if self.system.llm_customer is None:
+            return
+        from .llm_customer import LLMCustomerEnvironment
+
+        model, tokenizer = load_causal_lm(self.system.customer_model or self.system.base_model, require_chat_template=True)
+        model.requires_grad_(False).eval()
+        self.environment = LLMCustomerEnvironment(self.system.llm_customer, model, tokenizer)
+
     def _run(self) -> dict:
         state = self.state
+        self._make_environment()
         self.base_model_dir = self.policy_dir(0)
         if not state.pi0_ready:
             self._phase(-1, lambda _: self.make_initial_policy())

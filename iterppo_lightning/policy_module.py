@@ -28,10 +28,12 @@ from .generation import sample_responses
 from .modeling import causal_lm_forward, load_policy
 from .failpoints import failpoint, maybe_nan
 from .optimizer_carry import OptimizerCarryMixin
+from .lora import LoraSettings, adapter_state, adapter_weights, add_lora, export_policy, is_lora
 from .stats import atomic_dir
 
 VALUE_HEAD_FILE = "value_head.pt"
 POLICY_CARD_FILE = "iterppo_policy.json"
+LORA_ADAPTER_DIR = "lora_adapter"
 
 
 class PolicyModule(OptimizerCarryMixin, L.LightningModule):
@@ -59,6 +61,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         temperature: float = 1.0,
         max_grad_norm: float = 1.0,
         keep_optimizer_state: bool = False,
+        lora: LoraSettings | None = None,
     ):
         """
         Args:
@@ -87,6 +90,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             temperature: sampling temperature (the log-probs use the same one).
             max_grad_norm: gradient norm clip.
             keep_optimizer_state: carry Adam moments across outer iterations.
+            lora: train a LoRA adapter instead of every weight. The reference pi_k is then the
+                same model with the adapter's weights from the start of the iteration, so no
+                second copy of the base model is held.
         """
         super().__init__()
         if score_norm not in ("none", "whiten", "center"):
@@ -113,17 +119,35 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
     # -- wiring -----------------------------------------------------------------
     def attach(self, model, tokenizer, value_head: nn.Linear | None = None) -> None:
         """Use this causal LM as the policy (pi_k); the reference is a frozen copy of it."""
+        if self.lora is not None and not is_lora(model):
+            model = add_lora(model, self.lora)
         self.policy = model
         self.tokenizer = tokenizer
         self.value_head = value_head or nn.Linear(model.config.hidden_size, 1)
         if value_head is None:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-        self.reference = copy.deepcopy(model)
-        self.reference.requires_grad_(False).eval()
+        if self.lora is not None:
+            self.reference = None  # pi_k = this model with the adapter snapshot taken in on_fit_start
+            self._reference_adapter = adapter_state(model)
+        else:
+            self.reference = copy.deepcopy(model)
+            self.reference.requires_grad_(False).eval()
 
     def load(self, path: str | Path) -> None:
-        model, tokenizer = load_policy(path)
+        path = Path(path)
+        adapter = path / LORA_ADAPTER_DIR
+        if self.lora is not None and adapter.is_dir():
+            # Exact state for resume: the run's base model plus the adapter as trained (not the merged export).
+            from peft import PeftModel
+
+            card = json.loads((path / POLICY_CARD_FILE).read_text())
+            base, tokenizer = load_policy(card["base_model"])
+            model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+            tokenizer = type(tokenizer).from_pretrained(path)
+            tokenizer.padding_side = "left"
+        else:
+            model, tokenizer = load_policy(path)
         head = None
         if (Path(path) / VALUE_HEAD_FILE).exists():
             head = nn.Linear(model.config.hidden_size, 1)
@@ -142,8 +166,13 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         included). `card` (lineage: policy id, parent, data) goes to POLICY_CARD_FILE.
         """
         with atomic_dir(path, overwrite=True) as tmp:
-            self.policy.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
+            if self.lora is not None:
+                export_policy(self.policy, self.tokenizer, tmp, merge=self.lora.merge_on_export)
+                if self.lora.merge_on_export:
+                    self.policy.save_pretrained(tmp / LORA_ADAPTER_DIR)  # the adapter as trained, for resume
+            else:
+                self.policy.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
             torch.save(self.value_head.state_dict(), tmp / VALUE_HEAD_FILE)
             if card is not None:
                 (tmp / POLICY_CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
@@ -155,8 +184,11 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         if self.critic is None:
             raise RuntimeError("PolicyModule needs a critic: call attach_critic(Q_k) before fit")
         # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k.
-        self.reference.load_state_dict(self.policy.state_dict())
-        self.reference.requires_grad_(False).eval()
+        if self.reference is None:
+            self._reference_adapter = adapter_state(self.policy)
+        else:
+            self.reference.load_state_dict(self.policy.state_dict())
+            self.reference.requires_grad_(False).eval()
         self.policy.train()
         self.value_head.train()
         self._step_stats = []
@@ -167,7 +199,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         self.fit_stats = {k: sum(s[k] for s in self._step_stats if k in s) / len(self._step_stats) for k in sorted(keys)}
 
     def configure_optimizers(self):
-        params = list(self.policy.parameters()) + list(self.value_head.parameters())
+        # With LoRA only the adapter requires grad; the base weights stay out of the optimizer.
+        params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         return torch.optim.AdamW(params, lr=self.lr)
 
     # -- rollout --------------------------------------------------------------------
@@ -195,6 +228,12 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         values = self.value_head(hidden[:, prompt_len - 1 : -1]).squeeze(-1)
         return logprobs, values, resp_logits
 
+    def _reference_logits(self, full_ids, full_mask, keep: int) -> torch.Tensor:
+        if self.reference is None:  # LoRA: the same weights with pi_k's adapter
+            with adapter_weights(self.policy, self._reference_adapter):
+                return causal_lm_forward(self.policy, full_ids, full_mask, logits_to_keep=keep)[0]
+        return causal_lm_forward(self.reference, full_ids, full_mask, logits_to_keep=keep)[0]
+
     @torch.no_grad()
     def make_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
@@ -207,7 +246,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         prompt_len = prompt_ids.shape[1]
         with self._timed("score_forward"):  # policy + value, reference, and Q_k forwards
             old_logprobs, old_values, _ = self._policy_outputs(full_ids, full_mask, prompt_len, response)
-            ref_logits, _ = causal_lm_forward(self.reference, full_ids, full_mask, logits_to_keep=response.shape[1] + 1)
+            ref_logits = self._reference_logits(full_ids, full_mask, response.shape[1] + 1)
             ref_logprobs = pm.logprobs_from_logits(self._tempered(ref_logits[:, :-1]), response)
             # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
             score = self.critic.score(full_ids, full_mask)

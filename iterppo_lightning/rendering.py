@@ -16,9 +16,22 @@ from .conversation import Conversation, Turn
 from .tiny_lm import ABSTAIN, AGENT, CUSTOMER, EDITED, END, PLAIN_CHAT_TEMPLATE, REJECTED
 
 
-def render_suggestion(suggestion: str | None) -> str:
-    """The agent's reply as the policy writes it: words then `<end>` (abstain is a token)."""
-    return f"{suggestion.strip() if suggestion and suggestion.strip() else ABSTAIN} {END}"
+def uses_plain_format(tokenizer) -> bool:
+    """The tiny word-level models' marker format (no tokenizer, or the plain template) vs a chat model's own template."""
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    return not template or template == PLAIN_CHAT_TEMPLATE
+
+
+def render_suggestion(suggestion: str | None, tokenizer=None) -> str:
+    """The agent's reply as the policy writes it, ending with the token generation stops at.
+
+    Plain format: words then `<end>`, abstain is the `<abstain>` token. Chat models: the
+    text then the tokenizer's end-of-turn (EOS) token; an abstain is an empty reply.
+    """
+    text = suggestion.strip() if suggestion and suggestion.strip() else ""
+    if uses_plain_format(tokenizer):
+        return f"{text or ABSTAIN} {END}"
+    return f"{text}{tokenizer.eos_token}"
 
 
 def _render_past_turn(turn: Turn) -> str:
@@ -65,11 +78,6 @@ def render_chat_messages(conversation: Conversation, turn_index: int) -> list[di
 
 def render_state(conversation: Conversation, turn_index: int, tokenizer=None) -> str:
     """Model text of state s_i; chat format when the tokenizer has a chat template."""
-    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    if template == PLAIN_CHAT_TEMPLATE:
-        return render_plain_state(conversation, turn_index)  # the same text, without a Jinja pass per state
-    if template:
-        return tokenizer.apply_chat_template(
-            render_chat_messages(conversation, turn_index), tokenize=False, add_generation_prompt=True
-        )
-    return render_plain_state(conversation, turn_index)
+    if uses_plain_format(tokenizer):
+        return render_plain_state(conversation, turn_index)  # PLAIN_CHAT_TEMPLATE gives the same text, without a Jinja pass
+    return tokenizer.apply_chat_template(render_chat_messages(conversation, turn_index), tokenize=False, add_generation_prompt=True)

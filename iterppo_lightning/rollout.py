@@ -27,6 +27,8 @@ class Episode(Protocol):
 
 
 class Environment(Protocol):
+    """`new_episode`; optionally `step_batch(episodes, suggestions)` to advance a round in one call."""
+
     def new_episode(self, seed: int, conversation_id: str) -> Episode: ...
 
 
@@ -80,10 +82,13 @@ def run_episodes(
                 temperature,
                 greedy,
             )
-            replies = tokenizer.batch_decode(response, skip_special_tokens=True)
-            for ep, reply in zip(chunk, replies):
-                reply = reply.strip()
-                ep.step(reply if reply else None)  # an empty reply (or <abstain>) is an abstain
+            # An empty reply (or <abstain>) is an abstain.
+            replies = [r.strip() or None for r in tokenizer.batch_decode(response, skip_special_tokens=True)]
+            if hasattr(environment, "step_batch"):
+                environment.step_batch(chunk, replies)  # e.g. an LLM customer: one batched generate for all replies
+            else:
+                for ep, reply in zip(chunk, replies):
+                    ep.step(reply)
     for ep in episodes:
         ep.conversation.iteration = iteration
         ep.conversation.policy_id = policy_id

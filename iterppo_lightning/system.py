@@ -12,7 +12,9 @@ import lightning as L
 
 from .bootstrap import BootstrapConfig
 from .critic_module import CriticModule
+from .llm_customer import LLMCustomerConfig
 from .loop_config import LoopConfig
+from .model_source import ModelSource
 from .policy_module import PolicyModule
 from .sales_simulator import SimulatorConfig
 
@@ -26,6 +28,9 @@ class IterativePPO(L.LightningModule):
         bootstrap: BootstrapConfig | None = None,
         loop: LoopConfig | None = None,
         policy_init: str | None = None,
+        base_model: ModelSource | None = None,
+        llm_customer: LLMCustomerConfig | None = None,
+        customer_model: ModelSource | None = None,
     ):
         """
         Args:
@@ -35,6 +40,12 @@ class IterativePPO(L.LightningModule):
             bootstrap: how pi_0 is made from imagined conversations (when policy_init is None).
             loop: outer-loop settings.
             policy_init: a saved policy folder to start from instead of bootstrapping pi_0.
+            base_model: a pretrained chat model as pi_0 (a folder, a cached hub id, a GGUF file,
+                or "pypackage:NAME"); copied into the run as pi_0, and the critic's backbone
+                starts from it. Excludes policy_init.
+            llm_customer: let a chat model play the customer (from persona cards) instead of the
+                scripted simulator, for collection and evaluation.
+            customer_model: the model playing the customer (default: base_model).
         """
         super().__init__()
         self.critic = critic
@@ -43,3 +54,10 @@ class IterativePPO(L.LightningModule):
         self.bootstrap = bootstrap or BootstrapConfig()
         self.loop = loop or LoopConfig()
         self.policy_init = policy_init
+        self.base_model = base_model
+        self.llm_customer = llm_customer
+        self.customer_model = customer_model
+        if policy_init and base_model is not None:
+            raise ValueError("give either model.policy_init (a saved policy) or model.base_model (a pretrained model), not both")
+        if llm_customer is not None and (customer_model or base_model) is None:
+            raise ValueError("model.llm_customer needs model.customer_model (or model.base_model) to play the customer")

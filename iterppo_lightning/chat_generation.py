@@ -1,0 +1,74 @@
+"""Batched text generation from chat messages with any HF chat model (LLM customer, judge, imagined dialogues).
+
+The messages of every conversation are rendered with the tokenizer's chat
+template, left-padded into one batch, and sampled with `generate` and the KV
+cache; a reply ends at the tokenizer's EOS (end-of-turn) token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .generation import sample_responses
+
+Messages = list[dict[str, str]]
+
+
+def _require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"tokenizer {name!r} has no chat template; a chat model is needed here")
+
+
+@torch.no_grad()
+def generate_chat(
+    model,
+    tokenizer,
+    conversations: list[Messages],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 1024,
+) -> list[str]:
+    """One assistant reply per conversation (stripped text, special tokens removed)."""
+    _require_chat_template(tokenizer)
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    device = next(model.parameters()).device
+    replies: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        texts = [
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            for messages in conversations[start : start + batch_size]
+        ]
+        enc = tokenizer(
+            texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
+        ).to(device)
+        response, _ = sample_responses(
+            model, enc["input_ids"], enc["attention_mask"], tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens, temperature, greedy
+        )
+        replies.extend(text.strip() for text in tokenizer.batch_decode(response, skip_special_tokens=True))
+    return replies
+
+
+@torch.no_grad()
+def yes_probability(model, tokenizer, conversations: list[Messages], batch_size: int = 16, yes: str = "yes", no: str = "no") -> list[float]:
+    """P(yes) / (P(yes) + P(no)) for the first reply token: a judge's answer to a yes/no question."""
+    _require_chat_template(tokenizer)
+    tokenizer.padding_side = "left"
+    yes_id = tokenizer(yes, add_special_tokens=False)["input_ids"][0]
+    no_id = tokenizer(no, add_special_tokens=False)["input_ids"][0]
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(conversations), batch_size):
+        texts = [
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            for messages in conversations[start : start + batch_size]
+        ]
+        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        logits = model(**enc).logits[:, -1].float()
+        pair = torch.stack([logits[:, yes_id], logits[:, no_id]], dim=1).softmax(dim=1)
+        out.extend(pair[:, 0].tolist())
+    return out
