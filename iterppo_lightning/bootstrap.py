@@ -41,6 +41,9 @@ class BootstrapConfig:
     """Shape of the tiny GPT-2 policy."""
     behaviour: dict = field(default_factory=dict)
     """Overrides of BehaviourAgent's intent probabilities (e.g. {informed_prob: 0.5})."""
+    buffer: str | None = None
+    """With model.base_model: behaviour-clone the base model on these conversations first (e.g.
+    `iterppo imagine`'s OUTPUT/buffer, or logs; docs/data.md), `epochs` epochs at `lr`."""
 
 
 def informed_recommendation_turns(conversation: Conversation) -> list[int]:
@@ -103,3 +106,18 @@ def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, tra
     trainer.fit(module, datamodule=datamodule)
     datamodule.sft_batch_size = own_batch_size
     return model, tokenizer
+
+
+def behaviour_clone(model, tokenizer, conversations: list[Conversation], config: BootstrapConfig, datamodule, trainer_factory, out_dir: Path) -> None:
+    """Fine-tune `model` in place on the suggestions of `conversations` (pi_0 from imagined or logged data)."""
+    from .sft_module import BehaviourCloningModule
+
+    datamodule.connect(tokenizer)
+    datamodule.set_conversations(conversations)
+    datamodule.use_phase("sft")
+    own_batch_size, datamodule.sft_batch_size = datamodule.sft_batch_size, config.batch_size
+    module = BehaviourCloningModule(lr=config.lr)
+    module.attach(model)
+    trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))
+    trainer.fit(module, datamodule=datamodule)
+    datamodule.sft_batch_size = own_batch_size

@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 from .callbacks import default_callbacks
 from .collect_logs import collect_logs
 from .datamodule import TrajectoryDataModule
+from .environment import make_environment
 from .evaluate import evaluate_saved_policy
 from .log_io import LogValidationError
 from .outer_loop import NumericalFault, OuterLoop, RunDirError
@@ -66,7 +67,7 @@ class IterPPOTrainer(L.Trainer):
             raise ValueError("evaluate needs --policy DIR (a folder written by `iterppo fit`)")
         result = evaluate_saved_policy(
             policy,
-            model.environment,
+            make_environment(model),
             episodes,
             seed,
             greedy=greedy,

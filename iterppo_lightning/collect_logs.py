@@ -15,7 +15,7 @@ from .log_io import summarize_logs, write_logs
 from .modeling import load_policy
 from .policy_module import POLICY_CARD_FILE
 from .rollout import episode_seeds, run_episodes
-from .sales_simulator import SalesSimulator
+from .environment import make_environment
 from .scripted_agents import BehaviourAgent, play_episode
 
 BEHAVIOUR_POLICY_ID = "behaviour"
@@ -48,7 +48,7 @@ def collect_logs(
         raise FileExistsError(f"{output!r} already exists; logs are never overwritten")
     if out.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--output {output!r}: the name must end in .jsonl or .parquet")
-    simulator = SalesSimulator(system.environment)
+    simulator = make_environment(system)  # the scripted simulator, or the LLM customer when configured
     # Namespace "logs" is used by nothing else, so these customers are new to any run.
     seeds = episode_seeds("logs", seed, 0, episodes)
     if policy:

@@ -1,15 +1,14 @@
-"""Evaluate a saved policy on fresh simulated customers: success rate with a 95% CI."""
+"""Evaluate a saved policy on fresh customers (simulated or LLM-played): success rate with a 95% CI."""
 
 from __future__ import annotations
 
 from .modeling import load_policy
 from .rollout import episode_seeds, run_episodes, summarize_conversations
-from .sales_simulator import SalesSimulator, SimulatorConfig
 
 
 def evaluate_saved_policy(
     policy_dir: str,
-    environment: SimulatorConfig,
+    environment,
     episodes: int,
     seed: int,
     *,
@@ -25,7 +24,7 @@ def evaluate_saved_policy(
     conversations = run_episodes(
         model,
         tokenizer,
-        SalesSimulator(environment),
+        environment,
         # Namespace "evaluate" is never used by `fit`, so these customers are unseen in training.
         episode_seeds("evaluate", seed, 0, episodes),
         max_new_tokens=max_new_tokens,

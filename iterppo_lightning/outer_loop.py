@@ -23,12 +23,14 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from .bootstrap import make_pi0
+from .bootstrap import behaviour_clone, make_pi0
+from .log_io import read_logs
 from .buffer import save_buffer
 from .collection import read_log_batch, simulate_batch
 from .critic_targets import lambda_return_targets, sample_replies, score_pairs
 from .failpoints import failpoint
 from .modeling import check_policy_dir
+from .environment import make_environment
 from .model_source import check_source, load_causal_lm
 from .rollout import summarize_conversations
 from .run_state import (
@@ -165,6 +167,8 @@ class OuterLoop:
             check_policy_dir(self.system.policy_init)
         if self.system.base_model is not None:
             check_source(self.system.base_model, require_chat_template=True)
+            if self.system.bootstrap.buffer:
+                read_logs(self.system.bootstrap.buffer)  # a bad buffer fails before any work too
         customer = self.system.customer_model or self.system.base_model
         if self.system.llm_customer is not None:
             check_source(customer, require_chat_template=True)
@@ -300,6 +304,11 @@ class OuterLoop:
             return
         if self.system.base_model is not None:
             model, tokenizer = load_causal_lm(self.system.base_model, require_chat_template=True)
+            if self.system.bootstrap.buffer:
+                # pi_0 = the base model behaviour-cloned on imagined (or logged) conversations.
+                self._seed(-1, "bootstrap")
+                conversations = read_logs(self.system.bootstrap.buffer)
+                behaviour_clone(model, tokenizer, conversations, self.system.bootstrap, self.datamodule, self.trainer_factory, self.run_dir / "pi_0")
             policy.attach(model, tokenizer)
             # A copy in the run: resume and the critic's backbone never depend on the source staying put.
             card = {"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": self.system.base_model.path}
@@ -516,19 +525,10 @@ class OuterLoop:
                 "is full or a folder unwritable, free space or fix permissions, then rerun with --resume true."
             ) from err
 
-    def _make_environment(self) -> None:
-        """The scripted simulator, or a chat model playing the customer (loaded once, frozen)."""
-        if self.system.llm_customer is None:
-            return
-        from .llm_customer import LLMCustomerEnvironment
-
-        model, tokenizer = load_causal_lm(self.system.customer_model or self.system.base_model, require_chat_template=True)
-        model.requires_grad_(False).eval()
-        self.environment = LLMCustomerEnvironment(self.system.llm_customer, model, tokenizer)
-
     def _run(self) -> dict:
         state = self.state
-        self._make_environment()
+        if self.system.llm_customer is not None:
+            self.environment = make_environment(self.system)
         self.base_model_dir = self.policy_dir(0)
         if not state.pi0_ready:
             self._phase(-1, lambda _: self.make_initial_policy())

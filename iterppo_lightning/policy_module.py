@@ -142,7 +142,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             from peft import PeftModel
 
             card = json.loads((path / POLICY_CARD_FILE).read_text())
-            base, tokenizer = load_policy(card["base_model"])
+            # pi_0's folder is its own base (its adapter is untrained, so merged == base exactly).
+            base, tokenizer = load_policy(card.get("base_model") or path)
             model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
             tokenizer = type(tokenizer).from_pretrained(path)
             tokenizer.padding_side = "left"
