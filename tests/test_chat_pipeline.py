@@ -71,3 +71,68 @@ def test_a_bad_model_path_fails_before_any_work(tmp_path, override, named):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert named in proc.stderr
     assert not run_dir.exists()
+
+
+def test_a_killed_chat_run_with_lora_resumes_to_the_same_result(tmp_path, chat_run):
+    base = json.loads((chat_run / "pi_0" / "policy" / "iterppo_policy.json").read_text())["source"]
+    run_dir = tmp_path / "run"
+    args = ("fit", "--config", str(SMOKE_CHAT), "--run_dir", str(run_dir), "--model.base_model.path", base)
+    killed = run_cli(*args, env={"ITERPPO_FAILPOINT": "policy.step@1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_cli(*args, "--resume", "true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def without_times(path: Path) -> list[dict]:
+        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        for r in records:
+            r.pop("seconds")
+        return records
+
+    assert without_times(run_dir) == without_times(chat_run)
+    ours = load_file(run_dir / "iteration_0" / "policy" / "lora_adapter" / "adapter_model.safetensors")
+    reference = load_file(chat_run / "iteration_0" / "policy" / "lora_adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+def test_imagined_conversations_clone_pi0_and_train_iteration_0(tmp_path, chat_run, capsys, monkeypatch):
+    """`iterppo imagine` -> DIR/buffer; then `bootstrap.buffer` clones the base model on it and
+    `--data.logs` trains iteration 0 on it. The LLM is stubbed for imagine (a random tiny model
+    writes nothing parseable); everything after it is real."""
+    import iterppo_lightning.imagine as imagine
+    from cli_helpers import run_inprocess
+    from test_imagine import StubLLM
+
+    base = json.loads((chat_run / "pi_0" / "policy" / "iterppo_policy.json").read_text())["source"]
+    monkeypatch.setattr(imagine, "generate_chat", StubLLM(n_personas=3))
+    out = tmp_path / "imagined"
+    proc = run_inprocess(
+        capsys, "imagine", "--config", str(SMOKE_CHAT), "--model.base_model.path", base, "--output", str(out),
+        "--personas", "3", "--dialogues_per_persona", "4",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["parsed"] > 0 and (out / "buffer").is_dir() and (out / "imagine_report.json").exists()
+    valid = run_cli("validate-data", str(out / "buffer"))
+    assert valid.returncode == 0, valid.stderr
+
+    run_dir = tmp_path / "run"
+    fit = run_cli(
+        "fit", "--config", str(SMOKE_CHAT), "--run_dir", str(run_dir), "--model.base_model.path", base,
+        "--model.bootstrap.buffer", str(out / "buffer"), "--model.bootstrap.epochs", "1", "--data.logs", str(out / "buffer"),
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert state["lineage"][0]["source"]["policy_ids"] == {"imagined": summary["parsed"]}
+    # pi_0 is the base model behaviour-cloned on the imagined suggestions, not the base itself.
+    cloned = load_file(run_dir / "pi_0" / "policy" / "model.safetensors")
+    original = load_file(Path(base) / "model.safetensors")
+    assert any(not torch.equal(cloned[k], original[k]) for k in original)
+
+
+def test_imagine_with_a_model_that_writes_nothing_usable_says_so(tmp_path, chat_run):
+    base = json.loads((chat_run / "pi_0" / "policy" / "iterppo_policy.json").read_text())["source"]
+    out = tmp_path / "imagined"
+    proc = run_cli("imagine", "--config", str(SMOKE_CHAT), "--model.base_model.path", base, "--output", str(out), "--personas", "2", "--dialogues_per_persona", "1")
+    assert proc.returncode == 2
+    assert "iterppo: error:" in proc.stderr
+    assert not (out / "buffer").exists()
