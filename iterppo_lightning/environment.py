@@ -14,4 +14,8 @@ def make_environment(system):
 
     model, tokenizer = load_causal_lm(system.customer_model or system.base_model, require_chat_template=True)
     model.requires_grad_(False).eval()
-    return LLMCustomerEnvironment(system.llm_customer, model, tokenizer)
+    judge, judge_tokenizer = None, None
+    if system.judge_model is not None and system.llm_customer.judge == "model":
+        judge, judge_tokenizer = load_causal_lm(system.judge_model, require_chat_template=True)
+        judge.requires_grad_(False).eval()
+    return LLMCustomerEnvironment(system.llm_customer, model, tokenizer, judge_model=judge, judge_tokenizer=judge_tokenizer)

@@ -172,6 +172,8 @@ class OuterLoop:
         customer = self.system.customer_model or self.system.base_model
         if self.system.llm_customer is not None:
             check_source(customer, require_chat_template=True)
+            if self.system.judge_model is not None:
+                check_source(self.system.judge_model, require_chat_template=True)
         state_file = self.run_dir / "run_state.json"
         if not state_file.exists():
             self.state = RunState(seed=self.seed, mode="logs" if self.logs else "simulator")

@@ -31,6 +31,7 @@ class IterativePPO(L.LightningModule):
         base_model: ModelSource | None = None,
         llm_customer: LLMCustomerConfig | None = None,
         customer_model: ModelSource | None = None,
+        judge_model: ModelSource | None = None,
     ):
         """
         Args:
@@ -46,6 +47,8 @@ class IterativePPO(L.LightningModule):
             llm_customer: let a chat model play the customer (from persona cards) instead of the
                 scripted simulator, for collection and evaluation.
             customer_model: the model playing the customer (default: base_model).
+            judge_model: the model answering llm_customer's yes/no purchase question when its
+                judge is "model" (default: the customer model).
         """
         super().__init__()
         self.critic = critic
@@ -57,6 +60,7 @@ class IterativePPO(L.LightningModule):
         self.base_model = base_model
         self.llm_customer = llm_customer
         self.customer_model = customer_model
+        self.judge_model = judge_model
         if policy_init and base_model is not None:
             raise ValueError("give either model.policy_init (a saved policy) or model.base_model (a pretrained model), not both")
         if llm_customer is not None and (customer_model or base_model) is None:
