@@ -81,13 +81,28 @@ def corpus(conversations: list[Conversation]) -> list[str]:
 
 def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, trainer_factory, out_dir: Path, seed: int):
     """Write `out_dir/buffer` (imagined conversations) and `out_dir/policy` (pi_0); return (model, tokenizer)."""
-    from .sft_module import BehaviourCloningModule
-
     agent = BehaviourAgent(**config.behaviour)
     conversations = imagine_conversations(simulator, agent, episode_seeds("imagine", seed, 0, config.episodes))
     save_buffer(conversations, out_dir / "buffer")
     tokenizer = train_word_tokenizer(corpus(conversations))
     model = build_tiny_causal_lm(tokenizer, config.model, seed=random.Random(seed).randrange(2**31))
+    curriculum = None
+    if config.curriculum_steps > 0:
+        curriculum = {(c.conversation_id, i) for c in conversations for i in c.metadata["informed_recommendation_turns"]}
+    behaviour_clone(model, tokenizer, conversations, config, datamodule, trainer_factory, out_dir, curriculum)
+    return model, tokenizer
+
+
+def behaviour_clone(
+    model, tokenizer, conversations: list[Conversation], config: BootstrapConfig, datamodule, trainer_factory, out_dir: Path, curriculum: set | None = None
+) -> None:
+    """Fine-tune `model` in place on the suggestions of `conversations` (pi_0 from imagined or logged data).
+
+    With `curriculum` ((conversation_id, turn) pairs), the first `config.curriculum_steps`
+    optimizer steps clone only those turns, then `config.epochs` epochs clone everything.
+    """
+    from .sft_module import BehaviourCloningModule
+
     datamodule.connect(tokenizer)
     datamodule.set_conversations(conversations)
     datamodule.use_phase("sft")
@@ -95,29 +110,11 @@ def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, tra
     own_batch_size, datamodule.sft_batch_size = datamodule.sft_batch_size, config.batch_size
     module = BehaviourCloningModule(lr=config.lr)
     module.attach(model)
-    if config.curriculum_steps > 0:
-        datamodule.restrict_sft(
-            {(c.conversation_id, i) for c in conversations for i in c.metadata["informed_recommendation_turns"]}
-        )
+    if curriculum is not None:
+        datamodule.restrict_sft(curriculum)
         trainer = trainer_factory("bootstrap", max_steps=config.curriculum_steps, max_epochs=-1, default_root_dir=str(out_dir))
         trainer.fit(module, datamodule=datamodule)
         datamodule.restrict_sft(None)
-    trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))
-    trainer.fit(module, datamodule=datamodule)
-    datamodule.sft_batch_size = own_batch_size
-    return model, tokenizer
-
-
-def behaviour_clone(model, tokenizer, conversations: list[Conversation], config: BootstrapConfig, datamodule, trainer_factory, out_dir: Path) -> None:
-    """Fine-tune `model` in place on the suggestions of `conversations` (pi_0 from imagined or logged data)."""
-    from .sft_module import BehaviourCloningModule
-
-    datamodule.connect(tokenizer)
-    datamodule.set_conversations(conversations)
-    datamodule.use_phase("sft")
-    own_batch_size, datamodule.sft_batch_size = datamodule.sft_batch_size, config.batch_size
-    module = BehaviourCloningModule(lr=config.lr)
-    module.attach(model)
     trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))
     trainer.fit(module, datamodule=datamodule)
     datamodule.sft_batch_size = own_batch_size
