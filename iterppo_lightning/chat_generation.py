@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .generation import sample_responses
+from .modeling import position_ids_from_mask
 
 Messages = list[dict[str, str]]
 
@@ -58,8 +59,9 @@ def yes_probability(model, tokenizer, conversations: list[Messages], batch_size:
     """P(yes) / (P(yes) + P(no)) for the first reply token: a judge's answer to a yes/no question."""
     _require_chat_template(tokenizer)
     tokenizer.padding_side = "left"
-    yes_id = tokenizer(yes, add_special_tokens=False)["input_ids"][0]
-    no_id = tokenizer(no, add_special_tokens=False)["input_ids"][0]
+    # A judge may open with "Yes" or " yes": pool the first tokens of every casing/spacing.
+    yes_ids = _first_token_ids(tokenizer, yes)
+    no_ids = _first_token_ids(tokenizer, no) - yes_ids
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(conversations), batch_size):
@@ -68,7 +70,15 @@ def yes_probability(model, tokenizer, conversations: list[Messages], batch_size:
             for messages in conversations[start : start + batch_size]
         ]
         enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-        logits = model(**enc).logits[:, -1].float()
-        pair = torch.stack([logits[:, yes_id], logits[:, no_id]], dim=1).softmax(dim=1)
-        out.extend(pair[:, 0].tolist())
+        # Left padding: positions from the mask, as generate uses them.
+        logits = model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"])).logits[:, -1].float()
+        probs = logits.softmax(dim=-1)
+        p_yes = probs[:, sorted(yes_ids)].sum(1)
+        p_no = probs[:, sorted(no_ids)].sum(1)
+        out.extend((p_yes / (p_yes + p_no).clamp(min=1e-12)).tolist())
     return out
+
+
+def _first_token_ids(tokenizer, word: str) -> set[int]:
+    variants = {word.lower(), word.capitalize(), " " + word.lower(), " " + word.capitalize()}
+    return {tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in variants}

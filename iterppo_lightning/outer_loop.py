@@ -314,7 +314,9 @@ class OuterLoop:
             policy.attach(model, tokenizer)
             # A copy in the run: resume and the critic's backbone never depend on the source staying put.
             card = {"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": self.system.base_model.path}
-            policy.save(self.policy_dir(0), card=card)
+            # Always a full (merged) folder: the critic's backbone and every adapter start from it.
+            policy.lora_base = str(self.policy_dir(0).resolve())
+            policy.save(self.policy_dir(0), card=card, merge=True)
             return
         out = self.run_dir / "pi_0"
         shutil.rmtree(out, ignore_errors=True)  # what an interrupted bootstrap left (never committed)
@@ -425,7 +427,7 @@ class OuterLoop:
             "iteration": k,
             "run_id": self.state.run_id,
             "run_dir": str(self.run_dir.resolve()),
-            "base_model": str(self.base_model_dir),
+            "base_model": str(Path(self.base_model_dir).resolve()),
             "trained_on": source,
             "pooled": [{"iteration": k - age, "weight": w} for age, w in enumerate(self.datamodule.pool_weights[1:], 1) if k - age >= 0 and w > 0],
             "critic_target": self.system.critic.target,

@@ -22,18 +22,18 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from . import ppo_math as pm
 from .generation import sample_responses
-from .modeling import causal_lm_forward, load_policy
+from .modeling import LORA_ADAPTER_DIR, POLICY_CARD_FILE, causal_lm_forward, load_policy, lora_adapter_dir, lora_base_of
 from .failpoints import failpoint, maybe_nan
 from .optimizer_carry import OptimizerCarryMixin
 from .lora import LoraSettings, adapter_state, adapter_weights, add_lora, export_policy, is_lora
 from .stats import atomic_dir
 
 VALUE_HEAD_FILE = "value_head.pt"
-POLICY_CARD_FILE = "iterppo_policy.json"
-LORA_ADAPTER_DIR = "lora_adapter"
+
 
 
 class PolicyModule(OptimizerCarryMixin, L.LightningModule):
@@ -111,6 +111,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         self.value_head = None
         self.critic = None
         self.tokenizer = None
+        self.lora_base: str | None = None
+        """With LoRA: the folder of the weights the adapter applies to (recorded in saved cards)."""
         self.timings: dict[str, float] = defaultdict(float)
         self._step_stats: list[dict[str, float]] = []
         self._rollouts = 0
@@ -119,6 +121,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
     # -- wiring -----------------------------------------------------------------
     def attach(self, model, tokenizer, value_head: nn.Linear | None = None) -> None:
         """Use this causal LM as the policy (pi_k); the reference is a frozen copy of it."""
+        if self.lora is not None and self.lora.dropout > 0:
+            raise ValueError("policy.lora.dropout must be 0: PPO compares log-probs of the same tokens across passes")
         if self.lora is not None and not is_lora(model):
             model = add_lora(model, self.lora)
         self.policy = model
@@ -136,19 +140,21 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
 
     def load(self, path: str | Path) -> None:
         path = Path(path)
-        adapter = path / LORA_ADAPTER_DIR
-        if self.lora is not None and adapter.is_dir():
-            # Exact state for resume: the run's base model plus the adapter as trained (not the merged export).
+        adapter = lora_adapter_dir(path)
+        if self.lora is not None and adapter is not None:
+            # Exact state for resume: the adapter as trained on the base it was trained on
+            # (never on a merged export, which would apply the adapter twice).
             from peft import PeftModel
 
-            card = json.loads((path / POLICY_CARD_FILE).read_text())
-            # pi_0's folder is its own base (its adapter is untrained, so merged == base exactly).
-            base, tokenizer = load_policy(card.get("base_model") or path)
+            base_dir = lora_base_of(path)
+            base, _ = load_policy(base_dir)
             model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
-            tokenizer = type(tokenizer).from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
             tokenizer.padding_side = "left"
+            self.lora_base = base_dir
         else:
             model, tokenizer = load_policy(path)
+            self.lora_base = str(path.resolve())
         head = None
         if (Path(path) / VALUE_HEAD_FILE).exists():
             head = nn.Linear(model.config.hidden_size, 1)
@@ -160,16 +166,19 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         critic.requires_grad_(False).eval()
         self.critic = critic
 
-    def save(self, path: str | Path, card: dict | None = None) -> Path:
+    def save(self, path: str | Path, card: dict | None = None, merge: bool | None = None) -> Path:
         """`save_pretrained` policy + tokenizer (+ value head, + a JSON `card`), written then renamed into place.
 
         The folder is a deployable Hugging Face model (tokenizer and chat template
         included). `card` (lineage: policy id, parent, data) goes to POLICY_CARD_FILE.
         """
+        if self.lora is not None:
+            card = {**(card or {}), "lora_base": self.lora_base}
         with atomic_dir(path, overwrite=True) as tmp:
             if self.lora is not None:
-                export_policy(self.policy, self.tokenizer, tmp, merge=self.lora.merge_on_export)
-                if self.lora.merge_on_export:
+                merged = self.lora.merge_on_export if merge is None else merge
+                export_policy(self.policy, self.tokenizer, tmp, merge=merged)
+                if merged:
                     self.policy.save_pretrained(tmp / LORA_ADAPTER_DIR)  # the adapter as trained, for resume
             else:
                 self.policy.save_pretrained(tmp)

@@ -136,3 +136,18 @@ def test_imagine_with_a_model_that_writes_nothing_usable_says_so(tmp_path, chat_
     assert proc.returncode == 2
     assert "iterppo: error:" in proc.stderr
     assert not (out / "buffer").exists()
+
+
+def test_an_adapter_export_is_evaluated_on_its_recorded_base(tmp_path, chat_run):
+    base = json.loads((chat_run / "pi_0" / "policy" / "iterppo_policy.json").read_text())["source"]
+    run_dir = tmp_path / "run"
+    proc = run_cli("fit", "--config", str(SMOKE_CHAT), "--run_dir", str(run_dir), "--model.base_model.path", base, "--model.policy.lora.merge_on_export", "false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = run_dir / "iteration_0" / "policy"
+    assert (exported / "adapter_config.json").exists() and not (exported / "model.safetensors").exists()
+    assert (run_dir / "pi_0" / "policy" / "model.safetensors").exists()  # pi_0 is always a full folder
+    card = json.loads((exported / "iterppo_policy.json").read_text())
+    assert card["lora_base"] == str((run_dir / "pi_0" / "policy").resolve())
+    ev = run_cli("evaluate", "--config", str(SMOKE_CHAT), "--model.base_model.path", base, "--policy", str(exported), "--episodes", "2")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["episodes"] == 2
