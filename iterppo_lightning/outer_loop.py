@@ -31,7 +31,7 @@ from .critic_targets import lambda_return_targets, sample_replies, score_pairs
 from .failpoints import failpoint
 from .modeling import check_policy_dir
 from .environment import make_environment
-from .model_source import check_source, load_causal_lm
+from .model_source import check_source, enable_gradient_checkpointing, load_causal_lm
 from .rollout import summarize_conversations
 from .run_state import (
     IterationProgress,
@@ -258,6 +258,9 @@ class OuterLoop:
         progress = state.in_progress
         policy_from = self.iteration_dir(c) / "policy" if progress and progress.policy_fitted else self.policy_dir(c)
         policy.load(policy_from)
+        base = self.system.base_model
+        if base is not None and base.gradient_checkpointing:  # a saved folder does not carry the setting
+            enable_gradient_checkpointing(policy.policy)
         # Adam moments exist only for policies this run fitted (never for pi_0 / policy_init).
         fitted_in = c if progress and progress.policy_fitted else c - 1
         if fitted_in >= 0:
