@@ -36,6 +36,7 @@ Precision must stay ``32-true`` (fp16/bf16 mixed precision paths in DeepSpeed as
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -82,7 +83,8 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         if not self.skip_shm_comm_op:
             super()._init_deepspeed_distributed()
             return
-        import deepspeed.comm.torch as ds_comm_torch
+        # `import deepspeed.comm.torch as m` would bind the `torch` package: `deepspeed.comm` has a `torch` attribute.
+        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
 
         build = ds_comm_torch.build_shm_op
         ds_comm_torch.build_shm_op = lambda: None  # TorchBackend then uses torch.distributed for every collective

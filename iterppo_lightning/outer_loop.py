@@ -253,7 +253,7 @@ class OuterLoop:
     # -- restoring modules after a restart -----------------------------------------------
     def _restore(self) -> None:
         """Bring the modules to the last committed state (everything a fresh process lacks)."""
-        state, policy, critic = self.state, self.system.policy, self.system.critic
+        state, policy = self.state, self.system.policy
         c = state.completed_iterations
         progress = state.in_progress
         policy_from = self.iteration_dir(c) / "policy" if progress and progress.policy_fitted else self.policy_dir(c)

@@ -7,14 +7,9 @@ exit codes, without paying the package import once more per case.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
 import subprocess
-import sys
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
