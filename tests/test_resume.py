@@ -178,3 +178,15 @@ def test_a_full_disk_gives_a_clear_error_and_leaves_the_last_state_intact(tmp_pa
     resumed = run_cli("fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--resume", "true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(run_dir, reference)
+
+
+def test_a_finished_run_is_extended_by_raising_iterations(tmp_path, reference):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir, symlinks=True)
+    proc = run_cli("fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--resume", "true", "--model.loop.iterations", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = metrics_without_times(run_dir)
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    assert records[:2] == metrics_without_times(reference)
