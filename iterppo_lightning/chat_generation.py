@@ -15,10 +15,20 @@ from .modeling import position_ids_from_mask
 Messages = list[dict[str, str]]
 
 
-def _require_chat_template(tokenizer) -> None:
+def require_chat_template(tokenizer, role: str = "") -> None:
+    """Refuse a tokenizer without a chat template (`role` names which model, in the message)."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(f"tokenizer {name!r} has no chat template; a chat model is needed here")
+        which = f"the {role} tokenizer" if role else "tokenizer"
+        raise ValueError(f"{which} {name!r} has no chat template; a chat model is needed here")
+
+
+def _encode_chats(tokenizer, conversations: list[Messages], max_prompt_tokens: int, device) -> dict:
+    """Render with the chat template (ending in the assistant's turn) and left-pad into one batch."""
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    return tokenizer(
+        texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
+    ).to(device)
 
 
 @torch.no_grad()
@@ -34,19 +44,13 @@ def generate_chat(
     max_prompt_tokens: int = 1024,
 ) -> list[str]:
     """One assistant reply per conversation (stripped text, special tokens removed)."""
-    _require_chat_template(tokenizer)
+    require_chat_template(tokenizer)
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
     device = next(model.parameters()).device
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
-        texts = [
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            for messages in conversations[start : start + batch_size]
-        ]
-        enc = tokenizer(
-            texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
-        ).to(device)
+        enc = _encode_chats(tokenizer, conversations[start : start + batch_size], max_prompt_tokens, device)
         response, _ = sample_responses(
             model, enc["input_ids"], enc["attention_mask"], tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens, temperature, greedy
         )
@@ -55,21 +59,20 @@ def generate_chat(
 
 
 @torch.no_grad()
-def yes_probability(model, tokenizer, conversations: list[Messages], batch_size: int = 16, yes: str = "yes", no: str = "no") -> list[float]:
+def yes_probability(
+    model, tokenizer, conversations: list[Messages], batch_size: int = 16, yes: str = "yes", no: str = "no", max_prompt_tokens: int = 1024
+) -> list[float]:
     """P(yes) / (P(yes) + P(no)) for the first reply token: a judge's answer to a yes/no question."""
-    _require_chat_template(tokenizer)
+    require_chat_template(tokenizer)
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
     # A judge may open with "Yes" or " yes": pool the first tokens of every casing/spacing.
     yes_ids = _first_token_ids(tokenizer, yes)
     no_ids = _first_token_ids(tokenizer, no) - yes_ids
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(conversations), batch_size):
-        texts = [
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            for messages in conversations[start : start + batch_size]
-        ]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        enc = _encode_chats(tokenizer, conversations[start : start + batch_size], max_prompt_tokens, device)
         # Left padding: positions from the mask, as generate uses them.
         logits = model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"])).logits[:, -1].float()
         probs = logits.softmax(dim=-1)

@@ -258,9 +258,9 @@ class LLMCustomerEnvironment:
         self.tokenizer = tokenizer
         self.judge_model = judge_model if judge_model is not None else model
         self.judge_tokenizer = judge_tokenizer if judge_tokenizer is not None else tokenizer
-        _require_chat_template(tokenizer, "customer")
+        chat.require_chat_template(tokenizer, "customer")
         if config.judge == "model":
-            _require_chat_template(self.judge_tokenizer, "judge")
+            chat.require_chat_template(self.judge_tokenizer, "judge")
         # Persona draws use the simulator's defaults; the business uses this config's probabilities.
         self._business_config = SimulatorConfig(
             accept_prob=config.accept_prob,
@@ -345,12 +345,6 @@ class LLMCustomerEnvironment:
             # The reply just appended has nothing sent after it, so it is the terminal turn (outcome 0).
             conversation.metadata["ended"] = "max_agent_turns"
             episode.done = True
-
-
-def _require_chat_template(tokenizer, role: str) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(f"the {role} tokenizer {name!r} has no chat template; the LLM customer needs a chat model")
 
 
 def _check_batch(episodes: Sequence[LLMCustomerEpisode], suggestions: Sequence[str | None]) -> None:
