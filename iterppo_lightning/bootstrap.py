@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .distributed import is_main
 from .buffer import save_buffer
 from .conversation import Conversation
 from .rollout import episode_seeds
@@ -83,7 +84,8 @@ def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, tra
     """Write `out_dir/buffer` (imagined conversations) and `out_dir/policy` (pi_0); return (model, tokenizer)."""
     agent = BehaviourAgent(**config.behaviour)
     conversations = imagine_conversations(simulator, agent, episode_seeds("imagine", seed, 0, config.episodes))
-    save_buffer(conversations, out_dir / "buffer")
+    if is_main():  # rank 0 writes; every rank builds the same conversations
+        save_buffer(conversations, out_dir / "buffer")
     tokenizer = train_word_tokenizer(corpus(conversations))
     model = build_tiny_causal_lm(tokenizer, config.model, seed=random.Random(seed).randrange(2**31))
     curriculum = None

@@ -19,10 +19,14 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional, Union
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import Strategy
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from .callbacks import default_callbacks
 from .collect_logs import collect_logs
@@ -31,6 +35,7 @@ from .environment import make_environment
 from .evaluate import evaluate_saved_policy
 from .log_io import LogValidationError
 from .outer_loop import NumericalFault, OuterLoop, RunDirError
+from .phase_strategies import PHASES, build_phase_strategy, check_phase_strategies, launch_processes
 from .run_state import RunStateError
 from .system import IterativePPO
 
@@ -43,7 +48,39 @@ TRAINER_DEFAULTS = {
 }
 
 
+class _RestoreRandomState(Callback):
+    def __init__(self, states: dict):
+        self.states = states
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # after the strategy's setup, before any data is drawn
+        _set_rng_states(self.states)
+        trainer.callbacks.remove(self)
+
+
 class IterPPOTrainer(L.Trainer):
+    zero_checkpoint_dir = None
+    """Where a DeepSpeed fit saves its sharded checkpoint (set by the loop; None = none)."""
+    partition_report = None
+    """After a DeepSpeed fit: parameter elements this process held (zero.partition_report)."""
+
+    def fit(self, model, *args, **kwargs):
+        """`Trainer.fit`, then (under DeepSpeed) hand the module back to the loop as a plain module (zero.py)."""
+        from .distributed import is_distributed
+        from .zero import optimizer_state_elements, partition_report, release_from_deepspeed, save_zero_checkpoint, zero_stage
+
+        if is_distributed():
+            # Multi-process strategies reseed every process from the global seed while setting up; put the
+            # loop's random state back so a fit draws what the same fit draws in a single process.
+            self.callbacks.append(_RestoreRandomState(_collect_rng_states()))
+        result = super().fit(model, *args, **kwargs)
+        if zero_stage(self) > 0:
+            self.partition_report = partition_report(model)
+            self.partition_report["optimizer_state_elements"] = optimizer_state_elements(self.strategy.model)
+            if self.zero_checkpoint_dir is not None:
+                save_zero_checkpoint(self, self.zero_checkpoint_dir)
+            release_from_deepspeed(model, getattr(self.strategy, "model", None))
+        return result
+
     def evaluate(
         self,
         model: IterativePPO,
@@ -166,9 +203,22 @@ class IterPPOCLI(LightningCLI):
         parser.add_argument(
             "--allow_config_change", type=bool, default=False, help="Let --resume continue although the model/data config changed."
         )
+        for phase in PHASES:
+            parser.add_argument(
+                f"--{phase}_strategy",
+                type=Optional[Union[str, Strategy]],
+                default=None,
+                help=f"Strategy of the {phase} phase's Trainer (a name or class_path/init_args); default trainer.strategy. "
+                "Every phase runs on all the run's processes.",
+            )
 
     def _trainer_factory(self, phase: str, **overrides) -> L.Trainer:
         trainer_config = dict(self._get(self.config_init, "trainer", default={}))
+        # A fresh strategy object per phase Trainer (a used one refuses a second Trainer), from the raw config.
+        raw = self.config["fit"]
+        overrides.setdefault("strategy", build_phase_strategy(phase, raw, self._model_for_strategies))
+        # Our DataModule shards every global batch itself (distributed.ShardedBatchSampler).
+        overrides.setdefault("use_distributed_sampler", False)
         # instantiate_trainer extends the callbacks list in place: hand it a copy per phase.
         callbacks = list(trainer_config.get("callbacks") or [])
         if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
@@ -180,6 +230,9 @@ class IterPPOCLI(LightningCLI):
     def fit(self, model: IterativePPO, datamodule: TrajectoryDataModule | None = None, **_: object) -> None:
         config = self.config["fit"]
         datamodule = datamodule or TrajectoryDataModule()
+        self._model_for_strategies = model
+        # Bad strategy settings fail here, before any process starts or any file is written.
+        check_phase_strategies(config, model, self.trainer)
         loop = OuterLoop(
             model,
             datamodule,
@@ -191,7 +244,8 @@ class IterPPOCLI(LightningCLI):
             resume=bool(config["resume"]),
             allow_config_change=bool(config["allow_config_change"]),
         )
-        loop.run()
+        # Several processes: start them all now, before any work, so each runs the whole loop (SPMD).
+        launch_processes(self.trainer, loop.run)
 
 
 def _quiet_third_party() -> None:
@@ -209,6 +263,11 @@ def _quiet_third_party() -> None:
     # The frozen reference and critic are in eval mode on purpose during the policy phase.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+    # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 renamed (once per collective).
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Every process logs the same (global) PPO statistics; critic metrics are synced where it matters.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -236,7 +295,7 @@ def main(args: list[str] | None = None) -> None:
     except NumericalFault as err:
         print(f"iterppo: error: {err}", file=sys.stderr)
         sys.exit(3)
-    except (RunDirError, RunStateError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (RunDirError, RunStateError, FileNotFoundError, FileExistsError, ValueError, MisconfigurationException) as err:
         print(f"iterppo: error: {err}", file=sys.stderr)
         sys.exit(2)
 

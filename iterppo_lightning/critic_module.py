@@ -17,6 +17,7 @@ from torchmetrics import MeanSquaredError, Metric
 from torchmetrics.classification import BinaryAUROC
 from transformers import AutoConfig, AutoModel
 
+from .distributed import all_reduce_sum, any_rank, global_share, is_distributed
 from .failpoints import failpoint, maybe_nan
 from .lora import LoraSettings, add_lora_to_backbone
 from .modeling import backbone_hidden, last_token_index
@@ -145,6 +146,10 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 trainable.append(p)
         return trainable
 
+    def setup(self, stage: str) -> None:
+        # Before the strategy wraps the module: DDP refuses a module with nothing to train.
+        self._thaw()
+
     def on_fit_start(self) -> None:
         self._thaw()
 
@@ -175,8 +180,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
         loss = self._loss(logits, batch["target"], batch.get("weight"))
+        share = global_share(len(logits))  # several processes: this rank's share of the global batch mean
+        if share is not None:
+            loss = loss * share
         loss = maybe_nan("critic.loss", loss)  # crash tests only; a no-op otherwise
-        if not torch.isfinite(loss):
+        if any_rank(not bool(torch.isfinite(loss))):  # every process stops together
             # Raised before backward and step, so the weights stay the last good ones.
             raise FloatingPointError(f"critic phase: non-finite loss ({loss.item()}) at step {self.global_step} (batch {batch_idx})")
         self.log("critic/train_loss", loss, prog_bar=True, batch_size=len(logits))
@@ -187,7 +195,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         logits = self(batch["input_ids"], batch["attention_mask"])
         probs = torch.sigmoid(logits)
         n = len(logits)
-        self.log("critic/val_loss", self._loss(logits, batch["target"]), prog_bar=True, batch_size=n)
+        self.log("critic/val_loss", self._loss(logits, batch["target"]), prog_bar=True, batch_size=n, sync_dist=is_distributed())
         self.val_brier.update(probs, batch["target"])
         self.val_auroc.update(probs, batch["success"])
         self._val_classes_seen |= set(batch["success"].unique().tolist())
@@ -200,7 +208,10 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # AUROC is undefined with one class only; torchmetrics would report 0.0, the worst score. Say NaN.
-        auroc = self.val_auroc.compute() if self._val_classes_seen == {0, 1} else torch.tensor(float("nan"))
+        seen = torch.tensor([0 in self._val_classes_seen, 1 in self._val_classes_seen], dtype=torch.long)
+        # Every rank must take the same branch: compute() is collective when several processes run.
+        both = bool((all_reduce_sum(seen) > 0).all())
+        auroc = self.val_auroc.compute() if both else torch.tensor(float("nan"))
         self.log("critic/val_auroc", auroc)
         self.val_auroc.reset()
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
 
 from .buffer import load_buffer
 from .conversation import Conversation
+from .distributed import ShardedBatchSampler
 from .rendering import render_state, render_suggestion
 
 PHASES = ("critic", "policy", "sft")
@@ -250,16 +251,25 @@ class TrajectoryDataModule(L.LightningDataModule):
             examples = [e for e in examples if (e.conversation_id, e.turn_index) in self.sft_turns]
         return [e for e in examples if e.success] if self.sft_successful_only else examples
 
+    @staticmethod
+    def _loader(examples, batch_size: int, collate, shuffle: bool = False, sampler=None) -> DataLoader:
+        """Global batches drawn the same on every process, each cut to this rank's slice (distributed.py).
+
+        In a single process this iterates exactly like `DataLoader(batch_size=..., shuffle=..., sampler=...)`.
+        """
+        dataset = _ListDataset(examples)
+        if sampler is None:
+            sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(sampler, batch_size), collate_fn=collate)
+
     def train_dataloader(self) -> DataLoader:
         if self.phase == "critic":
-            return DataLoader(
-                _ListDataset(self.train_examples), batch_size=self.critic_batch_size, shuffle=True, collate_fn=self._collate_pairs
-            )
+            return self._loader(self.train_examples, self.critic_batch_size, self._collate_pairs, shuffle=True)
         if self.phase == "sft":
             examples = self._sft_examples(self.train_examples)
             if not examples:
                 raise ValueError("no successful conversations to behaviour-clone")
-            return DataLoader(_ListDataset(examples), batch_size=self.sft_batch_size, shuffle=True, collate_fn=self._collate_pairs)
+            return self._loader(examples, self.sft_batch_size, self._collate_pairs, shuffle=True)
         # Policy phase: every logged state (train and validation alike) is a
         # prompt; PPO needs no held-out set. Sampling with replacement gives a
         # fixed number of rollouts per iteration regardless of buffer size.
@@ -269,7 +279,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             sampler = WeightedRandomSampler([e.weight for e in prompts], num_samples=n, replacement=True)
         else:
             sampler = RandomSampler(prompts, replacement=True, num_samples=n)
-        return DataLoader(_ListDataset(prompts), batch_size=self.policy_batch_size, sampler=sampler, collate_fn=self._collate_prompts)
+        return self._loader(prompts, self.policy_batch_size, self._collate_prompts, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.phase == "policy" or not self.val_examples:
@@ -278,4 +288,4 @@ class TrajectoryDataModule(L.LightningDataModule):
         if not examples:
             return []
         batch = self.critic_batch_size if self.phase == "critic" else self.sft_batch_size
-        return DataLoader(_ListDataset(examples), batch_size=batch, shuffle=False, collate_fn=self._collate_pairs)
+        return self._loader(examples, batch, self._collate_pairs)

@@ -9,6 +9,11 @@ fresh Trainers instead of a custom fit loop.
 Each step ends with a commit to `run_state.json` (see run_state.py), and each
 step reseeds from (seed, iteration, step): a run killed anywhere and resumed
 computes exactly what an uninterrupted run computes.
+
+Several processes (distributed.py): every process runs this loop. Rank 0 alone
+collects, evaluates (the callbacks) and writes; every commit is a barrier, so
+the other ranks read buffers and pi_0 only once they are on disk; all ranks
+take part in the phase fits, and rank 0's early-stop decision is broadcast.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import lightning as L
 import torch
 from rich.console import Console
 
+from . import distributed as dist_utils
 from .bootstrap import behaviour_clone, make_pi0
 from .log_io import read_logs
 from .buffer import save_buffer
@@ -44,6 +50,7 @@ from .run_state import (
 )
 from .sales_simulator import SalesSimulator
 from .stats import atomic_path, atomic_write_text, is_temp_name
+from .zero import check_zero_checkpoint, zero_stage
 
 TrainerFactory = Callable[..., L.Trainer]
 
@@ -130,6 +137,7 @@ class OuterLoop:
         self.base_model_dir: Path | None = None
         self.state: RunState | None = None
         self._log_batch = None
+        self._opening = False
 
     # -- helpers used by callbacks ---------------------------------------------------
     @property
@@ -146,6 +154,8 @@ class OuterLoop:
         return self.iteration_dir(k - 1) / "policy"
 
     def _call(self, hook: str, *args) -> None:
+        if not self.main:  # evaluation, estimates, export and reports: rank 0's work
+            return
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
@@ -156,10 +166,45 @@ class OuterLoop:
         self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
         self.record.setdefault("warnings", []).append(message)
 
+    @property
+    def main(self) -> bool:
+        """True on the process that collects, evaluates and writes (the only one in a single-process run)."""
+        return dist_utils.is_main()
+
     def _commit(self) -> None:
-        save_run_state(self.run_dir, self.state)
+        if self.main:
+            save_run_state(self.run_dir, self.state)
+        if not self._opening:
+            dist_utils.barrier()  # what rank 0 just committed is on disk for every rank
 
     # -- opening the run directory ----------------------------------------------------
+    def _open_on_every_rank(self) -> None:
+        """Rank 0 opens the run (checks, run_dir, run_state); the others then read what it committed."""
+        if not dist_utils.is_distributed():
+            self._open()
+            return
+        if not self.main:
+            self.console = Console(stderr=True, quiet=True)
+        failure = None
+        if self.main:
+            self._opening = True
+            try:
+                self._open()
+            except Exception as err:  # the other ranks stop too, instead of waiting for rank 0 forever
+                failure = err
+            finally:
+                self._opening = False
+        outcome = dist_utils.broadcast_object(None if failure is None else (type(failure).__name__, str(failure)))
+        if failure is not None:
+            raise failure
+        if outcome is not None:
+            raise RunStateError(f"rank 0 could not open the run ({outcome[0]}: {outcome[1]})")
+        if not self.main:
+            self.state = load_run_state(self.run_dir)
+            progress = self.state.in_progress
+            if progress is not None and progress.source.get("kind") == "logs":
+                self.logs = progress.source["path"]
+
     def _open(self) -> None:
         """Start a new run, resume an interrupted one, or continue a logged run with its next batch."""
         # Bad model paths fail here, before a run_dir exists or any training starts.
@@ -203,6 +248,7 @@ class OuterLoop:
                 "its next batch with --data.logs; otherwise choose a new --run_dir)"
             )
         changed = self._check_config()
+        self._check_zero_checkpoints()
         self._read_logs_first()
         if changed:  # only once the logs passed: a refused batch changes nothing on disk
             atomic_write_text(self.run_dir / "config.yaml", self.config_text)
@@ -212,6 +258,16 @@ class OuterLoop:
         if self.logs and self.state.in_progress is None:
             self._start_logged_iteration()
             self._commit()
+
+    def _check_zero_checkpoints(self) -> None:
+        """Sharded optimizer state the next fits would load: refuse another world size before anything changes."""
+        c = self.state.completed_iterations
+        for phase in ("critic", "policy"):
+            module = getattr(self.system, phase)
+            for j in (c - 1, c):
+                checkpoint = self.zero_checkpoint(j, phase)
+                if module.keep_optimizer_state and checkpoint.exists():
+                    check_zero_checkpoint(checkpoint, dist_utils.world_size(), "trainer.devices x trainer.num_nodes")
 
     def _start_logged_iteration(self) -> None:
         """Record which batch the next iteration trains on, so a crash anywhere resumes on that batch."""
@@ -270,6 +326,7 @@ class OuterLoop:
         critic_file = (
             self.iteration_dir(c) / "critic.pt" if progress and progress.critic_fitted else self.iteration_dir(c - 1) / "critic.pt"
         )
+
         if critic_file.exists():
             self._load_critic(critic_file)
         for cb in self.callbacks:
@@ -292,6 +349,8 @@ class OuterLoop:
         critic._carried_optimizer_state = saved.get("optimizer_state")
 
     def _save_critic(self, path: Path) -> None:
+        if not self.main:
+            return
         critic = self.system.critic
         with atomic_path(path) as tmp:
             torch.save(
@@ -319,20 +378,28 @@ class OuterLoop:
             card = {"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": self.system.base_model.path}
             # Always a full (merged) folder: the critic's backbone and every adapter start from it.
             policy.lora_base = str(self.policy_dir(0).resolve())
-            policy.save(self.policy_dir(0), card=card, merge=True)
+            if self.main:
+                policy.save(self.policy_dir(0), card=card, merge=True)
             return
         out = self.run_dir / "pi_0"
-        shutil.rmtree(out, ignore_errors=True)  # what an interrupted bootstrap left (never committed)
+        if self.main:
+            shutil.rmtree(out, ignore_errors=True)  # what an interrupted bootstrap left (never committed)
+        dist_utils.barrier()
         self._seed(-1, "bootstrap")
         start = time.perf_counter()
         model, tokenizer = make_pi0(self.system.bootstrap, self.environment, self.datamodule, self.trainer_factory, out, self.seed)
         policy.attach(model, tokenizer)
-        policy.save(out / "policy", card={"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": "bootstrap"})
-        atomic_write_text(out / "bootstrap.json", f'{{"seconds": {time.perf_counter() - start}, "episodes": {self.system.bootstrap.episodes}}}\n')
+        if self.main:
+            policy.save(out / "policy", card={"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": "bootstrap"})
+            atomic_write_text(out / "bootstrap.json", f'{{"seconds": {time.perf_counter() - start}, "episodes": {self.system.bootstrap.episodes}}}\n')
 
     def collect(self, k: int, progress: IterationProgress) -> None:
         buffer = self.iteration_dir(k) / "buffer"
         if progress.collected:
+            return
+        if not self.main:  # rank 0 collects; the commit below is the barrier after which the buffer is on disk
+            progress.collected = True
+            self._commit()
             return
         shutil.rmtree(buffer, ignore_errors=True)  # written but never committed: redo it
         start = time.perf_counter()
@@ -395,8 +462,28 @@ class OuterLoop:
 
     def _fit_critic_once(self, k: int, logs: str) -> dict:
         trainer = self.trainer_factory("critic", max_epochs=self.config.critic_epochs, default_root_dir=str(self.iteration_dir(k) / logs))
-        trainer.fit(self.system.critic, datamodule=self.datamodule)
+        self._fit_phase(trainer, self.system.critic, k, "critic")
         return {key.split("/", 1)[1]: float(v) for key, v in trainer.callback_metrics.items() if key.startswith("critic/val")}
+
+    def zero_checkpoint(self, k: int, phase: str) -> Path:
+        """The sharded ZeRO checkpoint a DeepSpeed `phase` fit of iteration k leaves (with keep_optimizer_state)."""
+        return self.iteration_dir(k) / f"{phase}_zero"
+
+    def _fit_phase(self, trainer, module, k: int, phase: str) -> None:
+        """One phase fit; under DeepSpeed with keep_optimizer_state its optimizer state goes through sharded checkpoints."""
+        if module.keep_optimizer_state:
+            trainer.zero_checkpoint_dir = self.zero_checkpoint(k, phase)
+            previous = self.zero_checkpoint(k - 1, phase)
+            module._zero_checkpoint_in = str(previous) if previous.exists() else None
+            if module._zero_checkpoint_in is not None:
+                check_zero_checkpoint(previous, dist_utils.world_size(), "trainer.devices x trainer.num_nodes")
+        trainer.fit(module, datamodule=self.datamodule)
+        if getattr(trainer, "partition_report", None) is not None:  # DeepSpeed: what this process held (rank 0's view)
+            self.record.setdefault("sharding", {})[phase] = {
+                "world_size": dist_utils.world_size(),
+                "zero_stage": zero_stage(trainer),
+                **trainer.partition_report,
+            }
 
     def _bootstrapped_targets(self, conversations) -> dict:
         """TD(lambda) or FQE targets from the current critic (critic_targets.py)."""
@@ -420,7 +507,7 @@ class OuterLoop:
         dm.use_phase("policy")
         policy.attach_critic(self.system.critic)
         trainer = self.trainer_factory("policy", max_epochs=1, default_root_dir=str(self.iteration_dir(k) / "policy_logs"))
-        trainer.fit(policy, datamodule=dm)
+        self._fit_phase(trainer, policy, k, "policy")
         return dict(policy.fit_stats)
 
     def _policy_card(self, k: int, source: dict) -> dict:
@@ -483,8 +570,9 @@ class OuterLoop:
             self.record["ppo"] = self._phase(k, self.fit_policy)
             self.record["seconds"]["policy"] = time.perf_counter() - start
             out = self.iteration_dir(k) / "policy"
-            self.policy.save(out, card=self._policy_card(k, progress.source))
-            if self.policy.keep_optimizer_state:
+            if self.main:
+                self.policy.save(out, card=self._policy_card(k, progress.source))
+            if self.main and self.policy.keep_optimizer_state and self.policy._carried_optimizer_state is not None:
                 with atomic_path(out.parent / "policy_optimizer.pt") as tmp:
                     torch.save(self.policy._carried_optimizer_state, tmp)
             state.policy_state = {"kl_controller": self.policy.kl_controller.state_dict()}
@@ -496,6 +584,7 @@ class OuterLoop:
 
         self._seed(k, "iteration_end")
         self._call("on_iteration_end", k, self.record)
+        self.should_stop = bool(dist_utils.broadcast_object(self.should_stop))  # rank 0's callbacks decide
         self.history.append(self.record)
         state.history = list(self.history)
         state.lineage.append({"iteration": k, "trained": f"pi_{k}", "exported": f"pi_{k + 1}", "source": progress.source})
@@ -522,7 +611,7 @@ class OuterLoop:
         return range(start, self.num_iterations)
 
     def run(self) -> dict:
-        self._open()
+        self._open_on_every_rank()
         try:
             return self._run()
         except OSError as err:
@@ -545,6 +634,7 @@ class OuterLoop:
             self._restore()
         self._seed(-1, "initial_eval")
         self._call("on_run_start")
+        self.initial_eval = dist_utils.broadcast_object(self.initial_eval)  # the commit below happens on every rank or none
         if state.initial_eval is None and self.initial_eval is not None:
             state.initial_eval = self.initial_eval
             self._commit()

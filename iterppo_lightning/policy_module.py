@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from . import distributed as dist_utils
 from . import ppo_math as pm
 from .generation import sample_responses
 from .modeling import LORA_ADAPTER_DIR, POLICY_CARD_FILE, causal_lm_forward, load_policy, lora_adapter_dir, lora_base_of
@@ -31,6 +32,7 @@ from .failpoints import failpoint, maybe_nan
 from .optimizer_carry import OptimizerCarryMixin
 from .lora import LoraSettings, adapter_state, adapter_weights, add_lora, export_policy, is_lora
 from .stats import atomic_dir
+from .zero import gathered_for_generation, zero_stage
 
 VALUE_HEAD_FILE = "value_head.pt"
 
@@ -62,6 +64,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         max_grad_norm: float = 1.0,
         keep_optimizer_state: bool = False,
         lora: LoraSettings | None = None,
+        seed_per_reply: bool = False,
     ):
         """
         Args:
@@ -93,6 +96,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             lora: train a LoRA adapter instead of every weight. The reference pi_k is then the
                 same model with the adapter's weights from the start of the iteration, so no
                 second copy of the base model is held.
+            seed_per_reply: sample each rollout reply from its own stream, seeded by the rollout and the
+                reply's position in the global batch (Gumbel-max), instead of torch's global stream. The
+                replies then do not depend on how many processes share the batch, so a multi-process run
+                reproduces a single-process one; a little slower (one noise draw per reply per token).
         """
         super().__init__()
         if score_norm not in ("none", "whiten", "center"):
@@ -190,15 +197,24 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         return Path(path)
 
     # -- Lightning hooks ----------------------------------------------------------
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # Runs before the strategy wraps the module (DeepSpeed ZeRO-3 partitions the weights in its setup,
+        # after which state_dict() holds empty placeholders), so the reference is reset here.
         if self.critic is None:
             raise RuntimeError("PolicyModule needs a critic: call attach_critic(Q_k) before fit")
+        if self.lora is not None and zero_stage(self.trainer) == 3:
+            raise ValueError(
+                "policy.lora with ZeRO-3 in the policy phase is not supported (the reference pi_k swaps the adapter's "
+                "weights, which ZeRO-3 partitions); use ZeRO-2 for policy_strategy, or train the policy without LoRA"
+            )
         # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k.
         if self.reference is None:
             self._reference_adapter = adapter_state(self.policy)
         else:
             self.reference.load_state_dict(self.policy.state_dict())
             self.reference.requires_grad_(False).eval()
+
+    def on_fit_start(self) -> None:
         self.policy.train()
         self.value_head.train()
         self._step_stats = []
@@ -247,9 +263,16 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
     @torch.no_grad()
     def make_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
-        with self._timed("generate"):
+        seeds = None
+        if self.seed_per_reply:
+            # One draw from the global stream (identical on every rank), then one seed per global row.
+            base = int(torch.randint(0, 2**62, (1,)).item())
+            offset, _ = dist_utils.global_offset(prompt_ids.shape[0])
+            seeds = [base + offset + row for row in range(prompt_ids.shape[0])]
+        # Under ZeRO-3: gather the policy once and generate without per-layer hooks (zero.py).
+        with self._timed("generate"), gathered_for_generation(self, self.policy) as model:
             response, resp_mask = sample_responses(
-                self.policy, prompt_ids, prompt_mask, tok.eos_token_id, tok.pad_token_id, self.max_new_tokens, self.temperature
+                model, prompt_ids, prompt_mask, tok.eos_token_id, tok.pad_token_id, self.max_new_tokens, self.temperature, reply_seeds=seeds
             )
         full_ids = torch.cat([prompt_ids, response], dim=1)
         full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
@@ -264,11 +287,12 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         raw_score = score.clone()
         if self.missing_eos_penalty is not None:
             score = score - self.missing_eos_penalty * (~ended).float()
-        score = pm.normalize_scores(score, self.score_norm)
+        # Batch statistics (score normalisation, advantage whitening) are over the global batch: every rank's rows.
+        score = pm.normalize_scores(score, self.score_norm, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None)
         rewards, kl = pm.per_token_rewards(score, old_logprobs, ref_logprobs, resp_mask, self.kl_controller.value)
         advantages, returns = pm.gae_advantages(rewards, old_values, resp_mask, self.gamma_token, self.gae_lambda)
         if self.whiten_advantages:
-            advantages = pm.masked_whiten(advantages, resp_mask)
+            advantages = pm.masked_whiten(advantages, resp_mask, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None)
         return {
             "full_ids": full_ids,
             "full_mask": full_mask,
@@ -288,13 +312,22 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
     def ppo_update(self, rollout: dict[str, torch.Tensor]) -> dict[str, float]:
         optimizer = self.optimizers()
         batch = rollout["response"].shape[0]
-        mb_size = math.ceil(batch / self.minibatches)
+        # Minibatches are drawn over the GLOBAL batch (the same permutation on every rank); each rank trains
+        # on its rows of each. In a single process this is the plain randperm(batch).split(mb_size).
+        offset, global_batch = dist_utils.global_offset(batch)
+        mb_size = math.ceil(global_batch / self.minibatches)
         agg: dict[str, list[float]] = defaultdict(list)
         stopped_early = False
         epochs_run = 0
         for _ in range(self.ppo_epochs):
             epochs_run += 1
-            for idx in torch.randperm(batch, device=rollout["response"].device).split(mb_size):
+            for chunk in torch.randperm(global_batch, device=rollout["response"].device).split(mb_size):
+                idx = chunk[(chunk >= offset) & (chunk < offset + batch)] - offset if dist_utils.is_distributed() else chunk
+                # A rank with no row in this minibatch still runs forward/backward (ZeRO's collectives need
+                # every rank) on one row with zero weight.
+                empty = idx.numel() == 0
+                if empty:
+                    idx = torch.zeros(1, dtype=torch.long, device=chunk.device)
                 with self._timed("update_forward"):
                     logprobs, values, resp_logits = self._policy_outputs(
                         rollout["full_ids"][idx], rollout["full_mask"][idx], rollout["prompt_len"], rollout["response"][idx]
@@ -311,8 +344,12 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 else:  # logged only: keep the full-vocabulary softmax out of the backward pass
                     with torch.no_grad():
                         entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits.detach()), mask)
+                tokens = torch.zeros(()) if empty else mask.sum()
+                share = dist_utils.global_share(tokens)  # token mean over the global minibatch (None: one process)
+                if share is not None:
+                    loss = loss * share
                 loss = maybe_nan("policy.loss", loss)  # crash tests only; a no-op otherwise
-                if not torch.isfinite(loss):
+                if dist_utils.any_rank(not bool(torch.isfinite(loss))):  # every process stops together
                     # Raise before backward/step so the last good weights stay intact.
                     raise FloatingPointError(
                         f"policy phase: non-finite PPO loss at global step {self.global_step} (rollout {self._rollouts})"
@@ -329,7 +366,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 agg["clip_frac"].append(float(pg_stats["clip_frac"]))
                 agg["approx_kl"].append(float(pg_stats["approx_kl"]))
                 agg["vf_clip_frac"].append(float(vf_stats["vf_clip_frac"]))
-                if self.target_kl is not None and float(pg_stats["approx_kl"]) > self.target_kl:
+                approx_kl = float(pg_stats["approx_kl"])
+                if dist_utils.is_distributed():  # every rank must take the same decision
+                    approx_kl = dist_utils.global_mean(pg_stats["approx_kl"].reshape(1), tokens.reshape(1).float())
+                if self.target_kl is not None and approx_kl > self.target_kl:
                     stopped_early = True
                     break
             if stopped_early:
@@ -343,15 +383,20 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         rollout = self.make_rollout(batch["input_ids"], batch["attention_mask"])
         stats = self.ppo_update(rollout)
         self._rollouts += 1
-        mean_kl = rollout["seq_kl"].mean().item()
+        if dist_utils.is_distributed():  # rollout statistics over every rank's rows: the KL controller and
+            mean = dist_utils.global_mean  # the early stop below must take the same decision on every rank
+        else:
+            def mean(x: torch.Tensor) -> float:
+                return x.mean().item()
+        mean_kl = mean(rollout["seq_kl"])
         stats.update(
             kl=mean_kl,
             kl_coef=self.kl_controller.value,
-            mean_score=rollout["raw_score"].mean().item(),
-            response_length=rollout["mask"].sum(1).float().mean().item(),
-            ended_frac=rollout["ended"].float().mean().item(),
+            mean_score=mean(rollout["raw_score"]),
+            response_length=mean(rollout["mask"].sum(1).float()),
+            ended_frac=mean(rollout["ended"].float()),
         )
-        self.kl_controller.update(mean_kl, n_steps=rollout["response"].shape[0])
+        self.kl_controller.update(mean_kl, n_steps=dist_utils.global_offset(rollout["response"].shape[0])[1])
         if self.max_iteration_kl is not None and mean_kl > self.max_iteration_kl:
             # Q_k is only trustworthy near pi_k (Theorem 2): stop before PPO exploits its errors.
             stats["stopped_on_iteration_kl"] = 1.0

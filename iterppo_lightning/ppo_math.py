@@ -116,7 +116,7 @@ def masked_var(
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None
 ) -> torch.Tensor:
     """Standardise ``x`` with masked (real-token) mean and unbiased variance.
 
@@ -127,10 +127,21 @@ def masked_whiten(
     Why: whitening advantages per batch keeps the policy-gradient step size
     independent of the reward scale; the statistics must ignore padding or
     the zeros there would bias the mean and shrink the variance.
+
+    ``reduce`` (a function summing a tensor over processes) takes the
+    statistics over every process's rows instead of this batch's only.
     """
     m = _as_float_mask(mask, x)
-    mean = masked_mean(x, m)
-    var = masked_var(x, m, unbiased=True)
+    if reduce is None:
+        mean = masked_mean(x, m)
+        var = masked_var(x, m, unbiased=True)
+    else:  # statistics over every process's rows: reduce() sums a tensor over ranks
+        sums = reduce(torch.stack([masked_sum(x, m), m.sum()]))
+        n = sums[1].clamp_min(torch.finfo(x.dtype).tiny)
+        mean = sums[0] / n
+        centered = (x - mean) * m
+        var = reduce((centered * centered).sum().reshape(1))[0] / n
+        var = var * torch.where(sums[1] > 1, sums[1] / (sums[1] - 1).clamp_min(1.0), torch.ones_like(sums[1]))
     whitened = (x - mean) * torch.rsqrt(var + _WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
@@ -417,7 +428,7 @@ class AdaptiveKLController:
 # --------------------------------------------------------------------------- #
 # Score normalisation
 # --------------------------------------------------------------------------- #
-def normalize_scores(score: torch.Tensor, mode: str) -> torch.Tensor:
+def normalize_scores(score: torch.Tensor, mode: str, reduce=None) -> torch.Tensor:
     """Per-batch normalisation of the critic scores (shape ``[B]``).
 
     * ``"none"``: unchanged;
@@ -427,7 +438,9 @@ def normalize_scores(score: torch.Tensor, mode: str) -> torch.Tensor:
 
     Why: reward-model scores have an arbitrary offset/scale that drifts
     across iterations; normalising per batch keeps the score comparable to
-    the KL penalty. Unknown ``mode`` raises ``ValueError``.
+    the KL penalty. Unknown ``mode`` raises ``ValueError``. ``reduce`` (a
+    function summing a tensor over processes) takes mean and std over every
+    process's scores.
     """
     if mode not in SCORE_NORMALIZATION_MODES:
         raise ValueError(
@@ -437,6 +450,13 @@ def normalize_scores(score: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "none":
         return score
     x = score.float() if not score.is_floating_point() else score
+    if reduce is not None:
+        sums = reduce(torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype)]))
+        mean = sums[0] / sums[1]
+        if mode == "center":
+            return x - mean
+        var = reduce(((x - mean) ** 2).sum().reshape(1))[0] / sums[1]
+        return (x - mean) / (var.sqrt() + _WHITEN_EPS)
     mean = x.mean()
     if mode == "center":
         return x - mean

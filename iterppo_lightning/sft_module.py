@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from .distributed import any_rank, global_share
 from .failpoints import failpoint, maybe_nan
 from .modeling import causal_lm_forward
 
@@ -35,13 +36,15 @@ class BehaviourCloningModule(L.LightningModule):
     def _loss(self, batch: dict) -> torch.Tensor:
         logits, _ = causal_lm_forward(self.model, batch["input_ids"], batch["attention_mask"])
         # Position t predicts token t+1.
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
-        )
+        labels = batch["labels"][:, 1:].reshape(-1)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels, ignore_index=-100)
+        # Several processes: the mean over every rank's tokens, not a mean of per-rank means.
+        share = global_share((labels != -100).sum())
+        return loss if share is None else loss * share
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = maybe_nan("sft.loss", self._loss(batch))  # crash tests only; a no-op otherwise
-        if not torch.isfinite(loss):
+        if any_rank(not bool(torch.isfinite(loss))):  # every process stops together
             raise FloatingPointError(f"bootstrap phase (behaviour cloning of pi_0): non-finite loss at step {self.global_step}")
         failpoint("sft.step")
         self.log("sft/train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
