@@ -7,7 +7,8 @@ the turns after the first as pi_k would play them, and PPO pushed pi_(k+1)
 towards the replies Q_k over-rates. Beside it, as a calibration check, Q_k on
 the logged replies and the logged discounted return they actually got. In
 simulated runs the evaluation callback's `mean_return` (same discount, true
-simulated customers) is the number to compare it with.
+simulated customers) is the number to compare it with. With a critic ensemble
+Q_k is the members' mean; the filtered-BC baseline has no Q_k and no estimate.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class OffPolicyEstimateCallback(IterationCallback):
 
     def on_iteration_end(self, loop, iteration: int, record: dict) -> None:
         dm, critic, policy = loop.datamodule, loop.system.critic, loop.policy
+        if not getattr(critic, "is_built", True):  # filtered BC fits no Q: there is nothing to estimate with
+            return
         current = {c.conversation_id: c for c in dm.conversations if c.iteration == iteration}
         opening = [
             e for e in dm.all_examples if e.conversation_id in current and e.turn_index == current[e.conversation_id].agent_turns[0]

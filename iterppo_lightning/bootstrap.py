@@ -97,11 +97,13 @@ def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, tra
 
 def behaviour_clone(
     model, tokenizer, conversations: list[Conversation], config: BootstrapConfig, datamodule, trainer_factory, out_dir: Path, curriculum: set | None = None
-) -> None:
-    """Fine-tune `model` in place on the suggestions of `conversations` (pi_0 from imagined or logged data).
+) -> dict[str, float]:
+    """Fine-tune `model` in place on the suggestions of `conversations` (pi_0 from imagined or logged data,
+    or pi_(k+1) in the filtered-BC baseline); returns the last fit's sft/ metrics (train_loss, val_loss).
 
     With `curriculum` ((conversation_id, turn) pairs), the first `config.curriculum_steps`
     optimizer steps clone only those turns, then `config.epochs` epochs clone everything.
+    `config` needs `lr`, `batch_size`, `epochs` (and `curriculum_steps` with a curriculum).
     """
     from .sft_module import BehaviourCloningModule
 
@@ -120,3 +122,4 @@ def behaviour_clone(
     trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))
     trainer.fit(module, datamodule=datamodule)
     datamodule.sft_batch_size = own_batch_size
+    return {key.split("/", 1)[1]: float(v) for key, v in trainer.callback_metrics.items() if key.startswith("sft/")}

@@ -28,13 +28,14 @@ class LogBatch:
     warnings: list[str] = field(default_factory=list)
 
 
-def simulate_batch(loop, k: int) -> list[Conversation]:
+def simulate_batch(loop, k: int, episodes: int | None = None) -> list[Conversation]:
+    """`episodes` conversations (default loop.episodes_per_iteration) of pi_k with fresh simulated customers."""
     cfg, policy = loop.config, loop.policy
     return run_episodes(
         policy.policy,
         policy.tokenizer,
         loop.environment,
-        episode_seeds("collect", loop.seed, k, cfg.episodes_per_iteration),
+        episode_seeds("collect", loop.seed, k, cfg.episodes_per_iteration if episodes is None else episodes),
         iteration=k,
         policy_id=f"pi_{k}",
         id_prefix=f"it{k}-",

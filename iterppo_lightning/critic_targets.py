@@ -50,9 +50,24 @@ def lambda_return_targets(
     return targets
 
 
+def myopic_targets(conversations: list[Conversation]) -> dict[TurnKey, float]:
+    """Single-turn targets: for agent turn j, only the outcome the next customer message brings.
+
+    That is 1 when the conversation succeeds right after this reply, else 0: the Monte
+    Carlo return with gamma = 0 (`Conversation.returns(0.0)`), blind to every later turn.
+    """
+    return {(c.conversation_id, t): g for c in conversations for t, g in zip(c.agent_turns, c.returns(0.0))}
+
+
 @torch.no_grad()
 def score_pairs(critic, prompts: list[list[int]], replies: list[list[int]], pad_id: int, batch_size: int = 128) -> list[float]:
-    """Q(s, a) in [0, 1] for token-id pairs, read at the last reply token (as in training)."""
+    """Q(s, a) in [0, 1] for token-id pairs, read at the last reply token (as in training).
+
+    For a critic ensemble, the members' mean (`q_mean`). A critic that was never built (the
+    filtered-BC baseline fits none) has no Q: every value is NaN.
+    """
+    if not getattr(critic, "is_built", True):
+        return [float("nan")] * len(prompts)
     was_training = critic.training
     critic.eval()
     device = next(critic.parameters()).device
@@ -60,7 +75,7 @@ def score_pairs(critic, prompts: list[list[int]], replies: list[list[int]], pad_
     for start in range(0, len(prompts), batch_size):
         seqs = [p + a for p, a in zip(prompts[start : start + batch_size], replies[start : start + batch_size])]
         ids, mask = pad_right(seqs, pad_id)
-        out.extend(critic.score(ids.to(device), mask.to(device)).float().cpu().tolist())
+        out.extend(critic.q_mean(ids.to(device), mask.to(device)).float().cpu().tolist())
     critic.train(was_training)
     return out
 

@@ -14,6 +14,7 @@ The phase the next `fit` trains is chosen with `use_phase`.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -58,6 +59,25 @@ def _in_validation(conversation_id: str, val_fraction: float, seed: int) -> bool
     # side of the split no matter which buffers are loaded or in what order.
     digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def bootstrap_count(conversation_id: str, member: int, seed: int) -> int:
+    """How many times critic ensemble member `member` counts this conversation: a Poisson(1) draw.
+
+    A Poisson(1) count per conversation is the usual streaming approximation of resampling the
+    conversations with replacement (a bootstrap). It comes from a hash of (seed, member,
+    conversation id), so it does not depend on batching or load order, and a resumed run
+    draws the same counts.
+    """
+    digest = hashlib.sha256(f"{seed}:bootstrap:{member}:{conversation_id}".encode()).digest()
+    u = (int.from_bytes(digest[:8], "big") >> 11) / 2**53  # uniform in [0, 1), exact in float64
+    count, term = 0, math.exp(-1.0)
+    cdf = term
+    while u >= cdf and count < 30:  # inverse CDF of Poisson(1): P(k) = e^-1 / k!
+        count += 1
+        term /= count
+        cdf += term
+    return count
 
 
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +161,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.phase = "critic"
         self.sft_turns: set[tuple[str, int]] | None = None
+        self.bootstrap_members = 1
+        """Critic ensemble size: with > 1, critic batches carry each member's bootstrap counts."""
         self.conversations: list[Conversation] = []
         self.train_examples: list[TurnExample] = []
         self.val_examples: list[TurnExample] = []
@@ -181,6 +203,10 @@ class TrajectoryDataModule(L.LightningDataModule):
             conversations.extend(loaded)
             per_conversation.extend([1.0 if weights is None else float(weights[i])] * len(loaded))
         self.set_conversations(conversations, None if weights is None else per_conversation)
+
+    def in_validation(self, conversation_id: str) -> bool:
+        """Whether this conversation is held out (the split is by whole conversation)."""
+        return _in_validation(conversation_id, self.val_fraction, self.split_seed)
 
     @property
     def all_examples(self) -> list[TurnExample]:
@@ -235,6 +261,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         }
         if self._weighted:  # unweighted batches keep the plain mean (bit-identical to before pooling existed)
             out["weight"] = torch.tensor([e.weight / self._mean_weight for e in batch], dtype=torch.float32)
+        if self.phase == "critic" and self.bootstrap_members > 1:
+            out["bootstrap"] = torch.tensor(
+                [[bootstrap_count(e.conversation_id, m, self.split_seed) for e in batch] for m in range(self.bootstrap_members)],
+                dtype=torch.float32,
+            )
         return out
 
     def _collate_prompts(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:

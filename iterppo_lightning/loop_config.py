@@ -26,6 +26,10 @@ class LoopConfig:
     """States longer than this keep their most recent tokens when the policy reads them."""
     early_stopping_patience: int | None = None
     """Stop after this many iterations without a better success rate (None = run all)."""
+    offline: bool = False
+    """Fully offline baseline: iteration 0 collects episodes_per_iteration * iterations
+    conversations with pi_0 and fits Q_0 once; later iterations collect nothing and run PPO
+    from pi_k on that buffer against Q_0 (docs/variants.md). Not with data.logs."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "episodes_per_iteration", "critic_epochs", "rollout_batch_size"):
@@ -33,3 +37,26 @@ class LoopConfig:
                 raise ValueError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_episodes < 0:
             raise ValueError(f"loop.eval_episodes must be >= 0, got {self.eval_episodes}")
+
+
+ALGORITHMS = ("iterative_ppo", "filtered_bc")
+"""model.algorithm: what turns an iteration's conversations into pi_(k+1)."""
+
+
+@dataclass
+class FilteredBCConfig:
+    """The filtered behaviour-cloning baseline (model.algorithm filtered_bc): SFT of pi_k on successes."""
+
+    epochs: int = 2
+    """Passes over the agent turns of the iteration's successful conversations."""
+    lr: float = 1e-4
+    """AdamW learning rate of the fine-tune (pi_0's recipe is bootstrap.lr)."""
+    batch_size: int = 16
+    """(state, reply) pairs per step."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.filtered_bc.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"model.filtered_bc.lr must be > 0, got {self.lr}")

@@ -141,6 +141,32 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in adapter_parameters(model).items()}
 
 
+def saved_adapter_state(model: nn.Module, policy_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter state (in `model`'s parameter names) that stands for a saved policy on `model`'s base.
+
+    A folder with an adapter (`lora_adapter/` beside a merged export, or an adapter export) gives
+    that adapter's weights; a plain folder (pi_0 saved as the base itself) gives zeros, which
+    compute the base exactly. Used to restore kl_anchor pi_0's reference after a restart.
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    from .modeling import lora_adapter_dir
+
+    live = adapter_state(model)
+    adapter = lora_adapter_dir(policy_dir)
+    if adapter is None:
+        return {name: torch.zeros_like(value) for name, value in live.items()}
+    params = adapter_parameters(model)
+    try:
+        set_peft_model_state_dict(model, load_peft_weights(str(adapter)))
+        return adapter_state(model)
+    finally:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(live[name])
+
+
 def _check_state(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:

@@ -33,7 +33,7 @@ from .bootstrap import behaviour_clone, make_pi0
 from .log_io import read_logs
 from .buffer import save_buffer
 from .collection import read_log_batch, simulate_batch
-from .critic_targets import lambda_return_targets, sample_replies, score_pairs
+from .critic_targets import lambda_return_targets, myopic_targets, sample_replies, score_pairs
 from .failpoints import failpoint
 from .modeling import check_policy_dir
 from .environment import make_environment
@@ -176,6 +176,29 @@ class OuterLoop:
             save_run_state(self.run_dir, self.state)
         if not self._opening:
             dist_utils.barrier()  # what rank 0 just committed is on disk for every rank
+
+    @property
+    def filtered_bc(self) -> bool:
+        """The filtered behaviour-cloning baseline: no critic, SFT on successes instead of PPO."""
+        return self.system.algorithm == "filtered_bc"
+
+    @property
+    def offline(self) -> bool:
+        """The fully offline baseline: one buffer and one Q_0 (iteration 0's) for the whole run."""
+        return self.config.offline
+
+    def check_variant_settings(self) -> None:
+        """Refuse combinations the baselines do not define, before any run_dir exists."""
+        if self.offline and self.logs:
+            raise ValueError(
+                "model.loop.offline collects its one batch from the simulator with pi_0; it cannot train on "
+                f"data.logs ({self.logs}). Logs already train one iteration per batch: drop one of the two settings"
+            )
+        if self.offline and any(w > 0 for w in self.datamodule.pool_weights[1:]):
+            raise ValueError(
+                f"data.pool_weights {self.datamodule.pool_weights} pools earlier buffers, but model.loop.offline has only "
+                "iteration 0's buffer: use [1.0]"
+            )
 
     # -- opening the run directory ----------------------------------------------------
     def _open_on_every_rank(self) -> None:
@@ -321,12 +344,15 @@ class OuterLoop:
         fitted_in = c if progress and progress.policy_fitted else c - 1
         if fitted_in >= 0:
             self._load_optimizer_state(policy, self.iteration_dir(fitted_in) / "policy_optimizer.pt")
+        if policy.kl_anchor == "pi_0":  # `load` made the reference pi_k; the run's reference is pi_0
+            policy.pin_reference(self.policy_dir(0))
         if state.policy_state:
             policy.kl_controller.load_state_dict(state.policy_state["kl_controller"])
         critic_file = (
             self.iteration_dir(c) / "critic.pt" if progress and progress.critic_fitted else self.iteration_dir(c - 1) / "critic.pt"
         )
-
+        if self.offline and (c > 0 or (progress and progress.critic_fitted)):
+            critic_file = self.iteration_dir(0) / "critic.pt"  # Q_0 serves every iteration
         if critic_file.exists():
             self._load_critic(critic_file)
         for cb in self.callbacks:
@@ -393,9 +419,19 @@ class OuterLoop:
             policy.save(out / "policy", card={"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": "bootstrap"})
             atomic_write_text(out / "bootstrap.json", f'{{"seconds": {time.perf_counter() - start}, "episodes": {self.system.bootstrap.episodes}}}\n')
 
+    def _conversations_before(self) -> int:
+        return sum(int(r.get("collect", {}).get("episodes", 0)) for r in self.history)
+
     def collect(self, k: int, progress: IterationProgress) -> None:
         buffer = self.iteration_dir(k) / "buffer"
         if progress.collected:
+            return
+        if self.offline and k > 0:  # everything was collected in iteration 0
+            self.record["collect"] = {"episodes": 0, "reused_from_iteration": 0}
+            self.record["conversations_collected"] = self._conversations_before()
+            self.record["seconds"]["collect"] = 0.0
+            progress.collected = True
+            self._commit()
             return
         if not self.main:  # rank 0 collects; the commit below is the barrier after which the buffer is on disk
             progress.collected = True
@@ -410,17 +446,23 @@ class OuterLoop:
                 self._warn(message)
         else:
             self._seed(k, "collect")
-            conversations = simulate_batch(self, k)
+            # Offline: the whole run's conversation budget, all from pi_0, at once.
+            episodes = self.config.episodes_per_iteration * self.num_iterations if self.offline else None
+            conversations = simulate_batch(self, k, episodes)
             failpoint("collect.before_save")
         save_buffer(conversations, buffer)
         stats = summarize_conversations(conversations)
         self.record["collect"] = {"episodes": stats["episodes"], "success_rate": stats["success_rate"], "mean_turns": stats["mean_turns"]}
+        # The x-axis of budget comparisons: conversations collected by the run so far, this batch included.
+        self.record["conversations_collected"] = self._conversations_before() + stats["episodes"]
         self.record["seconds"]["collect"] = time.perf_counter() - start
         progress.collected = True
         self._commit()
 
     def _training_buffers(self, k: int) -> tuple[list[str], list[float]]:
         """This iteration's buffer and, with data.pool_weights, earlier ones (newest first)."""
+        if self.offline:
+            return [str(self.iteration_dir(0) / "buffer")], [1.0]
         paths, weights = [], []
         for age, weight in enumerate(self.datamodule.pool_weights):
             j = k - age
@@ -441,11 +483,15 @@ class OuterLoop:
     def fit_critic(self, k: int) -> dict:
         critic, dm = self.system.critic, self.datamodule
         paths = self.load_training_data(k)
+        dm.bootstrap_members = critic.ensemble_size
         dm.use_phase("critic")
         if not critic.is_built or not critic.warm_start:
             critic.build(self.base_model_dir)
+        bootstrapped = critic.target in ("td", "fqe")
+        if critic.target == "myopic":
+            dm.set_targets(myopic_targets(dm.conversations))
         metrics = self._fit_critic_once(k, "critic_logs")
-        if critic.target != "mc":
+        if bootstrapped:
             for round_ in range(1, critic.td_rounds + 1):
                 dm.set_targets(self._bootstrapped_targets(dm.conversations))
                 dm.use_phase("critic")
@@ -453,11 +499,13 @@ class OuterLoop:
         targets = [e.target for e in dm.all_examples]
         metrics.update(
             target=critic.target,
-            fits=1 + (critic.td_rounds if critic.target != "mc" else 0),
+            fits=1 + (critic.td_rounds if bootstrapped else 0),
             mean_target=sum(targets) / len(targets),
             buffers=len(paths),
             conversations=len(dm.conversations),
         )
+        if critic.ensemble_size > 1:
+            metrics.update(ensemble_size=critic.ensemble_size, pessimism=critic.pessimism)
         return metrics
 
     def _fit_critic_once(self, k: int, logs: str) -> dict:
@@ -510,6 +558,22 @@ class OuterLoop:
         self._fit_phase(trainer, policy, k, "policy")
         return dict(policy.fit_stats)
 
+    def fit_filtered_bc(self, k: int) -> dict:
+        """The filtered-BC baseline: fine-tune pi_k with the SFT loss on the agent turns of the successful
+        conversations of this iteration's training buffers (its own, pooled ones, or offline iteration 0's)."""
+        dm, policy = self.datamodule, self.policy
+        self.load_training_data(k)
+        successes = [c for c in dm.conversations if c.success and c.agent_turns]
+        stats = {"conversations": len(dm.conversations), "successful": len(successes)}
+        # Behaviour cloning holds out whole conversations for its validation loss, as the critic does.
+        if not any(not dm.in_validation(c.conversation_id) for c in successes):
+            self._warn(f"iteration {k}: no successful conversation to clone (outside the validation split); pi_{k + 1} = pi_{k}")
+            return {**stats, "examples": 0}
+        metrics = behaviour_clone(
+            policy.policy, policy.tokenizer, successes, self.system.filtered_bc, dm, self.trainer_factory, self.iteration_dir(k) / "bc_logs"
+        )
+        return {**stats, "examples": len(dm.train_examples), **metrics}
+
     def _policy_card(self, k: int, source: dict) -> dict:
         return {
             "policy_id": f"pi_{k + 1}",
@@ -521,6 +585,7 @@ class OuterLoop:
             "trained_on": source,
             "pooled": [{"iteration": k - age, "weight": w} for age, w in enumerate(self.datamodule.pool_weights[1:], 1) if k - age >= 0 and w > 0],
             "critic_target": self.system.critic.target,
+            "algorithm": self.system.algorithm,
         }
 
     # -- one iteration ----------------------------------------------------------------------
@@ -552,8 +617,16 @@ class OuterLoop:
 
         self.collect(k, progress)
 
-        if progress.critic_fitted:
+        if self.filtered_bc:
+            pass  # no critic: the policy step clones the successful conversations
+        elif progress.critic_fitted:
             self.load_training_data(k)
+        elif self.offline and k > 0:  # Q_0 (fitted once, in iteration 0) serves every iteration
+            self.load_training_data(k)
+            self.record["critic"] = {**self.history[0]["critic"], "fits": 0, "reused_from_iteration": 0}
+            self.record["seconds"]["critic"] = 0.0
+            progress.critic_fitted = True
+            self._commit()
         else:
             self._seed(k, "critic")
             start = time.perf_counter()
@@ -562,25 +635,27 @@ class OuterLoop:
             self._save_critic(self.iteration_dir(k) / "critic.pt")
             progress.critic_fitted = True
             self._commit()
-        self._call("on_critic_end", k, self.record["critic"])
+        if "critic" in self.record:
+            self._call("on_critic_end", k, self.record["critic"])
 
+        policy_key = "bc" if self.filtered_bc else "ppo"
         if not progress.policy_fitted:
             self._seed(k, "policy")
             start = time.perf_counter()
-            self.record["ppo"] = self._phase(k, self.fit_policy)
+            self.record[policy_key] = self._phase(k, self.fit_filtered_bc if self.filtered_bc else self.fit_policy)
             self.record["seconds"]["policy"] = time.perf_counter() - start
             out = self.iteration_dir(k) / "policy"
             if self.main:
                 self.policy.save(out, card=self._policy_card(k, progress.source))
-            if self.main and self.policy.keep_optimizer_state and self.policy._carried_optimizer_state is not None:
+            if self.main and self.policy.keep_optimizer_state and not self.filtered_bc and self.policy._carried_optimizer_state is not None:
                 with atomic_path(out.parent / "policy_optimizer.pt") as tmp:
                     torch.save(self.policy._carried_optimizer_state, tmp)
             state.policy_state = {"kl_controller": self.policy.kl_controller.state_dict()}
             progress.policy_fitted = True
             self._commit()
-        else:
+        elif not self.filtered_bc:
             self.policy.attach_critic(self.system.critic)
-        self._call("on_policy_end", k, self.record["ppo"])
+        self._call("on_policy_end", k, self.record[policy_key])
 
         self._seed(k, "iteration_end")
         self._call("on_iteration_end", k, self.record)
@@ -611,6 +686,7 @@ class OuterLoop:
         return range(start, self.num_iterations)
 
     def run(self) -> dict:
+        self.check_variant_settings()
         self._open_on_every_rank()
         try:
             return self._run()
@@ -628,6 +704,8 @@ class OuterLoop:
         self.base_model_dir = self.policy_dir(0)
         if not state.pi0_ready:
             self._phase(-1, lambda _: self.make_initial_policy())
+            if self.policy.kl_anchor == "pi_0":  # the policy is pi_0 now: keep it as the reference
+                self.policy.pin_reference()
             state.pi0_ready = True
             self._commit()
         else:

@@ -30,7 +30,7 @@ from .generation import sample_responses
 from .modeling import LORA_ADAPTER_DIR, POLICY_CARD_FILE, causal_lm_forward, load_policy, lora_adapter_dir, lora_base_of
 from .failpoints import failpoint, maybe_nan
 from .optimizer_carry import OptimizerCarryMixin
-from .lora import LoraSettings, adapter_state, adapter_weights, add_lora, export_policy, is_lora
+from .lora import LoraSettings, adapter_state, adapter_weights, add_lora, export_policy, is_lora, saved_adapter_state
 from .stats import atomic_dir
 from .zero import gathered_for_generation, zero_stage
 
@@ -65,6 +65,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         keep_optimizer_state: bool = False,
         lora: LoraSettings | None = None,
         seed_per_reply: bool = False,
+        advantage: str = "gae",
+        group_size: int = 1,
+        kl_anchor: str = "pi_k",
     ):
         """
         Args:
@@ -100,12 +103,23 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 reply's position in the global batch (Gumbel-max), instead of torch's global stream. The
                 replies then do not depend on how many processes share the batch, so a multi-process run
                 reproduces a single-process one; a little slower (one noise draw per reply per token).
+            advantage: the single-turn solver: "gae" (PPO with a value head and GAE), "grpo" or
+                "rloo" (a group of replies per state is the baseline; no value head is trained and
+                vf_coef is ignored). Per reply, with KL penalty P = -kl_coef * sum of per-token KL:
+                grpo = (Q - group mean Q) / (group std Q + 1e-4) + (P - group mean P); rloo =
+                (Q + P) - mean of (Q + P) over the other replies. Applied to every reply token
+                (ppo_math.group_token_advantages, docs/variants.md).
+            group_size: replies sampled per state: a rollout is policy_batch_size states x
+                group_size replies. grpo and rloo need >= 2.
+            kl_anchor: the KL reference: "pi_k" (reset to the current policy every outer
+                iteration, Theorem 2) or "pi_0" (the initial policy for the whole run).
         """
         super().__init__()
         if score_norm not in ("none", "whiten", "center"):
             raise ValueError(f"policy.score_norm must be none, whiten or center, got {score_norm!r}")
         if ppo_epochs < 1 or minibatches < 1:
             raise ValueError("policy.ppo_epochs and policy.minibatches must be >= 1")
+        pm.check_solver_settings(advantage, group_size, kl_anchor)
         self.save_hyperparameters()
         self.automatic_optimization = False
         for key, value in self.hparams.items():
@@ -120,6 +134,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         self.tokenizer = None
         self.lora_base: str | None = None
         """With LoRA: the folder of the weights the adapter applies to (recorded in saved cards)."""
+        self._reference_pinned = False
+        """kl_anchor pi_0: the reference is pi_0 and no fit resets it (see pin_reference)."""
         self.timings: dict[str, float] = defaultdict(float)
         self._step_stats: list[dict[str, float]] = []
         self._rollouts = 0
@@ -144,6 +160,21 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         else:
             self.reference = copy.deepcopy(model)
             self.reference.requires_grad_(False).eval()
+        self._reference_pinned = False
+
+    def pin_reference(self, pi0_dir: str | Path | None = None) -> None:
+        """kl_anchor pi_0: keep the reference as it is for the whole run (no fit resets it to pi_k).
+
+        Call it when the policy is pi_0 (right after attach), or in a restarted process with
+        `pi0_dir`, the saved pi_0, which then becomes the reference (with LoRA: pi_0's adapter
+        state, zeros when pi_0 is the base itself).
+        """
+        if pi0_dir is not None:
+            if self.reference is None:
+                self._reference_adapter = saved_adapter_state(self.policy, pi0_dir)
+            else:
+                self.reference = load_policy(pi0_dir)[0].requires_grad_(False).eval()
+        self._reference_pinned = True
 
     def load(self, path: str | Path) -> None:
         path = Path(path)
@@ -202,13 +233,16 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         # after which state_dict() holds empty placeholders), so the reference is reset here.
         if self.critic is None:
             raise RuntimeError("PolicyModule needs a critic: call attach_critic(Q_k) before fit")
-        if self.lora is not None and zero_stage(self.trainer) == 3:
+        if self.lora is not None and zero_stage(self._trainer) == 3:  # _trainer: None outside a fit (tests)
             raise ValueError(
                 "policy.lora with ZeRO-3 in the policy phase is not supported (the reference pi_k swaps the adapter's "
                 "weights, which ZeRO-3 partitions); use ZeRO-2 for policy_strategy, or train the policy without LoRA"
             )
-        # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k.
-        if self.reference is None:
+        # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k
+        # (unless kl_anchor pi_0 pinned it to pi_0).
+        if self._reference_pinned:
+            pass
+        elif self.reference is None:
             self._reference_adapter = adapter_state(self.policy)
         else:
             self.reference.load_state_dict(self.policy.state_dict())
@@ -263,6 +297,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
     @torch.no_grad()
     def make_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
+        if self.group_size > 1:  # group_size replies per state, the replies to one state on adjacent rows
+            prompt_ids = prompt_ids.repeat_interleave(self.group_size, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(self.group_size, dim=0)
         seeds = None
         if self.seed_per_reply:
             # One draw from the global stream (identical on every rank), then one seed per global row.
@@ -290,7 +327,11 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         # Batch statistics (score normalisation, advantage whitening) are over the global batch: every rank's rows.
         score = pm.normalize_scores(score, self.score_norm, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None)
         rewards, kl = pm.per_token_rewards(score, old_logprobs, ref_logprobs, resp_mask, self.kl_controller.value)
-        advantages, returns = pm.gae_advantages(rewards, old_values, resp_mask, self.gamma_token, self.gae_lambda)
+        if self.advantage == "gae":
+            advantages, returns = pm.gae_advantages(rewards, old_values, resp_mask, self.gamma_token, self.gae_lambda)
+        else:  # grpo / rloo: the other replies to the state are the baseline; no value target
+            advantages = pm.group_token_advantages(score, rewards, resp_mask, self.group_size, self.advantage)
+            returns = torch.zeros_like(old_values)
         if self.whiten_advantages:
             advantages = pm.masked_whiten(advantages, resp_mask, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None)
         return {
@@ -336,8 +377,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 pg_loss, pg_stats = pm.policy_loss(
                     logprobs, rollout["old_logprobs"][idx], rollout["advantages"][idx], mask, self.clip_eps
                 )
-                vf_loss, vf_stats = pm.value_loss(values, rollout["old_values"][idx], rollout["returns"][idx], mask, self.value_clip)
-                loss = pg_loss + self.vf_coef * vf_loss
+                loss = pg_loss
+                if self.advantage == "gae":  # grpo / rloo leave the value head untouched
+                    vf_loss, vf_stats = pm.value_loss(values, rollout["old_values"][idx], rollout["returns"][idx], mask, self.value_clip)
+                    loss = loss + self.vf_coef * vf_loss
                 if self.entropy_coef:
                     entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits), mask)
                     loss = loss - self.entropy_coef * entropy
@@ -361,11 +404,12 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                     optimizer.step()
                 agg["policy_loss"].append(pg_loss.item())
-                agg["value_loss"].append(vf_loss.item())
                 agg["entropy"].append(entropy.item())
                 agg["clip_frac"].append(float(pg_stats["clip_frac"]))
                 agg["approx_kl"].append(float(pg_stats["approx_kl"]))
-                agg["vf_clip_frac"].append(float(vf_stats["vf_clip_frac"]))
+                if self.advantage == "gae":
+                    agg["value_loss"].append(vf_loss.item())
+                    agg["vf_clip_frac"].append(float(vf_stats["vf_clip_frac"]))
                 approx_kl = float(pg_stats["approx_kl"])
                 if dist_utils.is_distributed():  # every rank must take the same decision
                     approx_kl = dist_utils.global_mean(pg_stats["approx_kl"].reshape(1), tokens.reshape(1).float())

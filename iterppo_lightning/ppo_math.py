@@ -39,9 +39,25 @@ __all__ = [
     "AdaptiveKLController",
     "normalize_scores",
     "SCORE_NORMALIZATION_MODES",
+    "ADVANTAGE_ESTIMATORS",
+    "sequence_returns",
+    "group_advantages",
+    "group_token_advantages",
+    "ensemble_lower_bound",
+    "check_solver_settings",
+    "KL_ANCHORS",
 ]
 
 SCORE_NORMALIZATION_MODES: tuple[str, ...] = ("none", "whiten", "center")
+
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "grpo", "rloo")
+"""Inner single-turn solvers: PPO with a value head and GAE, or a critic-free group baseline."""
+
+KL_ANCHORS: tuple[str, ...] = ("pi_k", "pi_0")
+"""Reference of the KL penalty: the current policy (Theorem 2) or the initial one."""
+
+GRPO_EPS = 1e-4
+"""Added to the group std in GRPO's advantage, so a group of equal returns gives 0, not nan."""
 
 _WHITEN_EPS = 1e-8
 
@@ -461,3 +477,108 @@ def normalize_scores(score: torch.Tensor, mode: str, reduce=None) -> torch.Tenso
     if mode == "center":
         return x - mean
     return (x - mean) / (x.std(unbiased=False) + _WHITEN_EPS)
+
+
+# --------------------------------------------------------------------------- #
+# Group baselines (GRPO, RLOO) and pessimistic ensemble scores
+# --------------------------------------------------------------------------- #
+def sequence_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Undiscounted return of each reply: the masked sum of its per-token rewards, ``[B, T] -> [B]``.
+
+    With the rewards of :func:`per_token_rewards` this is the KL-penalised
+    sequence return ``score - kl_coef * sum_t (logprobs_t - ref_logprobs_t)``.
+
+    Why: GRPO and RLOO treat the whole reply as one action; their advantage is
+    built from this one number per reply.
+    """
+    return masked_sum(rewards, mask, dim=1)
+
+
+def group_advantages(returns: torch.Tensor, group_size: int, method: str, eps: float = GRPO_EPS) -> torch.Tensor:
+    """Sequence advantages from a group baseline, ``[B] -> [B]``.
+
+    Rows ``g * group_size .. (g + 1) * group_size - 1`` are replies to the same
+    state (``repeat_interleave`` order). For the returns ``R`` of one group of
+    ``G`` replies:
+
+    * ``"grpo"``: ``(R_i - mean(R)) / (std(R) + eps)``, ``std`` the sample
+      (Bessel-corrected, ``G - 1``) standard deviation;
+    * ``"rloo"``: ``R_i - mean_{j != i} R_j`` (leave-one-out baseline).
+
+    Why: the other replies to the same state estimate its value without a
+    learned value head (GRPO: Shao et al. 2024; RLOO: Ahmadian et al. 2024).
+    """
+    if group_size < 2:
+        raise ValueError(f"a group baseline needs group_size >= 2, got {group_size}")
+    if returns.shape[0] % group_size:
+        raise ValueError(f"{returns.shape[0]} replies do not split into groups of {group_size}")
+    grouped = returns.reshape(-1, group_size)
+    if method == "grpo":
+        centred = grouped - grouped.mean(dim=1, keepdim=True)
+        advantages = centred / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps)
+    elif method == "rloo":
+        others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+        advantages = grouped - others
+    else:
+        raise ValueError(f"unknown group baseline {method!r}; allowed: 'grpo', 'rloo'")
+    return advantages.reshape(-1)
+
+
+def group_token_advantages(
+    score: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, group_size: int, method: str
+) -> torch.Tensor:
+    """Per-token advantages of GRPO/RLOO: each reply's sequence advantage on every one of its tokens.
+
+    ``score``: ``[B]``, the reply's score (Q_k, after any normalisation), as placed in
+    ``rewards``; ``rewards``/``mask``: ``[B, T]`` from :func:`per_token_rewards`, so the
+    sequence return is ``R_i = score_i + P_i`` with the KL penalty
+    ``P_i = -kl_coef * sum_t (logprobs - ref_logprobs)``. Per group of replies to a state:
+
+    * ``"rloo"``: ``A_i = R_i - mean_{j != i} R_j`` (the KL-penalised return, leave-one-out);
+    * ``"grpo"``: ``A_i = (score_i - mean(score)) / (std(score) + eps) + (P_i - mean(P))``: the
+      score is standardised within the group, the KL penalty is centred but keeps its scale.
+
+    Why GRPO does not standardise ``R`` itself: when a group's scores tie, ``std(R)`` is the
+    spread of the KL penalty alone, and dividing by it blows tiny KL differences up to unit
+    advantages (measured on the rewarded-token task: rate 0.055 -> 0.25 instead of -> 0.9).
+    Returns ``[B, T]``, detached, 0 at padding.
+    """
+    returns = sequence_returns(rewards.detach(), mask)
+    if method == "grpo":
+        score = score.detach().to(returns.dtype).reshape(-1)
+        penalty = (returns - score).reshape(-1, group_size)
+        centred_penalty = (penalty - penalty.mean(dim=1, keepdim=True)).reshape(-1)
+        advantage = group_advantages(score, group_size, "grpo") + centred_penalty
+    else:
+        advantage = group_advantages(returns, group_size, method)
+    m = _as_float_mask(mask, rewards)
+    return torch.where(m != 0, advantage.unsqueeze(1).expand_as(rewards), torch.zeros_like(rewards))
+
+
+def ensemble_lower_bound(member_scores: torch.Tensor, pessimism: float) -> torch.Tensor:
+    """Pessimistic score of an ensemble: ``mean - pessimism * std`` over members, ``[N, B] -> [B]``.
+
+    ``std`` is the sample (Bessel-corrected) standard deviation over the ``N``
+    members; one member returns its scores unchanged.
+
+    Why: where the members disagree, Q is uncertain and PPO would exploit its
+    errors; a lower confidence bound makes uncertain replies worth less.
+    """
+    if member_scores.shape[0] == 1:
+        return member_scores[0]
+    return member_scores.mean(dim=0) - pessimism * member_scores.std(dim=0, unbiased=True)
+
+
+def check_solver_settings(advantage: str, group_size: int, kl_anchor: str) -> None:
+    """Raise ValueError, naming the config key, for an unknown solver or anchor or a group too small."""
+    if advantage not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"model.policy.advantage must be one of {ADVANTAGE_ESTIMATORS}, got {advantage!r}")
+    if group_size < 1:
+        raise ValueError(f"model.policy.group_size must be >= 1, got {group_size}")
+    if advantage != "gae" and group_size < 2:
+        raise ValueError(
+            f"model.policy.group_size must be >= 2 with model.policy.advantage {advantage!r} (its baseline is the "
+            f"other replies sampled for the same state), got {group_size}"
+        )
+    if kl_anchor not in KL_ANCHORS:
+        raise ValueError(f"model.policy.kl_anchor must be one of {KL_ANCHORS}, got {kl_anchor!r}")

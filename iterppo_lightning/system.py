@@ -13,7 +13,7 @@ import lightning as L
 from .bootstrap import BootstrapConfig
 from .critic_module import CriticModule
 from .llm_customer import LLMCustomerConfig
-from .loop_config import LoopConfig
+from .loop_config import ALGORITHMS, FilteredBCConfig, LoopConfig
 from .model_source import ModelSource
 from .policy_module import PolicyModule
 from .sales_simulator import SimulatorConfig
@@ -32,6 +32,8 @@ class IterativePPO(L.LightningModule):
         llm_customer: LLMCustomerConfig | None = None,
         customer_model: ModelSource | None = None,
         judge_model: ModelSource | None = None,
+        algorithm: str = "iterative_ppo",
+        filtered_bc: FilteredBCConfig | None = None,
     ):
         """
         Args:
@@ -49,6 +51,10 @@ class IterativePPO(L.LightningModule):
             customer_model: the model playing the customer (default: base_model).
             judge_model: the model answering llm_customer's yes/no purchase question when its
                 judge is "model" (default: the customer model).
+            algorithm: "iterative_ppo" (fit Q_k, then PPO against it) or "filtered_bc" (the
+                baseline: fine-tune pi_k with the SFT loss on the agent turns of the iteration's
+                successful conversations; no critic). See docs/variants.md.
+            filtered_bc: epochs, lr and batch size of the filtered_bc fine-tune.
         """
         super().__init__()
         self.critic = critic
@@ -61,6 +67,10 @@ class IterativePPO(L.LightningModule):
         self.llm_customer = llm_customer
         self.customer_model = customer_model
         self.judge_model = judge_model
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"model.algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        self.algorithm = algorithm
+        self.filtered_bc = filtered_bc or FilteredBCConfig()
         if policy_init and base_model is not None:
             raise ValueError("give either model.policy_init (a saved policy) or model.base_model (a pretrained model), not both")
         if llm_customer is not None and (customer_model or base_model) is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -151,3 +153,102 @@ def test_soft_calibration_error_hand_example():
     perfect = SoftCalibrationError(n_bins=4)
     perfect.update(torch.tensor([0.1, 0.6]), torch.tensor([0.1, 0.6]))
     assert perfect.compute().item() == pytest.approx(0.0, abs=1e-7)
+
+
+# -- a pessimistic ensemble -------------------------------------------------------------------------------------
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _members(critic):
+    return [(critic.backbone, critic.head)] + [(m["backbone"], m["head"]) for m in critic.extra_members]
+
+
+def test_ensemble_score_is_mean_minus_c_std_and_q_mean_the_mean(base_dir, tokenizer):
+    critic = CriticModule(ensemble_size=3, pessimism=2.0)
+    critic.build(base_dir)
+    # Constant members (zero weights): Q = 0.2, 0.4, 0.9 on every pair.
+    with torch.no_grad():
+        for (_, head), q in zip(_members(critic), (0.2, 0.4, 0.9)):
+            head.weight.zero_()
+            head.bias.fill_(_logit(q))
+    ids, mask = _encode_pairs(tokenizer, [("hi", "good"), ("hello", "bad bad")])
+    assert critic(ids, mask).shape == (3, 2)
+    # mean 0.5; sample std sqrt(((-0.3)^2 + (-0.1)^2 + 0.4^2) / 2) = sqrt(0.13) = 0.3605551
+    assert critic.q_mean(ids, mask).tolist() == pytest.approx([0.5, 0.5], abs=1e-6)
+    assert critic.score(ids, mask).tolist() == pytest.approx([0.5 - 2 * math.sqrt(0.13)] * 2, abs=1e-6)
+
+
+def test_ensemble_members_start_differently_and_a_single_critic_at_zero(base_dir):
+    torch.manual_seed(0)
+    critic = CriticModule(ensemble_size=3)
+    critic.build(base_dir)
+    heads = [head.weight.detach().clone() for _, head in _members(critic)]
+    assert all(h.abs().sum() > 0 for h in heads)
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
+    single = CriticModule()
+    single.build(base_dir)
+    assert single.head.weight.abs().sum() == 0 and len(single.extra_members) == 0
+    assert not any(k.startswith("extra_members") for k in single.state_dict())  # critic.pt of one critic is unchanged
+
+
+def test_ensemble_loss_weights_each_member_by_its_own_bootstrap_counts():
+    critic = CriticModule(ensemble_size=2)
+    logits = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 0.5]])
+    target = torch.tensor([1.0, 0.0, 0.5])
+    counts = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]])
+    pool = torch.tensor([1.0, 0.5, 1.0])
+    bce = lambda l: torch.nn.functional.binary_cross_entropy_with_logits(l, target, reduction="none")  # noqa: E731
+    # member m: mean over the batch of count_m * pool * BCE; the loss is their sum.
+    expected = float((counts[0] * pool * bce(logits[0])).mean() + (counts[1] * pool * bce(logits[1])).mean())
+    loss = critic._ensemble_loss(logits, {"target": target, "bootstrap": counts, "weight": pool})
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_member_gets_no_gradient_from_examples_outside_its_bootstrap(base_dir, tokenizer):
+    critic = CriticModule(ensemble_size=2)
+    critic.build(base_dir)
+    ids, mask = _encode_pairs(tokenizer, [("hi", "good"), ("hello", "bad")])
+    batch = {"target": torch.tensor([1.0, 0.0]), "bootstrap": torch.tensor([[1.0, 2.0], [0.0, 0.0]])}
+    critic._ensemble_loss(critic(ids, mask), batch).backward()
+    (_, first), (second_backbone, second) = _members(critic)
+    assert first.weight.grad.abs().sum() > 0
+    assert second.weight.grad.abs().sum() == 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in second_backbone.parameters())
+
+
+def test_ensemble_learns_and_round_trips_through_its_state_dict(base_dir, tokenizer):
+    torch.manual_seed(0)
+    dm = _toy_datamodule(tokenizer)
+    dm.bootstrap_members = 3
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["bootstrap"].shape == (3, batch["target"].shape[0])
+    critic = CriticModule(lr=5e-3, ensemble_size=3, pessimism=1.0)
+    critic.build(base_dir)
+    trainer = make_trainer(max_epochs=5)
+    trainer.fit(critic, datamodule=dm)
+    assert trainer.callback_metrics["critic/val_auroc"] > 0.9  # of the members' mean
+    ids, mask = _encode_pairs(tokenizer, [(o, "good") for o in OPENINGS] + [(o, "bad") for o in OPENINGS])
+    q = critic.score(ids, mask)
+    assert q[:4].min() > q[4:].max()
+    assert (q <= critic.q_mean(ids, mask)).all()  # pessimism only lowers the reward
+    again = CriticModule(ensemble_size=3, pessimism=1.0)
+    again.build(base_dir)
+    again.load_state_dict(critic.state_dict())
+    assert torch.equal(again.score(ids, mask), q)
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"ensemble_size": 0}, "model.critic.ensemble_size"),
+        ({"pessimism": -0.5, "ensemble_size": 2}, "model.critic.pessimism"),
+        ({"pessimism": 1.0}, "model.critic.ensemble_size"),
+        ({"target": "oracle"}, "critic.target"),
+    ],
+)
+def test_bad_ensemble_settings_name_the_key(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        CriticModule(**kwargs)

@@ -7,7 +7,7 @@ import torch
 
 from iterppo_lightning.conversation import Conversation, Turn
 from iterppo_lightning.critic_module import CriticModule
-from iterppo_lightning.critic_targets import lambda_return_targets
+from iterppo_lightning.critic_targets import lambda_return_targets, myopic_targets
 
 
 def three_turn_success() -> Conversation:
@@ -40,6 +40,60 @@ def test_a_failed_conversation_bootstraps_to_zero_at_its_end():
     agent = dict(suggestion="x", sent="x", business_action="accept")
     conv = Conversation("f", [Turn("a", **agent), Turn("bye")])
     assert lambda_return_targets([conv], {}, gamma=0.9, lam=0.0) == {("f", 0): 0.0}
+
+
+def test_myopic_targets_see_only_the_current_turns_reward():
+    # Three agent turns, the sale after the third: only that reply's next message brings the outcome.
+    assert myopic_targets([three_turn_success()]) == {("c", 0): 0.0, ("c", 1): 0.0, ("c", 2): 1.0}
+    agent = dict(suggestion="x", sent="x", business_action="accept")
+    failed = Conversation("f", [Turn("a", **agent), Turn("b", **agent), Turn("bye")])
+    assert myopic_targets([failed]) == {("f", 0): 0.0, ("f", 1): 0.0}
+
+
+def test_myopic_targets_are_the_gamma_zero_return_and_validation_keeps_monte_carlo(conversations, tokenizer):
+    from iterppo_lightning.datamodule import TrajectoryDataModule
+
+    targets = myopic_targets(conversations)
+    # The same as TD with gamma = 0 (no bootstrap, no later turn).
+    assert targets == lambda_return_targets(conversations, {}, gamma=0.0, lam=1.0)
+    assert any(v == 1.0 for v in targets.values()) and any(
+        g > 0 for c in conversations for t, g in zip(c.agent_turns, c.returns(0.9)) if targets[(c.conversation_id, t)] == 0.0
+    ), "the fixture must hold replies whose success came later (their MC return > 0, myopic target 0)"
+    dm = TrajectoryDataModule(gamma=0.9, val_fraction=0.3)
+    dm.connect(tokenizer)
+    dm.set_conversations(conversations)
+    mc = {(e.conversation_id, e.turn_index): e.target for e in dm.val_examples}
+    dm.set_targets(targets)
+    assert all(e.target == targets[(e.conversation_id, e.turn_index)] for e in dm.train_examples)
+    assert all(e.target == mc[(e.conversation_id, e.turn_index)] for e in dm.val_examples)
+
+
+def test_bootstrap_counts_are_poisson_one_per_member_and_conversation(conversations, tokenizer):
+    from collections import Counter
+
+    from iterppo_lightning.datamodule import TrajectoryDataModule, bootstrap_count
+
+    draws = [bootstrap_count(f"conv-{i}", 0, 0) for i in range(4000)]
+    counts = Counter(draws)
+    # Poisson(1): P(0) = P(1) = e^-1 = 0.368, P(2) = 0.184, P(3) = 0.061; mean 1.
+    assert sum(draws) / len(draws) == pytest.approx(1.0, abs=0.05)
+    assert counts[0] / 4000 == pytest.approx(0.368, abs=0.03) and counts[2] / 4000 == pytest.approx(0.184, abs=0.03)
+    assert bootstrap_count("conv-1", 0, 0) == bootstrap_count("conv-1", 0, 0)  # deterministic
+    assert [bootstrap_count(f"conv-{i}", 0, 0) for i in range(50)] != [bootstrap_count(f"conv-{i}", 1, 0) for i in range(50)]
+    dm = TrajectoryDataModule(val_fraction=0.0, critic_batch_size=1000)
+    dm.connect(tokenizer)
+    dm.set_conversations(conversations)
+    assert "bootstrap" not in next(iter(dm.train_dataloader()))  # one critic: batches as before
+    dm.bootstrap_members = 2
+    batch = _unshuffled_critic_batch(dm)
+    assert batch["bootstrap"].tolist() == [[bootstrap_count(e.conversation_id, m, 0) for e in dm.train_examples] for m in range(2)]
+    dm.use_phase("sft")
+    assert "bootstrap" not in next(iter(dm.train_dataloader()))
+
+
+def _unshuffled_critic_batch(dm) -> dict:
+    """One critic batch of every training example, in the data module's order (no shuffling)."""
+    return dm._collate_pairs(dm.train_examples)
 
 
 def test_critic_loss_weights_pooled_examples():

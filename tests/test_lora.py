@@ -16,6 +16,7 @@ from iterppo_lightning.lora import (
     adapter_weights,
     export_policy,
     is_lora,
+    saved_adapter_state,
     train_only_adapter,
 )
 from iterppo_lightning.model_source import ModelSource, load_backbone, load_causal_lm
@@ -208,3 +209,67 @@ def test_add_lora_twice_is_refused(base):
 def test_invalid_settings(bad):
     with pytest.raises(ValueError, match="lora\\."):
         LoraSettings(**bad)
+
+
+# -- kl_anchor pi_0 with LoRA: pi_0 is an adapter state of the same model ---------------------------------
+
+
+def test_saved_adapter_state_reads_a_saved_adapter_or_gives_zeros_for_the_plain_base(base, tiny_dir, batch, tmp_path):
+    model, tokenizer = base
+    trained = add_lora(model, LoraSettings(r=4))
+    scramble_adapter(trained, seed=8)
+    saved = adapter_state(trained)
+    folder = export_policy(trained, tokenizer, tmp_path / "pi_0_adapter", merge=False)
+
+    fresh = add_lora(load_causal_lm(ModelSource(str(tiny_dir)))[0], LoraSettings(r=4))
+    live = adapter_state(fresh)
+    state = saved_adapter_state(fresh, folder)
+    assert state.keys() == saved.keys() and all(torch.equal(state[n], saved[n]) for n in saved)
+    assert all(torch.equal(t, live[n]) for n, t in adapter_state(fresh).items()), "the live adapter must be put back"
+
+    # A plain folder (pi_0 saved as the base itself): a zero adapter, which computes the base exactly.
+    zeros = saved_adapter_state(fresh, tiny_dir)
+    assert all(not t.any() for t in zeros.values())
+    base_logits = logits_of(load_causal_lm(ModelSource(str(tiny_dir)))[0], batch)
+    scramble_adapter(fresh, seed=9)
+    fresh.eval()
+    with adapter_weights(fresh, zeros):
+        torch.testing.assert_close(logits_of(fresh, batch), base_logits, atol=0, rtol=0)
+
+
+class _FrozenCritic(torch.nn.Module):
+    def score(self, ids, mask):
+        return torch.zeros(ids.shape[0])
+
+
+@pytest.mark.parametrize("anchor", ["pi_k", "pi_0"])
+def test_lora_reference_is_pi_k_or_stays_pi_0(base, tiny_dir, batch, anchor):
+    from iterppo_lightning.policy_module import PolicyModule
+
+    model, tokenizer = base
+    module = PolicyModule(lora=LoraSettings(r=4), kl_anchor=anchor)
+    module.attach(model, tokenizer)
+    module.attach_critic(_FrozenCritic())
+    pi0 = adapter_state(module.policy)
+    if anchor == "pi_0":
+        module.pin_reference()
+    module.setup("fit")  # iteration 0: the reference is pi_0 either way
+    assert all(torch.equal(module._reference_adapter[n], pi0[n]) for n in pi0)
+    scramble_adapter(module.policy, seed=10)  # iteration 0's PPO updates: the policy is pi_1
+    pi1 = adapter_state(module.policy)
+    module.setup("fit")  # iteration 1
+    expected = pi1 if anchor == "pi_k" else pi0
+    assert all(torch.equal(module._reference_adapter[n], expected[n]) for n in expected)
+    if anchor == "pi_0":
+        # A restarted process has pi_1 live and takes pi_0 back from pi_0's folder: here the plain base,
+        # so a zero adapter, which computes what pi_0's fresh adapter (B = 0) computed.
+        restarted = PolicyModule(lora=LoraSettings(r=4), kl_anchor="pi_0")
+        restarted.attach(load_causal_lm(ModelSource(str(tiny_dir)))[0], tokenizer)
+        scramble_adapter(restarted.policy, seed=10)
+        restarted.pin_reference(tiny_dir)
+        restarted.attach_critic(_FrozenCritic())
+        restarted.setup("fit")
+        ids, mask = batch
+        torch.testing.assert_close(
+            restarted._reference_logits(ids, mask, 0), module._reference_logits(ids, mask, 0), atol=0, rtol=0
+        )

@@ -160,12 +160,12 @@ def _rewarded_rate(model, tokenizer, prompts, mask, max_new_tokens, seed=123) ->
     return ((response == token) & resp_mask.bool()).any(dim=1).float().mean().item()
 
 
-def _ppo_run(tokenizer, conversations, kl_coef: float, **policy_kwargs) -> tuple[float, float, PolicyModule]:
+def _ppo_run(tokenizer, conversations, kl_coef: float, states: int = 32, **policy_kwargs) -> tuple[float, float, PolicyModule]:
     from conftest import TINY_SHAPE
     from iterppo_lightning.tiny_lm import build_tiny_causal_lm
 
     model = build_tiny_causal_lm(tokenizer, TINY_SHAPE, seed=0)
-    dm = _policy_dm(tokenizer, conversations, batch_size=32, batches=16)
+    dm = _policy_dm(tokenizer, conversations, batch_size=states, batches=16)
     examples = dm.train_examples
     prompts, mask = pad_left([examples[i % len(examples)].prompt_ids for i in range(256)], tokenizer.pad_token_id)
     assert not (prompts == tokenizer.convert_tokens_to_ids(REWARDED_WORD)).any(), "the reward must come from the reply"
@@ -336,7 +336,18 @@ def test_load_policy_on_a_folder_without_weights_says_so(tmp_path, tiny_model, t
         load_policy(path)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"score_norm": "zscore"}, "score_norm"), ({"ppo_epochs": 0}, "ppo_epochs")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"score_norm": "zscore"}, "score_norm"),
+        ({"ppo_epochs": 0}, "ppo_epochs"),
+        ({"advantage": "grpo"}, "model.policy.group_size"),
+        ({"advantage": "rloo", "group_size": 1}, "model.policy.group_size"),
+        ({"group_size": 0}, "model.policy.group_size"),
+        ({"advantage": "reinforce", "group_size": 2}, "model.policy.advantage"),
+        ({"kl_anchor": "sft"}, "model.policy.kl_anchor"),
+    ],
+)
 def test_bad_settings_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PolicyModule(**kwargs)
@@ -351,3 +362,97 @@ def test_max_iteration_kl_ends_the_policy_phase_once_the_drift_passes_it(tokeniz
     _, _, uncapped = _ppo_run(tokenizer, conversations, kl_coef=0.01)
     assert uncapped._rollouts == 16
     assert "stopped_on_iteration_kl" not in uncapped.fit_stats
+
+
+# -- GRPO / RLOO: a group of replies per state, no value head -------------------------------------------
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_rollouts_sample_group_size_replies_per_state_and_use_the_group_baseline(tiny_model, tokenizer, conversations, advantage):
+    torch.manual_seed(0)
+    kl_coef, group = 0.1, 4
+    module = _module(tiny_model, tokenizer, advantage=advantage, group_size=group, kl_coef=kl_coef, whiten_advantages=False, max_new_tokens=8)
+    batch = next(iter(_policy_dm(tokenizer, conversations, batch_size=6).train_dataloader()))
+    with torch.no_grad():  # move the policy off the reference so the KL term is not 0
+        for p in module.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rollout = module.make_rollout(batch["input_ids"], batch["attention_mask"])
+    prompt_len = batch["input_ids"].shape[1]
+    # policy_batch_size states x group_size replies, the replies to one state on adjacent rows.
+    assert rollout["response"].shape[0] == 6 * group
+    assert torch.equal(rollout["full_ids"][:, :prompt_len], batch["input_ids"].repeat_interleave(group, dim=0))
+    # The advantages, computed here from their definitions (docs/variants.md) on the rollout's scores and KL.
+    score = rollout["raw_score"].reshape(6, group)
+    penalty = (-kl_coef * rollout["seq_kl"]).reshape(6, group)
+    assert rollout["seq_kl"].abs().max() > 1e-3
+    if advantage == "grpo":
+        expected = (score - score.mean(1, keepdim=True)) / (score.std(1, keepdim=True) + 1e-4) + penalty - penalty.mean(1, keepdim=True)
+    else:
+        returns = score + penalty
+        expected = returns - (returns.sum(1, keepdim=True) - returns) / (group - 1)
+    mask = rollout["mask"].float()
+    torch.testing.assert_close(rollout["advantages"], expected.reshape(-1, 1) * mask, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_solvers_never_train_the_value_head(tiny_model, tokenizer, conversations, advantage):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer, advantage=advantage, group_size=2, vf_coef=10.0)
+    with torch.no_grad():
+        module.value_head.weight.normal_()
+    head, policy = _state(module.value_head), _state(module.policy)
+    make_trainer().fit(module, datamodule=_policy_dm(tokenizer, conversations))
+    assert _same(_state(module.value_head), head), "grpo/rloo must leave the value head untouched (vf_coef ignored)"
+    assert not _same(_state(module.policy), policy)
+    assert "value_loss" not in module.fit_stats and "vf_clip_frac" not in module.fit_stats
+    assert module.fit_stats["policy_loss"] == module.fit_stats["policy_loss"]  # finite, logged
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_solvers_increase_the_frequency_of_the_rewarded_token(tokenizer, conversations, advantage):
+    # 8 states x 4 replies = 32 rollout rows, as many as the GAE test's 32 states x 1.
+    before, after, module = _ppo_run(tokenizer, conversations, kl_coef=0.01, states=8, advantage=advantage, group_size=4)
+    assert before < 0.15
+    assert after > before + 0.3, f"{advantage}: rewarded-token rate {before:.3f} -> {after:.3f}"
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_solvers_keep_the_kl_penalty_in_the_reward(tokenizer, conversations, advantage):
+    before, after, _ = _ppo_run(tokenizer, conversations, kl_coef=1.0, states=8, advantage=advantage, group_size=4)
+    assert abs(after - before) < 0.1, f"{advantage}: rewarded-token rate {before:.3f} -> {after:.3f} despite kl_coef=1"
+
+
+# -- KL anchor pi_0 -------------------------------------------------------------------------------------------
+
+
+def test_kl_anchor_pi0_keeps_the_reference_at_pi0_across_fits(tiny_model, tokenizer, conversations):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer, kl_anchor="pi_0")
+    pi0 = _state(module.policy)
+    module.pin_reference()
+    dm = _policy_dm(tokenizer, conversations)
+    first = _Snapshots()
+    make_trainer(callbacks=[first]).fit(module, datamodule=dm)
+    pi1 = _state(module.policy)
+    assert not _same(pi1, pi0)
+    second = _Snapshots()
+    make_trainer(callbacks=[second]).fit(module, datamodule=dm)
+    # pi_k would have reset the reference to pi_1 here; pi_0 keeps it at pi_0.
+    assert _same(second.start["reference"], pi0) and _same(second.end["reference"], pi0)
+    assert not _same(second.start["policy"], pi0)
+
+
+def test_pin_reference_from_a_saved_pi0_after_a_restart(tmp_path, tiny_model, tokenizer, conversations):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer, kl_anchor="pi_0")
+    pi0 = _state(module.policy)
+    module.save(tmp_path / "pi_0")
+    make_trainer().fit(module, datamodule=_policy_dm(tokenizer, conversations))
+    module.save(tmp_path / "pi_1")
+    restarted = PolicyModule(kl_anchor="pi_0")
+    restarted.load(tmp_path / "pi_1")  # a fresh process loads pi_k: its reference is pi_k ...
+    assert not _same(_state(restarted.reference), pi0)
+    restarted.pin_reference(tmp_path / "pi_0")  # ... until pi_0 is pinned from the run's pi_0 folder
+    assert _same(_state(restarted.reference), pi0)
+    assert _same(_state(restarted.policy), _state(module.policy))
+    assert not any(p.requires_grad for p in restarted.reference.parameters())

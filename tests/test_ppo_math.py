@@ -14,8 +14,12 @@ import torch
 from iterppo_lightning.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    check_solver_settings,
+    ensemble_lower_bound,
     entropy_from_logits,
     gae_advantages,
+    group_advantages,
+    group_token_advantages,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -23,6 +27,7 @@ from iterppo_lightning.ppo_math import (
     normalize_scores,
     per_token_rewards,
     policy_loss,
+    sequence_returns,
     value_loss,
 )
 
@@ -334,3 +339,105 @@ def test_normalize_scores() -> None:
 def test_normalize_scores_unknown_mode() -> None:
     with pytest.raises(ValueError, match="'none'.*'whiten'.*'center'"):
         normalize_scores(torch.tensor([1.0]), "zscore")
+
+
+# --------------------------------------------------------------------------- #
+# group baselines (GRPO, RLOO) and the pessimistic ensemble score
+# --------------------------------------------------------------------------- #
+def test_sequence_return_is_the_kl_penalised_score() -> None:
+    # Same rows as test_per_token_rewards_places_score_at_last_real_token:
+    #   row0 rewards [-0.05, 0.1, 10] -> 10.05 = 10 - 0.1 * (0.5 - 1 + 0)
+    #   row1 rewards [-0.1, 20.05, pad 0] -> 19.95 = 20 - 0.1 * (1 - 0.5)
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-2.0, -0.5, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards, _ = per_token_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, mask, kl_coef=0.1)
+    rewards[1, 2] = NAN  # padding never leaks
+    close(sequence_returns(rewards, mask), [10.05, 19.95], atol=1e-5)
+
+
+# Two states x three replies, rows of a state adjacent: returns [1, 2, 6] and [0, 0, 3].
+GROUP_RETURNS = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+
+
+def test_grpo_advantage_by_hand() -> None:
+    # group 1: mean 3, deviations [-2, -1, 3], sample var (4 + 1 + 9) / 2 = 7, std sqrt(7) = 2.6457513
+    #   -> [-2, -1, 3] / (2.6457513 + 1e-4) = [-0.7559, -0.3779, 1.1338]
+    # group 2: mean 1, deviations [-1, -1, 2], sample var (1 + 1 + 4) / 2 = 3, std 1.7320508
+    #   -> [-1, -1, 2] / (1.7320508 + 1e-4) = [-0.57732, -0.57732, 1.15464]
+    s1, s2 = math.sqrt(7) + 1e-4, math.sqrt(3) + 1e-4
+    close(group_advantages(GROUP_RETURNS, 3, "grpo"), [-2 / s1, -1 / s1, 3 / s1, -1 / s2, -1 / s2, 2 / s2], atol=1e-6)
+
+
+def test_rloo_advantage_by_hand() -> None:
+    # group 1: 1 - (2+6)/2 = -3; 2 - (1+6)/2 = -1.5; 6 - (1+2)/2 = 4.5
+    # group 2: 0 - (0+3)/2 = -1.5; 0 - 1.5 = -1.5; 3 - 0 = 3
+    close(group_advantages(GROUP_RETURNS, 3, "rloo"), [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+
+
+def test_a_group_of_equal_returns_has_zero_advantage_not_nan() -> None:
+    # std 0: GRPO divides by eps only, and the centred returns are exactly 0.
+    close(group_advantages(torch.tensor([0.7, 0.7]), 2, "grpo"), [0.0, 0.0])
+    close(group_advantages(torch.tensor([0.7, 0.7]), 2, "rloo"), [0.0, 0.0])
+
+
+def test_group_token_advantages_put_the_sequence_advantage_on_every_reply_token() -> None:
+    # Two replies to one state, kl_coef 0.5. Reply 1: 3 tokens, kl [0.2, 0.2, 0.0], score 1
+    #   -> rewards [-0.1, -0.1, 1.0], P1 = -0.2, R1 = 0.8.
+    # Reply 2: 1 token, kl [0.4], score 0 -> rewards [-0.2], P2 = -0.5 * 0.4 = -0.2, R2 = -0.2.
+    score = torch.tensor([1.0, 0.0])
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, NAN, NAN]])
+    ref = torch.tensor([[-1.2, -1.2, -1.0], [-1.4, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    rewards, _ = per_token_rewards(score, logprobs, ref, mask, kl_coef=0.5)
+    # RLOO: R1 - R2 = 1.0, R2 - R1 = -1.0, on every real token.
+    rloo = group_token_advantages(score, rewards, mask, 2, "rloo")
+    close(rloo, [[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]], atol=1e-6)
+    # GRPO: scores [1, 0]: mean 0.5, sample std sqrt(0.5) = 0.7071068 -> +-0.5 / (0.7071068 + 1e-4)
+    #   = +-0.7070068; penalties [-0.2, -0.2] are equal, so their centred part is 0.
+    z = 0.5 / (math.sqrt(0.5) + 1e-4)
+    grpo = group_token_advantages(score, rewards, mask, 2, "grpo")
+    close(grpo, [[z, z, z], [-z, 0.0, 0.0]], atol=1e-6)
+    assert not rloo.requires_grad and not grpo.requires_grad
+
+
+def test_grpo_standardises_the_score_but_not_the_kl_penalty() -> None:
+    # Tied scores (0.5, 0.5): the score part is 0; the penalties -0.01 and -0.03 are only centred
+    # (+-0.01), not blown up to +-0.707 by dividing by their own tiny spread.
+    score = torch.tensor([0.5, 0.5])
+    rewards = torch.tensor([[-0.01, 0.5], [-0.03, 0.5]])  # per-token penalty, then the score on the last token
+    mask = torch.ones(2, 2)
+    close(group_token_advantages(score, rewards, mask, 2, "grpo"), [[0.01, 0.01], [-0.01, -0.01]], atol=1e-6)
+
+
+@pytest.mark.parametrize("size, n, method", [(1, 4, "grpo"), (3, 4, "rloo"), (2, 4, "median")])
+def test_group_advantages_refuse_bad_groups(size, n, method) -> None:
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(n), size, method)
+
+
+def test_ensemble_lower_bound_by_hand() -> None:
+    # members (rows) x 2 pairs: pair 1 gets 0.2, 0.4, 0.9: mean 0.5, sample var (0.09 + 0.01 + 0.16) / 2 = 0.13
+    #   -> 0.5 - 2 * sqrt(0.13) = 0.5 - 0.7211103 = -0.2211103
+    # pair 2: all 0.6 -> std 0 -> 0.6
+    scores = torch.tensor([[0.2, 0.6], [0.4, 0.6], [0.9, 0.6]])
+    close(ensemble_lower_bound(scores, 2.0), [0.5 - 2 * math.sqrt(0.13), 0.6], atol=1e-6)
+    close(ensemble_lower_bound(scores, 0.0), [0.5, 0.6], atol=1e-6)
+    one = torch.tensor([[0.3, 0.8]])
+    assert torch.equal(ensemble_lower_bound(one, 5.0), one[0])  # one member: unchanged, whatever c
+
+
+@pytest.mark.parametrize(
+    "advantage, group_size, anchor, named",
+    [
+        ("grpo", 1, "pi_k", "model.policy.group_size"),
+        ("rloo", 1, "pi_k", "model.policy.group_size"),
+        ("gae", 0, "pi_k", "model.policy.group_size"),
+        ("ppo", 1, "pi_k", "model.policy.advantage"),
+        ("gae", 1, "sft", "model.policy.kl_anchor"),
+    ],
+)
+def test_solver_settings_errors_name_the_key(advantage, group_size, anchor, named) -> None:
+    with pytest.raises(ValueError, match=named):
+        check_solver_settings(advantage, group_size, anchor)
+    check_solver_settings("gae", 4, "pi_0")  # gae with a group is fine
