@@ -6,6 +6,9 @@
     iterppo collect --config C --episodes 500 --output logs/batch_0.jsonl [--policy DIR]
     iterppo validate-data logs/batch_0.jsonl
     iterppo imagine --config configs/sales_smollm2.yaml --output runs/imagined   # LLM-imagined conversations
+    iterppo bootstrap --config C --seed_everything 0 --output runs/pi0_seed0   # pi_0 alone (for --model.policy_init)
+    iterppo sweep --experiments configs/experiment/*.yaml --seeds 0 1 2 --out runs/sweep [--jobs 2] [--quick true]
+    iterppo report --sweep runs/sweep --output docs/results.md
 
 `fit` is defined on the CLI class, which LightningCLI calls instead of
 `Trainer.fit`; it builds a fresh Trainer for every phase of every iteration
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -28,15 +32,18 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from .bootstrap import make_pi0
 from .callbacks import default_callbacks
 from .collect_logs import collect_logs
 from .datamodule import TrajectoryDataModule
 from .environment import make_environment
 from .evaluate import evaluate_saved_policy
 from .log_io import LogValidationError
-from .outer_loop import NumericalFault, OuterLoop, RunDirError
+from .outer_loop import NumericalFault, OuterLoop, RunDirError, step_seed
 from .phase_strategies import PHASES, build_phase_strategy, check_phase_strategies, launch_processes
 from .run_state import RunStateError
+from .sales_simulator import SalesSimulator
+from .stats import atomic_dir
 from .system import IterativePPO
 
 TRAINER_DEFAULTS = {
@@ -185,6 +192,19 @@ class IterPPOTrainer(L.Trainer):
         return result
 
 
+    def bootstrap(self, model: IterativePPO, datamodule: TrajectoryDataModule | None = None, output: str = "") -> dict:
+        """Make pi_0 alone, exactly as `fit` bootstraps it for this config and seed, into a new folder.
+
+        OUTPUT/policy is pi_0 (pass it as `fit --model.policy_init OUTPUT/policy`), OUTPUT/buffer the
+        imagined conversations it was cloned from, OUTPUT/bootstrap.json its wall seconds. `iterppo
+        sweep` makes one per seed this way and shares it between experiments with the same pi_0 recipe.
+
+        Args:
+            output: a new folder (never overwritten).
+        """
+        raise RuntimeError("bootstrap runs through the iterppo command (IterPPOCLI.bootstrap)")
+
+
 class IterPPOCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -193,6 +213,7 @@ class IterPPOCLI(LightningCLI):
             "evaluate": {"model", "datamodule"},
             "collect": {"model", "datamodule"},
             "imagine": {"model", "datamodule"},
+            "bootstrap": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -215,8 +236,8 @@ class IterPPOCLI(LightningCLI):
     def _trainer_factory(self, phase: str, **overrides) -> L.Trainer:
         trainer_config = dict(self._get(self.config_init, "trainer", default={}))
         # A fresh strategy object per phase Trainer (a used one refuses a second Trainer), from the raw config.
-        raw = self.config["fit"]
-        overrides.setdefault("strategy", build_phase_strategy(phase, raw, self._model_for_strategies))
+        raw = self.config[self.config["subcommand"]]
+        overrides.setdefault("strategy", build_phase_strategy(phase, raw, getattr(self, "_model_for_strategies", None)))
         # Our DataModule shards every global batch itself (distributed.ShardedBatchSampler).
         overrides.setdefault("use_distributed_sampler", False)
         # instantiate_trainer extends the callbacks list in place: hand it a copy per phase.
@@ -248,6 +269,34 @@ class IterPPOCLI(LightningCLI):
         launch_processes(self.trainer, loop.run)
 
 
+    def bootstrap(self, model: IterativePPO, datamodule: TrajectoryDataModule | None = None, output: str = "", **_: object) -> dict:
+        """`iterppo bootstrap` (IterPPOTrainer.bootstrap documents it): needs the per-phase Trainer factory, hence here."""
+        seed = int(self.config["bootstrap"]["seed_everything"])
+        result = bootstrap_pi0(model, datamodule or TrajectoryDataModule(), self._trainer_factory, output, seed)
+        print(json.dumps(result))
+        return result
+
+
+def bootstrap_pi0(model: IterativePPO, datamodule: TrajectoryDataModule, trainer_factory, output: str, seed: int) -> dict:
+    """pi_0 by behaviour cloning, with the seeds `OuterLoop.make_initial_policy` uses: the same weights `fit` would make."""
+    if not output:
+        raise ValueError("bootstrap needs --output DIR (a new folder for pi_0)")
+    if model.policy_init or model.base_model is not None:
+        raise ValueError("bootstrap makes pi_0 from imagined conversations; this config already names pi_0 (model.policy_init or model.base_model)")
+    out = Path(output)
+    if out.exists():
+        raise FileExistsError(f"{output!r} already exists; a pi_0 folder is never overwritten")
+    with atomic_dir(out) as tmp:  # complete or absent: a killed bootstrap leaves only a temporary folder
+        L.seed_everything(step_seed(seed, -1, "bootstrap"), verbose=False)
+        start = time.perf_counter()
+        net, tokenizer = make_pi0(model.bootstrap, SalesSimulator(model.environment), datamodule, trainer_factory, tmp, seed)
+        model.policy.attach(net, tokenizer)
+        model.policy.save(tmp / "policy", card={"policy_id": "pi_0", "run_id": None, "parent": None, "source": "bootstrap", "seed": seed})
+        seconds = time.perf_counter() - start
+        (tmp / "bootstrap.json").write_text(json.dumps({"seconds": seconds, "episodes": model.bootstrap.episodes, "seed": seed}) + "\n")
+    return {"output": str(out), "policy": str(out / "policy"), "seed": seed, "seconds": seconds}
+
+
 def _quiet_third_party() -> None:
     """Keep the console for our progress: per-shard save/load bars of datasets and transformers add nothing."""
     import datasets
@@ -277,6 +326,12 @@ def main(args: list[str] | None = None) -> None:
         from .validate_data import main as validate_data
 
         sys.exit(validate_data(argv[1:]))
+    if argv and argv[0] in ("sweep", "report"):
+        # Many configs (sweep) or none (report): plain argument parsers that launch or read runs.
+        from .report import main as report
+        from .sweep import main as sweep
+
+        sys.exit((sweep if argv[0] == "sweep" else report)(argv[1:]))
     _quiet_third_party()
     try:
         IterPPOCLI(
