@@ -264,7 +264,7 @@ def _minutes(values: list[float]) -> str:
     return "-" if not values else f"{sum(values) / len(values) / 60:.1f}"
 
 
-def write_report(sweep_dir: Path, output: Path, command: str) -> dict:
+def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None = None) -> dict:
     index = _read_json(sweep_dir / "sweep.json")
     if not isinstance(index, dict) or "runs" not in index:
         raise FileNotFoundError(f"{str(sweep_dir)!r} holds no sweep ({sweep_dir / 'sweep.json'} is missing or unreadable)")
@@ -357,6 +357,8 @@ def write_report(sweep_dir: Path, output: Path, command: str) -> dict:
             )
     if missing:
         lines += ["", "Not finished (left out of every number above):", ""] + [f"- {m}" for m in missing]
+    if notes is not None:  # conclusions are written by people, from the numbers above; included verbatim
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     atomic_write_text(output, "\n".join(lines) + "\n")
     return {"output": str(output), "figures": str(figures), "experiments": {k: len(v) for k, v in experiments.items()}, "missing": len(missing)}
 
@@ -365,6 +367,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="iterppo report", description="Markdown tables and plots of a sweep (iterppo sweep).", default_env=False)
     parser.add_argument("--sweep", type=str, required=True, help="the sweep folder (holds sweep.json); OUT/quick for a quick sweep")
     parser.add_argument("--output", type=str, default="", help="the markdown file (default SWEEP/results.md); plots go to OUTPUT without its suffix/")
+    parser.add_argument("--notes", type=str, default="", help="a markdown file appended verbatim (the conclusions drawn from these numbers)")
     return parser
 
 
@@ -376,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     sweep_dir = Path(args.sweep)
     output = Path(args.output) if args.output else sweep_dir / "results.md"
-    command = shlex.join(["iterppo", "report", "--sweep", args.sweep, "--output", str(output)])
+    command = shlex.join(["iterppo", "report", "--sweep", args.sweep, "--output", str(output)] + (["--notes", args.notes] if args.notes else []))
     try:
-        result = write_report(sweep_dir, output, command)
+        if args.notes and not Path(args.notes).is_file():
+            raise FileNotFoundError(f"--notes {args.notes}: no such file")
+        result = write_report(sweep_dir, output, command, Path(args.notes) if args.notes else None)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"iterppo report: error: {err}", file=sys.stderr)
         return 2

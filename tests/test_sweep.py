@@ -210,6 +210,18 @@ def test_report_tables_and_plots(sweep, capsys):
     assert "(results/success_vs_conversations.png)" in text and "Not finished" not in text
 
 
+def test_report_appends_the_conclusions_verbatim_and_names_a_missing_notes_file(sweep, capsys, tmp_path):
+    notes = tmp_path / "conclusions.md"
+    notes.write_text("## Conclusions\n\nWritten by a person.\n")
+    output = tmp_path / "with_notes.md"
+    res = run_inprocess(capsys, "report", "--sweep", str(sweep.out), "--output", str(output), "--notes", str(notes))
+    assert res.returncode == 0, res.stderr
+    text = output.read_text()
+    assert text.rstrip().endswith("## Conclusions\n\nWritten by a person.") and f"--notes {notes}" in text
+    missing = run_inprocess(capsys, "report", "--sweep", str(sweep.out), "--output", str(tmp_path / "x.md"), "--notes", str(tmp_path / "nope.md"))
+    assert missing.returncode == 2 and "nope.md" in missing.stderr and not (tmp_path / "x.md").exists()
+
+
 def test_report_counts_conversations_from_the_records_or_the_config():
     from iterppo_lightning.report import conversation_counts
 
