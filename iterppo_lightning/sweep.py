@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.out) / QUICK_DIR if args.quick else Path(args.out)
         experiments = _experiments(args.experiments, args.quick, args.share_pi0)
         root.mkdir(parents=True, exist_ok=True)
-        _held = _lock(root)  # released when this process exits
+        _held = _lock(root)  # noqa: F841 (held until this process exits)
         pi0, runs = plan(experiments, list(args.seeds), root)
         command = shlex.join(["iterppo", "sweep", *(sys.argv[1:] if argv is None else argv)])
         index = Index(root, command, args.quick, experiments, list(args.seeds), args.jobs)
