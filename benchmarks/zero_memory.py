@@ -339,6 +339,21 @@ FORWARDED = ("layers", "dim", "heads", "vocab", "seq", "batch", "steps", "procs"
              "max_live_params", "max_reuse_distance", "persistence_threshold")
 
 
+
+def print_table(rows: list[dict], columns: list[tuple[str, int, str, str]]) -> None:
+    """One header line, a rule, one line per row: columns are (header, width, row key, format spec)."""
+    def cell(value, width: int, spec: str) -> str:
+        if spec == "<":
+            return f"{value:<{width}}"
+        return f"{value:>{width}{spec}}"
+
+    header = " ".join(f"{h:<{w}}" if spec == "<" else f"{h:>{w}}" for h, w, _, spec in columns)
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        r = {**r, "state_over_theory": r["model_state_mib"] / r["theory_mib"]}
+        print(" ".join(cell(r[key], w, spec) for _, w, key, spec in columns))
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=8)
@@ -433,26 +448,19 @@ def main() -> None:
             print(f"ZeRO-{stage}: {json.dumps(deepspeed_config(args, stage)['zero_optimization'])}")
     print(f"idle process RSS (torch+lightning+deepspeed+transformers imported): {idle:.0f} MiB")
     print("\nModel state per process, MiB (live tensors inside the last optimizer step, rank with the most):")
-    h1 = (f"{'mode':<6} {'theory':>8} {'params':>8} {'grads':>8} {'adam':>8} {'=state':>8} {'state/th':>8} | "
-          f"{'+fp32 master':>12} {'+step grad':>10} {'+gathered':>9} {'+other':>7} {'params held':>12}")
-    print(h1)
-    print("-" * len(h1))
-    for r in rows:
-        print(f"{r['mode']:<6} {r['theory_mib']:>8.1f} {r['params_mib']:>8.1f} {r['grads_mib']:>8.1f} "
-              f"{r['adam_mib']:>8.1f} {r['model_state_mib']:>8.1f} {r['model_state_mib'] / r['theory_mib']:>8.3f} | "
-              f"{r['fp32_master_mib']:>12.1f} {r['step_grad_copy_mib']:>10.1f} {r['gathered_params_mib']:>9.1f} "
-              f"{r['other_tensors_mib']:>7.1f} {r['local_param_numel']:>12,}")
+    print_table(rows, [
+        ("mode", 6, "mode", "<"), ("theory", 8, "theory_mib", ".1f"), ("params", 8, "params_mib", ".1f"),
+        ("grads", 8, "grads_mib", ".1f"), ("adam", 8, "adam_mib", ".1f"), ("=state", 8, "model_state_mib", ".1f"),
+        ("state/th", 8, "state_over_theory", ".3f"), ("| +fp32 master", 14, "fp32_master_mib", ".1f"),
+        ("+step grad", 10, "step_grad_copy_mib", ".1f"), ("+gathered", 9, "gathered_params_mib", ".1f"),
+        ("+other", 7, "other_tensors_mib", ".1f"), ("params held", 12, "local_param_numel", ",")])
     print("\nRSS per process, MiB above VmRSS before the model was built (max over ranks):")
-    h2 = (f"{'mode':<6} {'theory':>7} {'tensors':>8} {'malloc used':>11} {'malloc kept':>11} {'RSS at step':>11} "
-          f"{'peak setup':>10} {'peak train':>10} {'RSS end':>8} {'trimmed':>8} {'wall s':>7}")
-    print(h2)
-    print("-" * len(h2))
-    for r in rows:
-        print(f"{r['mode']:<6} {r['theory_mib']:>7.0f} {r['tensors_mib']:>8.0f} "
-              f"{r['malloc_in_use_at_step_mib']:>11.0f} "
-              f"{r['malloc_free_kept_at_step_mib']:>11.0f} {r['rss_at_step_mib']:>11.0f} {r['peak_setup_mib']:>10.0f} "
-              f"{r['peak_train_mib']:>10.0f} {r['rss_end_mib']:>8.0f} {r['rss_end_after_malloc_trim_mib']:>8.0f} "
-              f"{r['wall_s']:>7.1f}")
+    print_table(rows, [
+        ("mode", 6, "mode", "<"), ("theory", 7, "theory_mib", ".0f"), ("tensors", 8, "tensors_mib", ".0f"),
+        ("malloc used", 11, "malloc_in_use_at_step_mib", ".0f"), ("malloc kept", 11, "malloc_free_kept_at_step_mib", ".0f"),
+        ("RSS at step", 11, "rss_at_step_mib", ".0f"), ("peak setup", 10, "peak_setup_mib", ".0f"),
+        ("peak train", 10, "peak_train_mib", ".0f"), ("RSS end", 8, "rss_end_mib", ".0f"),
+        ("trimmed", 8, "rss_end_after_malloc_trim_mib", ".0f"), ("wall s", 7, "wall_s", ".1f")])
     print(f"theory = 16 / 4+12/N / 16/N bytes x params (ddp / zero2 / zero3), N = {n}; state = params + grads + Adam "
           "m,v; tensors = all tensors counted at the step (state + extras); malloc used / kept = glibc bytes in use "
           "/ freed but kept, at the step; peak setup = building the model + DDP/DeepSpeed init; peak train = the "
