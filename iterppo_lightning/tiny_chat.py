@@ -50,7 +50,7 @@ def train_chat_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512) -> Pr
 
 def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> LlamaForCausalLM:
     """A randomly initialised Llama sized for `tokenizer` (deterministic for a seed)."""
-    import torch
+    from .tiny_lm import seeded_model
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -65,12 +65,7 @@ def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, hidden: int = 32, layer
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return seeded_model(LlamaForCausalLM, config, tokenizer, seed)
 
 
 def save_tiny_chat_model(folder, seed: int = 0):

@@ -79,8 +79,6 @@ def build_tiny_causal_lm(tokenizer: PreTrainedTokenizerFast, shape: TinyLMConfig
     Dropout is off: PPO compares log-probs of the same tokens across several
     forward passes, and dropout noise would make the ratio != 1 at step 0.
     """
-    import torch
-
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=shape.n_positions,
@@ -94,9 +92,16 @@ def build_tiny_causal_lm(tokenizer: PreTrainedTokenizerFast, shape: TinyLMConfig
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return seeded_model(GPT2LMHeadModel, config, tokenizer, seed)
+
+
+def seeded_model(model_class, config, tokenizer, seed: int):
+    """`model_class(config)` initialised from `seed` without touching the global RNG, generating with the tokenizer's pad/EOS."""
+    import torch
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+        model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
