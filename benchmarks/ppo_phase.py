@@ -3,7 +3,7 @@
 What runs
 ---------
 One `lightning.Trainer(max_epochs=1, accelerator="cpu", ...)` fit of
-`iterppo_lightning.policy_module.PolicyModule` over `--updates` batches of
+`iterppo_lightning.modules.policy.PolicyModule` over `--updates` batches of
 `--batch` synthetic prompts, exactly as the outer loop runs the policy phase:
 
 * tokenizer: a word-level `PreTrainedTokenizerFast` trained with
@@ -117,7 +117,7 @@ def quiet_lightning() -> None:
 
 
 def build_tokenizer(vocab: int):
-    from iterppo_lightning.tiny_lm import SPECIAL_TOKENS, train_word_tokenizer
+    from iterppo_lightning.models.tiny_lm import SPECIAL_TOKENS, train_word_tokenizer
 
     n_words = vocab - len(SPECIAL_TOKENS)  # "w0".."w{V-10}"
     tok = train_word_tokenizer([" ".join(f"w{i}" for i in range(n_words))])
@@ -129,7 +129,7 @@ def build_tokenizer(vocab: int):
 
 
 def make_batches(tok, args, n_batches: int, gen: random.Random) -> list[dict[str, torch.Tensor]]:
-    from iterppo_lightning.datamodule import pad_left
+    from iterppo_lightning.data.datamodule import pad_left
 
     allowed = sorted(set(range(len(tok))) - set(tok.all_special_ids))  # never eos / pad / other specials
     lo = max(1, args.prompt_len // 2)
@@ -197,9 +197,9 @@ def main(argv=None) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    from iterppo_lightning.critic_module import CriticModule
-    from iterppo_lightning.policy_module import PolicyModule
-    from iterppo_lightning.tiny_lm import TinyLMConfig, build_tiny_causal_lm
+    from iterppo_lightning.modules.critic import CriticModule
+    from iterppo_lightning.modules.policy import PolicyModule
+    from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm
 
     load_before = os.getloadavg()[0]
     t_setup = time.perf_counter()

@@ -217,7 +217,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from iterppo_lightning.cpu_deepspeed import CPUDeepSpeedStrategy
+    from iterppo_lightning.distributed.cpu_deepspeed import CPUDeepSpeedStrategy
 
     class GPT(L.LightningModule):
         def __init__(self) -> None:

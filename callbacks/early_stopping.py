@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from iterppo_lightning.stats import as_number, lookup
+from iterppo_lightning.utils.stats import as_number, lookup
 
 from .base import IterationCallback
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from iterppo_lightning.rollout import episode_seeds, run_episodes, summarize_conversations
+from iterppo_lightning.env.episodes import episode_seeds, run_episodes, summarize_conversations
 
 from .base import IterationCallback
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from iterppo_lightning.critic_targets import sample_replies, score_pairs
+from iterppo_lightning.rl.critic_targets import sample_replies, score_pairs
 
 from .base import IterationCallback
 

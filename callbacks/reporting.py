@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from iterppo_lightning.stats import (
+from iterppo_lightning.utils.stats import (
     as_number,
     atomic_path,
     atomic_write_json,

@@ -32,19 +32,19 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from .bootstrap import make_pi0
-from .callbacks import default_callbacks
-from .collect_logs import collect_logs
-from .datamodule import TrajectoryDataModule
-from .environment import make_environment
-from .evaluate import evaluate_saved_policy
-from .log_io import LogValidationError
-from .outer_loop import NumericalFault, OuterLoop, RunDirError, step_seed
-from .phase_strategies import PHASES, build_phase_strategy, check_phase_strategies, launch_processes
-from .run_state import RunStateError
-from .sales_simulator import SalesSimulator
-from .stats import atomic_dir
-from .system import IterativePPO
+from iterppo_lightning.loop.bootstrap import make_pi0
+from iterppo_lightning.callbacks import default_callbacks
+from iterppo_lightning.commands.collect import collect_logs
+from iterppo_lightning.data.datamodule import TrajectoryDataModule
+from iterppo_lightning.env.factory import make_environment
+from iterppo_lightning.commands.evaluate import evaluate_saved_policy
+from iterppo_lightning.data.log_io import LogValidationError
+from iterppo_lightning.loop.controller import NumericalFault, OuterLoop, RunDirError, step_seed
+from iterppo_lightning.distributed.phase_strategies import PHASES, build_phase_strategy, check_phase_strategies, launch_processes
+from iterppo_lightning.loop.run_state import RunStateError
+from iterppo_lightning.env.sales_simulator import SalesSimulator
+from iterppo_lightning.utils.stats import atomic_dir
+from iterppo_lightning.system import IterativePPO
 
 TRAINER_DEFAULTS = {
     # Checkpoints of each phase are the loop's job (CheckpointCallback); Lightning's would pile up per phase.
@@ -72,8 +72,8 @@ class IterPPOTrainer(L.Trainer):
 
     def fit(self, model, *args, **kwargs):
         """`Trainer.fit`, then (under DeepSpeed) hand the module back to the loop as a plain module (zero.py)."""
-        from .distributed import is_distributed
-        from .zero import optimizer_state_elements, partition_report, release_from_deepspeed, save_zero_checkpoint, zero_stage
+        from iterppo_lightning.distributed.collectives import is_distributed
+        from iterppo_lightning.distributed.zero import optimizer_state_elements, partition_report, release_from_deepspeed, save_zero_checkpoint, zero_stage
 
         if is_distributed():
             # Multi-process strategies reseed every process from the global seed while setting up; put the
@@ -172,8 +172,8 @@ class IterPPOTrainer(L.Trainer):
             critique: rewrite each dialogue so the customer reveals one thing at a time.
             seed: seed of the sampled outcomes and of the generation.
         """
-        from .imagine import ImagineConfig, imagine_conversations, write_imagined_buffer
-        from .model_source import load_causal_lm
+        from iterppo_lightning.env.imagine import ImagineConfig, imagine_conversations, write_imagined_buffer
+        from iterppo_lightning.models.source import load_causal_lm
 
         if not output:
             raise ValueError("imagine needs --output DIR (a new folder for the buffer)")
@@ -323,13 +323,13 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "validate-data":
         # No config, no model: a plain argument parser, not LightningCLI.
-        from .validate_data import main as validate_data
+        from iterppo_lightning.commands.validate_data import main as validate_data
 
         sys.exit(validate_data(argv[1:]))
     if argv and argv[0] in ("sweep", "report"):
         # Many configs (sweep) or none (report): plain argument parsers that launch or read runs.
-        from .report import main as report
-        from .sweep import main as sweep
+        from iterppo_lightning.experiments.report import main as report
+        from iterppo_lightning.experiments.sweep import main as sweep
 
         sys.exit((sweep if argv[0] == "sweep" else report)(argv[1:]))
     _quiet_third_party()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import lightning as L
 
-from .bootstrap import BootstrapConfig
-from .critic_module import CriticModule
-from .llm_customer import LLMCustomerConfig
-from .loop_config import ALGORITHMS, FilteredBCConfig, LoopConfig
-from .model_source import ModelSource
-from .policy_module import PolicyModule
-from .sales_simulator import SimulatorConfig
+from iterppo_lightning.loop.bootstrap import BootstrapConfig
+from iterppo_lightning.modules.critic import CriticModule
+from iterppo_lightning.env.llm_customer import LLMCustomerConfig
+from iterppo_lightning.loop.config import ALGORITHMS, FilteredBCConfig, LoopConfig
+from iterppo_lightning.models.source import ModelSource
+from iterppo_lightning.modules.policy import PolicyModule
+from iterppo_lightning.env.sales_simulator import SimulatorConfig
 
 
 class IterativePPO(L.LightningModule):

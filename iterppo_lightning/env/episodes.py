@@ -1,0 +1,103 @@
+"""Run a policy against an environment for many episodes at once.
+
+All live episodes advance in lockstep: each round renders every pending state,
+samples every reply in one batched `generate` call, and steps each episode.
+Episode seeds come from `episode_seeds`, so a (namespace, seed) pair always
+gives the same customers whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+import torch
+
+from iterppo_lightning.data.conversation import Conversation
+from iterppo_lightning.models.generation import sample_responses
+from iterppo_lightning.data.rendering import render_state
+from iterppo_lightning.utils.stats import summarize_outcomes
+
+
+class Episode(Protocol):
+    conversation: Conversation
+    done: bool
+
+    def step(self, suggestion: str | None) -> None: ...
+
+
+class Environment(Protocol):
+    """`new_episode`; optionally `step_batch(episodes, suggestions)` to advance a round in one call."""
+
+    def new_episode(self, seed: int, conversation_id: str) -> Episode: ...
+
+
+def episode_seeds(namespace: str, seed: int, iteration: int, count: int) -> list[int]:
+    """Independent, reproducible episode seeds; different namespaces never share customers in practice."""
+    out = []
+    for i in range(count):
+        digest = hashlib.sha256(f"{namespace}:{seed}:{iteration}:{i}".encode()).digest()
+        out.append(int.from_bytes(digest[:4], "big") & 0x7FFFFFFF)
+    return out
+
+
+@torch.no_grad()
+def run_episodes(
+    model,
+    tokenizer,
+    environment: Environment,
+    seeds: list[int],
+    *,
+    iteration: int = 0,
+    policy_id: str = "",
+    id_prefix: str = "",
+    max_new_tokens: int = 24,
+    max_prompt_tokens: int = 384,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 256,
+) -> list[Conversation]:
+    """Play one episode per seed with `model` suggesting every agent reply."""
+    episodes = [environment.new_episode(s, f"{id_prefix}{s}") for s in seeds]
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # keep the most recent turns of long states
+    while True:
+        live = [ep for ep in episodes if not ep.done]
+        if not live:
+            break
+        for start in range(0, len(live), batch_size):
+            chunk = live[start : start + batch_size]
+            texts = [render_state(ep.conversation, len(ep.conversation.turns) - 1, tokenizer) for ep in chunk]
+            enc = tokenizer(
+                texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
+            ).to(device)
+            response, mask = sample_responses(
+                model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                max_new_tokens,
+                temperature,
+                greedy,
+            )
+            # An empty reply (or <abstain>) is an abstain.
+            replies = [r.strip() or None for r in tokenizer.batch_decode(response, skip_special_tokens=True)]
+            if hasattr(environment, "step_batch"):
+                environment.step_batch(chunk, replies)  # e.g. an LLM customer: one batched generate for all replies
+            else:
+                for ep, reply in zip(chunk, replies):
+                    ep.step(reply)
+    for ep in episodes:
+        ep.conversation.iteration = iteration
+        ep.conversation.policy_id = policy_id
+    return [ep.conversation for ep in episodes]
+
+
+def summarize_conversations(conversations: list[Conversation], gamma: float = 1.0) -> dict:
+    """Success rate with its Wilson 95% CI, mean agent turns and mean discounted return."""
+    returns = [c.returns(gamma)[0] if c.agent_turns else 0.0 for c in conversations]
+    return summarize_outcomes(
+        [c.success for c in conversations], [len(c.agent_turns) for c in conversations], returns
+    )

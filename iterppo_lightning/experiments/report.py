@@ -1,0 +1,395 @@
+"""`iterppo report`: the results of a sweep as markdown tables and plots.
+
+    iterppo report --sweep runs/sweep --output docs/results.md
+
+Reads OUT/sweep.json and every run it lists (metrics.jsonl, run_state.json,
+config.yaml) and writes OUTPUT plus, next to it, OUTPUT-without-suffix/*.png
+(docs/results.md -> docs/results/):
+
+* a table with one row per experiment: final true success rate and the best
+  iteration's, each as the mean over seeds with a Student-t 95% interval; pi_0's
+  success; conversations collected; the run's recorded wall time; the critic's
+  over-estimate of the final policy; then one row per run;
+* success_vs_conversations.png: true success rate against conversations
+  collected (pi_0 at 0), mean over seeds with its 95% band, one line per experiment;
+* reward_hacking.png: per iteration, the critic's estimate of the new policy's
+  discounted return from the logs (`ope.q_policy`) against the return it really
+  got on simulated customers (`mean_return`, same discount). A gap that grows is
+  PPO exploiting Q_k's errors.
+
+Only finished runs count in the statistics; the others are listed as missing.
+Every file is written atomically. Exit codes: 0 written, 2 no usable sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ArgumentParser
+
+from iterppo_lightning.utils.stats import as_number, atomic_path, atomic_write_text, lookup
+
+__all__ = ["main", "t_quantile_975", "mean_ci", "load_run", "conversation_counts", "write_report"]
+
+# Two-sided 95% quantiles of Student's t, df = 1..30.
+_T975 = (
+    12.7062047, 4.3026527, 3.1824463, 2.7764451, 2.5705818, 2.4469119, 2.3646243, 2.3060041, 2.2621572, 2.2281389,
+    2.2009852, 2.1788128, 2.1603687, 2.1447867, 2.1314495, 2.1199053, 2.1098156, 2.1009220, 2.0930241, 2.0859634,
+    2.0796138, 2.0738731, 2.0686576, 2.0638986, 2.0595386, 2.0555294, 2.0518305, 2.0484071, 2.0452296, 2.0422725,
+)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (table to 30, Cornish-Fisher beyond)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963985
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
+
+
+def mean_ci(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    """(mean, low, high): mean +- t(0.975, n-1) * s / sqrt(n); no interval for fewer than 2 values."""
+    if not values:
+        return None, None, None
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, None
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile_975(n - 1) * s / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def fmt_ci(values: list[float]) -> str:
+    mean, low, high = mean_ci(values)
+    if mean is None:
+        return "-"
+    return _fmt(mean) if low is None else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+# -- reading runs -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    experiment: str
+    seed: int
+    run_dir: Path
+    finished: bool
+    records: list[dict] = field(default_factory=list)
+    initial: dict | None = None
+    conversations: list[float] = field(default_factory=list)
+    """Conversations collected once iteration k's batch is in (x of pi_(k+1))."""
+    seconds: float | None = None
+    seconds_include_pi0: bool = False
+    pi0_seconds: float | None = None
+
+    @property
+    def final(self) -> float | None:
+        return as_number(self.records[-1].get("success_rate")) if self.records else None
+
+    @property
+    def best(self) -> float | None:
+        rates = [as_number(r.get("success_rate")) for r in self.records]
+        rates = [r for r in rates if r is not None]
+        return max(rates) if rates else None
+
+    @property
+    def ope_gap(self) -> float | None:
+        """Critic's estimate minus the true discounted return, for the final policy."""
+        if not self.records:
+            return None
+        q, truth = as_number(lookup(self.records[-1], "ope.q_policy")), as_number(self.records[-1].get("mean_return"))
+        return None if q is None or truth is None else q - truth
+
+
+def conversation_counts(records: list[dict], episodes_per_iteration: int | None) -> list[float]:
+    """Cumulative conversations collected per iteration record.
+
+    `conversations_collected` when the record has it; else the running sum of the
+    record's own `collect.episodes`; else (k+1) x the config's episodes_per_iteration.
+    """
+    counts, total = [], 0.0
+    for k, record in enumerate(records):
+        given = as_number(record.get("conversations_collected"))
+        episodes = as_number(lookup(record, "collect.episodes"))
+        if given is not None:
+            total = given
+        elif episodes is not None:
+            total += episodes
+        elif episodes_per_iteration is not None:
+            total = (k + 1) * float(episodes_per_iteration)
+        else:
+            total = math.nan
+        counts.append(total)
+    return counts
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_run(experiment: str, seed: int, run_dir: Path, entry: dict | None = None) -> Run:
+    state = _read_json(run_dir / "run_state.json") or {}
+    run = Run(experiment, seed, run_dir, bool(state.get("finished")))
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        run.records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    run.initial = state.get("initial_eval")
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except OSError:
+        config = {}
+    run.conversations = conversation_counts(run.records, lookup(config, "model.loop.episodes_per_iteration"))
+    entry = entry or {}
+    if entry.get("seconds") is not None:
+        run.seconds, run.seconds_include_pi0 = float(entry["seconds"]), bool(entry.get("seconds_include_pi0"))
+    else:  # a sweep.json older than its runs: read the runs' own record
+        from iterppo_lightning.experiments.sweep import recorded_seconds
+
+        run.seconds, run.seconds_include_pi0 = recorded_seconds(run_dir)
+    run.pi0_seconds = as_number(entry.get("pi0_seconds"))
+    return run
+
+
+# -- plots ------------------------------------------------------------------------------------------------
+
+
+def _series(runs: list[Run], points) -> tuple[list[float], list[float], list[float | None], list[float | None]]:
+    """Per point index j: mean x, mean y, CI low, CI high over the runs that have point j."""
+    per_run = [points(r) for r in runs]
+    xs, ys, lows, highs = [], [], [], []
+    for j in range(max((len(p) for p in per_run), default=0)):
+        have = [p[j] for p in per_run if j < len(p) and p[j][1] is not None and p[j][0] is not None and not math.isnan(p[j][0])]
+        if not have:
+            continue
+        mean, low, high = mean_ci([y for _, y in have])
+        xs.append(sum(x for x, _ in have) / len(have))
+        ys.append(mean)
+        lows.append(low)
+        highs.append(high)
+    return xs, ys, lows, highs
+
+
+def _band(ax, xs, ys, lows, highs, color, **line) -> None:
+    ax.plot(xs, ys, color=color, **line)
+    ci = [(x, lo, hi) for x, lo, hi in zip(xs, lows, highs) if lo is not None]
+    if len(ci) >= 2:
+        ax.fill_between([c[0] for c in ci], [c[1] for c in ci], [c[2] for c in ci], color=color, alpha=0.15, linewidth=0)
+
+
+def _success_points(run: Run) -> list[tuple[float, float | None]]:
+    start = [(0.0, as_number(lookup(run.initial, "success_rate")))] if run.initial else []
+    return start + [(x, as_number(r.get("success_rate"))) for x, r in zip(run.conversations, run.records)]
+
+
+def plot_success(path: Path, experiments: dict[str, list[Run]]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, (name, runs) in enumerate(experiments.items()):
+        xs, ys, lows, highs = _series(runs, _success_points)
+        _band(ax, xs, ys, lows, highs, f"C{i % 10}", marker="o", markersize=3, label=f"{name} (n={len(runs)})")
+    ax.set_xlabel("conversations collected")
+    ax.set_ylabel("true success rate (mean over seeds, 95% t band)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title("Success rate vs conversations collected (x=0: pi_0)")
+    if experiments:
+        ax.legend(loc="best", fontsize="small")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+
+
+def plot_reward_hacking(path: Path, experiments: dict[str, list[Run]]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    n = max(len(experiments), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, runs) in zip(axes, experiments.items()):
+        for key, label, color, style in (
+            ("ope.q_policy", "critic's estimate (ope.q_policy)", "C3", "--"),
+            ("mean_return", "true discounted return", "C0", "-"),
+        ):
+            xs, ys, lows, highs = _series(runs, lambda r, key=key: [(float(k), as_number(lookup(rec, key))) for k, rec in enumerate(r.records)])
+            _band(ax, xs, ys, lows, highs, color, linestyle=style, marker="o", markersize=3, label=label)
+        ax.set_title(f"{name} (n={len(runs)})", fontsize="medium")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("iteration k (policy pi_k+1)")
+        ax.set_ylabel("discounted return")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="x-small")
+    for ax in axes[len(experiments):]:
+        ax.set_visible(False)
+    fig.suptitle("Reward hacking: the critic's value of the new policy vs its true value")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+
+
+# -- markdown -----------------------------------------------------------------------------------------------
+
+
+def _minutes(values: list[float]) -> str:
+    return "-" if not values else f"{sum(values) / len(values) / 60:.1f}"
+
+
+def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None = None) -> dict:
+    index = _read_json(sweep_dir / "sweep.json")
+    if not isinstance(index, dict) or "runs" not in index:
+        raise FileNotFoundError(f"{str(sweep_dir)!r} holds no sweep ({sweep_dir / 'sweep.json'} is missing or unreadable)")
+    names = [e["name"] for e in index.get("experiments", [])]
+    experiments: dict[str, list[Run]] = {name: [] for name in names}
+    missing: list[str] = []
+    for entry in index["runs"]:
+        run = load_run(entry["experiment"], entry["seed"], Path(entry["run_dir"]), entry)
+        if run.finished and run.records:
+            experiments.setdefault(run.experiment, []).append(run)
+        else:
+            missing.append(f"{entry['experiment']} seed {entry['seed']} ({entry.get('status', '?')}, {entry['run_dir']})")
+    experiments = {name: runs for name, runs in experiments.items() if runs}
+
+    figures = output.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_success(figures / "success_vs_conversations.png", experiments)
+    plot_reward_hacking(figures / "reward_hacking.png", experiments)
+    rel = figures.name
+
+    pi0_seconds = sorted({r.pi0_seconds for runs in experiments.values() for r in runs if r.pi0_seconds is not None})
+    lines = [
+        "# Ablation results",
+        "",
+        f"Generated by `{command}` from the sweep made by:",
+        "",
+        f"    {index.get('command', '(unknown command)')}",
+        "",
+    ]
+    if index.get("quick"):
+        scale = ", ".join(f"{k} / {v}" for k, v in (index.get("quick_scale") or {}).items())
+        lines += [
+            "**QUICK SWEEP (`--quick true`): every experiment scaled down (" + scale + ").** "
+            "It checks that the pipeline runs end to end; its numbers are not results.",
+            "",
+        ]
+    lines += [
+        "Each cell is the mean over seeds with a Student-t 95% interval (mean +- t(0.975, n-1) s/sqrt(n)); no interval "
+        "with one seed. *Final* is the last policy's true success rate on the run's simulated evaluation customers; *best* "
+        "the best iteration's (chosen on those same customers, so it is optimistic). *Conversations* counts what the run "
+        "collected with its own policies (pi_0's imagined conversations not included). *Wall* is the sum of the phase "
+        "times the run recorded (collect, critic, policy, evaluate), in minutes"
+        + (
+            "; it excludes the shared pi_0, bootstrapped once per seed in "
+            + ", ".join(f"{s / 60:.1f}" for s in pi0_seconds)
+            + " min"
+            if pi0_seconds
+            else ""
+        )
+        + ". *OPE gap* is the critic's estimate of the final policy's discounted return minus its true value (> 0: "
+        "over-estimate).",
+        "",
+        "| experiment | seeds | pi_0 success | final success | best-iteration success | conversations | wall (min) | OPE gap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary: dict[str, dict] = {}
+    for name, runs in experiments.items():
+        finals = [r.final for r in runs if r.final is not None]
+        bests = [r.best for r in runs if r.best is not None]
+        initials = [v for v in (as_number(lookup(r.initial, "success_rate")) for r in runs) if v is not None]
+        conversations = [r.conversations[-1] for r in runs if r.conversations]
+        seconds = [r.seconds for r in runs if r.seconds is not None]
+        gaps = [g for g in (r.ope_gap for r in runs) if g is not None]
+        summary[name] = {"final": finals, "best": bests, "seconds": seconds}
+        lines.append(
+            f"| {name} | {len(runs)} | {fmt_ci(initials)} | {fmt_ci(finals)} | {fmt_ci(bests)} | "
+            f"{_fmt(sum(conversations) / len(conversations), '.0f') if conversations else '-'} | {_minutes(seconds)} | {fmt_ci(gaps)} |"
+        )
+    lines += [
+        "",
+        f"![success rate vs conversations collected]({rel}/success_vs_conversations.png)",
+        "",
+        "Reward hacking: per iteration, the critic Q_k's estimate of the new policy's discounted return from the logged "
+        "opening states (`ope.q_policy`), against the return the policy really got on simulated customers "
+        "(`mean_return`, the same discount; the success rate itself is undiscounted and not comparable).",
+        "",
+        f"![critic estimate vs true return]({rel}/reward_hacking.png)",
+        "",
+        "## Runs",
+        "",
+        "| experiment | seed | iterations | pi_0 success | final success | best success | conversations | wall (min) | run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in experiments.items():
+        for r in sorted(runs, key=lambda r: r.seed):
+            lines.append(
+                f"| {name} | {r.seed} | {len(r.records)} | {_fmt(as_number(lookup(r.initial, 'success_rate')))} | {_fmt(r.final)} | "
+                f"{_fmt(r.best)} | {_fmt(r.conversations[-1] if r.conversations else None, '.0f')} | "
+                f"{_fmt(None if r.seconds is None else r.seconds / 60, '.1f')}{' (incl. pi_0)' if r.seconds_include_pi0 else ''} | `{r.run_dir}` |"
+            )
+    if missing:
+        lines += ["", "Not finished (left out of every number above):", ""] + [f"- {m}" for m in missing]
+    if notes is not None:  # conclusions are written by people, from the numbers above; included verbatim
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
+    atomic_write_text(output, "\n".join(lines) + "\n")
+    return {"output": str(output), "figures": str(figures), "experiments": {k: len(v) for k, v in experiments.items()}, "missing": len(missing)}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="iterppo report", description="Markdown tables and plots of a sweep (iterppo sweep).", default_env=False)
+    parser.add_argument("--sweep", type=str, required=True, help="the sweep folder (holds sweep.json); OUT/quick for a quick sweep")
+    parser.add_argument("--output", type=str, default="", help="the markdown file (default SWEEP/results.md); plots go to OUTPUT without its suffix/")
+    parser.add_argument("--notes", type=str, default="", help="a markdown file appended verbatim (the conclusions drawn from these numbers)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    sweep_dir = Path(args.sweep)
+    output = Path(args.output) if args.output else sweep_dir / "results.md"
+    command = shlex.join(["iterppo", "report", "--sweep", args.sweep, "--output", str(output)] + (["--notes", args.notes] if args.notes else []))
+    try:
+        if args.notes and not Path(args.notes).is_file():
+            raise FileNotFoundError(f"--notes {args.notes}: no such file")
+        result = write_report(sweep_dir, output, command, Path(args.notes) if args.notes else None)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        print(f"iterppo report: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""`PolicyModule`: token-level PPO against a frozen Q-critic with a KL penalty to pi_k.
+
+One `training_step` = one PPO rollout and update on a batch of logged states:
+sample replies (batched, KV cache) -> score them (old log-probs and values,
+reference log-probs, Q_k at the last reply token) -> per-token rewards
+(-beta * KL + Q at the end) -> GAE -> `ppo_epochs` x `minibatches` clipped
+updates, stopping early when the approximate KL to the rollout policy passes
+`target_kl`. The reference is reset to the current weights (pi_k) at the start
+of every fit, i.e. every outer iteration, as Theorem 2 requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from iterppo_lightning.distributed import collectives as dist_utils
+from iterppo_lightning.rl import ppo_math as pm
+from iterppo_lightning.models.generation import sample_responses
+from iterppo_lightning.models.modeling import LORA_ADAPTER_DIR, POLICY_CARD_FILE, causal_lm_forward, load_policy, lora_adapter_dir, lora_base_of
+from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
+from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
+from iterppo_lightning.models.lora import LoraSettings, adapter_state, adapter_weights, add_lora, export_policy, is_lora, saved_adapter_state
+from iterppo_lightning.utils.stats import atomic_dir
+from iterppo_lightning.distributed.zero import gathered_for_generation, zero_stage
+
+VALUE_HEAD_FILE = "value_head.pt"
+
+
+
+class PolicyModule(OptimizerCarryMixin, L.LightningModule):
+    def __init__(
+        self,
+        lr: float = 1e-4,
+        ppo_epochs: int = 4,
+        minibatches: int = 2,
+        clip_eps: float = 0.2,
+        value_clip: float | None = 0.2,
+        vf_coef: float = 0.5,
+        gamma_token: float = 1.0,
+        gae_lambda: float = 0.95,
+        entropy_coef: float = 0.0,
+        kl_coef: float = 0.05,
+        adaptive_kl: bool = False,
+        kl_target: float = 1.0,
+        kl_horizon: int = 10000,
+        target_kl: float | None = None,
+        max_iteration_kl: float | None = None,
+        whiten_advantages: bool = True,
+        score_norm: str = "none",
+        missing_eos_penalty: float | None = None,
+        max_new_tokens: int = 24,
+        temperature: float = 1.0,
+        max_grad_norm: float = 1.0,
+        keep_optimizer_state: bool = False,
+        lora: LoraSettings | None = None,
+        seed_per_reply: bool = False,
+        advantage: str = "gae",
+        group_size: int = 1,
+        kl_anchor: str = "pi_k",
+    ):
+        """
+        Args:
+            lr: AdamW learning rate for the policy and its value head.
+            ppo_epochs: passes over each rollout batch.
+            minibatches: minibatches per pass.
+            clip_eps: PPO ratio clip epsilon.
+            value_clip: value-loss clip range around the rollout values (None = unclipped).
+            vf_coef: weight of the value loss.
+            gamma_token: discount across reply tokens in GAE (1.0: the reply is one action).
+            gae_lambda: GAE lambda.
+            entropy_coef: weight of the entropy bonus.
+            kl_coef: beta, the per-token KL penalty to the reference pi_k (initial value if adaptive).
+            adaptive_kl: adapt beta towards `kl_target` (Ziegler et al. 2019).
+            kl_target: target sequence KL of the adaptive controller.
+            kl_horizon: horizon of the adaptive controller.
+            target_kl: stop the current rollout's updates once the approximate KL
+                between the updated and the rollout policy passes this (None = never).
+            max_iteration_kl: end this fit (this outer iteration's policy phase) once a rollout's
+                mean sequence KL to the reference pi_k passes this (None = never). `target_kl`
+                bounds each update; this bounds the drift of a whole iteration.
+            whiten_advantages: whiten advantages per rollout batch.
+            score_norm: per-batch normalisation of Q scores: none, whiten, or center.
+            missing_eos_penalty: subtracted from Q when a reply hits max_new_tokens without ending.
+            max_new_tokens: longest reply sampled.
+            temperature: sampling temperature (the log-probs use the same one).
+            max_grad_norm: gradient norm clip.
+            keep_optimizer_state: carry Adam moments across outer iterations.
+            lora: train a LoRA adapter instead of every weight. The reference pi_k is then the
+                same model with the adapter's weights from the start of the iteration, so no
+                second copy of the base model is held.
+            seed_per_reply: sample each rollout reply from its own stream, seeded by the rollout and the
+                reply's position in the global batch (Gumbel-max), instead of torch's global stream. The
+                replies then do not depend on how many processes share the batch, so a multi-process run
+                reproduces a single-process one; a little slower (one noise draw per reply per token).
+            advantage: the single-turn solver: "gae" (PPO with a value head and GAE), "grpo" or
+                "rloo" (a group of replies per state is the baseline; no value head is trained and
+                vf_coef is ignored). Per reply, with KL penalty P = -kl_coef * sum of per-token KL:
+                grpo = (Q - group mean Q) / (group std Q + 1e-4) + (P - group mean P); rloo =
+                (Q + P) - mean of (Q + P) over the other replies. Applied to every reply token
+                (ppo_math.group_token_advantages, docs/variants.md).
+            group_size: replies sampled per state: a rollout is policy_batch_size states x
+                group_size replies. grpo and rloo need >= 2.
+            kl_anchor: the KL reference: "pi_k" (reset to the current policy every outer
+                iteration, Theorem 2) or "pi_0" (the initial policy for the whole run).
+        """
+        super().__init__()
+        if score_norm not in ("none", "whiten", "center"):
+            raise ValueError(f"policy.score_norm must be none, whiten or center, got {score_norm!r}")
+        if ppo_epochs < 1 or minibatches < 1:
+            raise ValueError("policy.ppo_epochs and policy.minibatches must be >= 1")
+        pm.check_solver_settings(advantage, group_size, kl_anchor)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        for key, value in self.hparams.items():
+            setattr(self, key, value)
+        self.kl_controller = (
+            pm.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else pm.FixedKLController(kl_coef)
+        )
+        self.policy = None
+        self.reference = None
+        self.value_head = None
+        self.critic = None
+        self.tokenizer = None
+        self.lora_base: str | None = None
+        """With LoRA: the folder of the weights the adapter applies to (recorded in saved cards)."""
+        self._reference_pinned = False
+        """kl_anchor pi_0: the reference is pi_0 and no fit resets it (see pin_reference)."""
+        self.timings: dict[str, float] = defaultdict(float)
+        self._step_stats: list[dict[str, float]] = []
+        self._rollouts = 0
+        self.fit_stats: dict[str, float] = {}
+
+    # -- wiring -----------------------------------------------------------------
+    def attach(self, model, tokenizer, value_head: nn.Linear | None = None) -> None:
+        """Use this causal LM as the policy (pi_k); the reference is a frozen copy of it."""
+        if self.lora is not None and self.lora.dropout > 0:
+            raise ValueError("policy.lora.dropout must be 0: PPO compares log-probs of the same tokens across passes")
+        if self.lora is not None and not is_lora(model):
+            model = add_lora(model, self.lora)
+        self.policy = model
+        self.tokenizer = tokenizer
+        self.value_head = value_head or nn.Linear(model.config.hidden_size, 1)
+        if value_head is None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        if self.lora is not None:
+            self.reference = None  # pi_k = this model with the adapter snapshot taken in on_fit_start
+            self._reference_adapter = adapter_state(model)
+        else:
+            self.reference = copy.deepcopy(model)
+            self.reference.requires_grad_(False).eval()
+        self._reference_pinned = False
+
+    def pin_reference(self, pi0_dir: str | Path | None = None) -> None:
+        """kl_anchor pi_0: keep the reference as it is for the whole run (no fit resets it to pi_k).
+
+        Call it when the policy is pi_0 (right after attach), or in a restarted process with
+        `pi0_dir`, the saved pi_0, which then becomes the reference (with LoRA: pi_0's adapter
+        state, zeros when pi_0 is the base itself).
+        """
+        if pi0_dir is not None:
+            if self.reference is None:
+                self._reference_adapter = saved_adapter_state(self.policy, pi0_dir)
+            else:
+                self.reference = load_policy(pi0_dir)[0].requires_grad_(False).eval()
+        self._reference_pinned = True
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path)
+        adapter = lora_adapter_dir(path)
+        if self.lora is not None and adapter is not None:
+            # Exact state for resume: the adapter as trained on the base it was trained on
+            # (never on a merged export, which would apply the adapter twice).
+            from peft import PeftModel
+
+            base_dir = lora_base_of(path)
+            base, _ = load_policy(base_dir)
+            model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer.padding_side = "left"
+            self.lora_base = base_dir
+        else:
+            model, tokenizer = load_policy(path)
+            self.lora_base = str(path.resolve())
+        head = None
+        if (Path(path) / VALUE_HEAD_FILE).exists():
+            head = nn.Linear(model.config.hidden_size, 1)
+            head.load_state_dict(torch.load(Path(path) / VALUE_HEAD_FILE, weights_only=True))
+        self.attach(model, tokenizer, head)
+
+    def attach_critic(self, critic) -> None:
+        """The frozen Q_k used as the reward model during this fit."""
+        critic.requires_grad_(False).eval()
+        self.critic = critic
+
+    def save(self, path: str | Path, card: dict | None = None, merge: bool | None = None) -> Path:
+        """`save_pretrained` policy + tokenizer (+ value head, + a JSON `card`), written then renamed into place.
+
+        The folder is a deployable Hugging Face model (tokenizer and chat template
+        included). `card` (lineage: policy id, parent, data) goes to POLICY_CARD_FILE.
+        """
+        if self.lora is not None:
+            card = {**(card or {}), "lora_base": self.lora_base}
+        with atomic_dir(path, overwrite=True) as tmp:
+            if self.lora is not None:
+                merged = self.lora.merge_on_export if merge is None else merge
+                export_policy(self.policy, self.tokenizer, tmp, merge=merged)
+                if merged:
+                    self.policy.save_pretrained(tmp / LORA_ADAPTER_DIR)  # the adapter as trained, for resume
+            else:
+                self.policy.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+            torch.save(self.value_head.state_dict(), tmp / VALUE_HEAD_FILE)
+            if card is not None:
+                (tmp / POLICY_CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+            failpoint("policy_save.before_rename")
+        return Path(path)
+
+    # -- Lightning hooks ----------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Runs before the strategy wraps the module (DeepSpeed ZeRO-3 partitions the weights in its setup,
+        # after which state_dict() holds empty placeholders), so the reference is reset here.
+        if self.critic is None:
+            raise RuntimeError("PolicyModule needs a critic: call attach_critic(Q_k) before fit")
+        if self.lora is not None and zero_stage(self._trainer) == 3:  # _trainer: None outside a fit (tests)
+            raise ValueError(
+                "policy.lora with ZeRO-3 in the policy phase is not supported (the reference pi_k swaps the adapter's "
+                "weights, which ZeRO-3 partitions); use ZeRO-2 for policy_strategy, or train the policy without LoRA"
+            )
+        # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k
+        # (unless kl_anchor pi_0 pinned it to pi_0).
+        if self._reference_pinned:
+            pass
+        elif self.reference is None:
+            self._reference_adapter = adapter_state(self.policy)
+        else:
+            self.reference.load_state_dict(self.policy.state_dict())
+            self.reference.requires_grad_(False).eval()
+
+    def on_fit_start(self) -> None:
+        self.policy.train()
+        self.value_head.train()
+        self._step_stats = []
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        keys = {k for s in self._step_stats for k in s}
+        self.fit_stats = {k: sum(s[k] for s in self._step_stats if k in s) / len(self._step_stats) for k in sorted(keys)}
+
+    def configure_optimizers(self):
+        # With LoRA only the adapter requires grad; the base weights stay out of the optimizer.
+        params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        return torch.optim.AdamW(params, lr=self.lr)
+
+    # -- rollout --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        """Accumulate wall seconds under `timings[name]` (read by benchmarks/ppo_phase.py)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] += time.perf_counter() - start
+
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        # Dividing by 1.0 would still copy a [B, R, V] tensor.
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+    def _policy_outputs(self, full_ids, full_mask, prompt_len, response):
+        """Response log-probs [B, R], values [B, R] and logits of the response positions."""
+        resp_len = response.shape[1]
+        # Position t of the sequence predicts token t+1: the reply's logits are
+        # those of positions prompt_len-1 .. end-1, i.e. the last resp_len+1 minus the final one.
+        logits, hidden = causal_lm_forward(self.policy, full_ids, full_mask, want_hidden=True, logits_to_keep=resp_len + 1)
+        resp_logits = self._tempered(logits[:, :-1])
+        logprobs = pm.logprobs_from_logits(resp_logits, response)
+        values = self.value_head(hidden[:, prompt_len - 1 : -1]).squeeze(-1)
+        return logprobs, values, resp_logits
+
+    def _reference_logits(self, full_ids, full_mask, keep: int) -> torch.Tensor:
+        if self.reference is None:  # LoRA: the same weights with pi_k's adapter
+            with adapter_weights(self.policy, self._reference_adapter):
+                return causal_lm_forward(self.policy, full_ids, full_mask, logits_to_keep=keep)[0]
+        return causal_lm_forward(self.reference, full_ids, full_mask, logits_to_keep=keep)[0]
+
+    @torch.no_grad()
+    def make_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        if self.group_size > 1:  # group_size replies per state, the replies to one state on adjacent rows
+            prompt_ids = prompt_ids.repeat_interleave(self.group_size, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(self.group_size, dim=0)
+        seeds = None
+        if self.seed_per_reply:
+            # One draw from the global stream (identical on every rank), then one seed per global row.
+            base = int(torch.randint(0, 2**62, (1,)).item())
+            offset, _ = dist_utils.global_offset(prompt_ids.shape[0])
+            seeds = [base + offset + row for row in range(prompt_ids.shape[0])]
+        # Under ZeRO-3: gather the policy once and generate without per-layer hooks (zero.py).
+        with self._timed("generate"), gathered_for_generation(self, self.policy) as model:
+            response, resp_mask = sample_responses(
+                model, prompt_ids, prompt_mask, tok.eos_token_id, tok.pad_token_id, self.max_new_tokens, self.temperature, reply_seeds=seeds
+            )
+        full_ids = torch.cat([prompt_ids, response], dim=1)
+        full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
+        prompt_len = prompt_ids.shape[1]
+        with self._timed("score_forward"):  # policy + value, reference, and Q_k forwards
+            old_logprobs, old_values, _ = self._policy_outputs(full_ids, full_mask, prompt_len, response)
+            ref_logits = self._reference_logits(full_ids, full_mask, response.shape[1] + 1)
+            ref_logprobs = pm.logprobs_from_logits(self._tempered(ref_logits[:, :-1]), response)
+            # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
+            score = self.critic.score(full_ids, full_mask)
+        ended = (response == tok.eos_token_id).any(dim=1)
+        raw_score = score.clone()
+        if self.missing_eos_penalty is not None:
+            score = score - self.missing_eos_penalty * (~ended).float()
+        # Batch statistics (score normalisation, advantage whitening) are over the global batch: every rank's rows.
+        score = pm.normalize_scores(score, self.score_norm, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None)
+        rewards, kl = pm.per_token_rewards(score, old_logprobs, ref_logprobs, resp_mask, self.kl_controller.value)
+        if self.advantage == "gae":
+            advantages, returns = pm.gae_advantages(rewards, old_values, resp_mask, self.gamma_token, self.gae_lambda)
+        else:  # grpo / rloo: the other replies to the state are the baseline; no value target
+            advantages = pm.group_token_advantages(score, rewards, resp_mask, self.group_size, self.advantage)
+            returns = torch.zeros_like(old_values)
+        if self.whiten_advantages:
+            advantages = pm.masked_whiten(advantages, resp_mask, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None)
+        return {
+            "full_ids": full_ids,
+            "full_mask": full_mask,
+            "prompt_len": prompt_len,
+            "response": response,
+            "mask": resp_mask,
+            "old_logprobs": old_logprobs,
+            "old_values": old_values,
+            "advantages": advantages,
+            "returns": returns,
+            "raw_score": raw_score,
+            "seq_kl": (kl * resp_mask).sum(1),
+            "ended": ended,
+        }
+
+    # -- PPO update ----------------------------------------------------------------------
+    def ppo_update(self, rollout: dict[str, torch.Tensor]) -> dict[str, float]:
+        optimizer = self.optimizers()
+        batch = rollout["response"].shape[0]
+        # Minibatches are drawn over the GLOBAL batch (the same permutation on every rank); each rank trains
+        # on its rows of each. In a single process this is the plain randperm(batch).split(mb_size).
+        offset, global_batch = dist_utils.global_offset(batch)
+        mb_size = math.ceil(global_batch / self.minibatches)
+        agg: dict[str, list[float]] = defaultdict(list)
+        stopped_early = False
+        epochs_run = 0
+        for _ in range(self.ppo_epochs):
+            epochs_run += 1
+            for chunk in torch.randperm(global_batch, device=rollout["response"].device).split(mb_size):
+                idx = chunk[(chunk >= offset) & (chunk < offset + batch)] - offset if dist_utils.is_distributed() else chunk
+                # A rank with no row in this minibatch still runs forward/backward (ZeRO's collectives need
+                # every rank) on one row with zero weight.
+                empty = idx.numel() == 0
+                if empty:
+                    idx = torch.zeros(1, dtype=torch.long, device=chunk.device)
+                with self._timed("update_forward"):
+                    logprobs, values, resp_logits = self._policy_outputs(
+                        rollout["full_ids"][idx], rollout["full_mask"][idx], rollout["prompt_len"], rollout["response"][idx]
+                    )
+                mask = rollout["mask"][idx]
+                pg_loss, pg_stats = pm.policy_loss(
+                    logprobs, rollout["old_logprobs"][idx], rollout["advantages"][idx], mask, self.clip_eps
+                )
+                loss = pg_loss
+                if self.advantage == "gae":  # grpo / rloo leave the value head untouched
+                    vf_loss, vf_stats = pm.value_loss(values, rollout["old_values"][idx], rollout["returns"][idx], mask, self.value_clip)
+                    loss = loss + self.vf_coef * vf_loss
+                if self.entropy_coef:
+                    entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits), mask)
+                    loss = loss - self.entropy_coef * entropy
+                else:  # logged only: keep the full-vocabulary softmax out of the backward pass
+                    with torch.no_grad():
+                        entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits.detach()), mask)
+                tokens = torch.zeros(()) if empty else mask.sum()
+                share = dist_utils.global_share(tokens)  # token mean over the global minibatch (None: one process)
+                if share is not None:
+                    loss = loss * share
+                loss = maybe_nan("policy.loss", loss)  # crash tests only; a no-op otherwise
+                if dist_utils.any_rank(not bool(torch.isfinite(loss))):  # every process stops together
+                    # Raise before backward/step so the last good weights stay intact.
+                    raise FloatingPointError(
+                        f"policy phase: non-finite PPO loss at global step {self.global_step} (rollout {self._rollouts})"
+                    )
+                optimizer.zero_grad()
+                with self._timed("update_backward"):
+                    self.manual_backward(loss)
+                with self._timed("optimizer_step"):
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    optimizer.step()
+                agg["policy_loss"].append(pg_loss.item())
+                agg["entropy"].append(entropy.item())
+                agg["clip_frac"].append(float(pg_stats["clip_frac"]))
+                agg["approx_kl"].append(float(pg_stats["approx_kl"]))
+                if self.advantage == "gae":
+                    agg["value_loss"].append(vf_loss.item())
+                    agg["vf_clip_frac"].append(float(vf_stats["vf_clip_frac"]))
+                approx_kl = float(pg_stats["approx_kl"])
+                if dist_utils.is_distributed():  # every rank must take the same decision
+                    approx_kl = dist_utils.global_mean(pg_stats["approx_kl"].reshape(1), tokens.reshape(1).float())
+                if self.target_kl is not None and approx_kl > self.target_kl:
+                    stopped_early = True
+                    break
+            if stopped_early:
+                break
+        stats = {k: sum(v) / len(v) for k, v in agg.items()}
+        stats["epochs_run"] = float(epochs_run)
+        stats["early_stopped"] = float(stopped_early)
+        return stats
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        rollout = self.make_rollout(batch["input_ids"], batch["attention_mask"])
+        stats = self.ppo_update(rollout)
+        self._rollouts += 1
+        if dist_utils.is_distributed():  # rollout statistics over every rank's rows: the KL controller and
+            mean = dist_utils.global_mean  # the early stop below must take the same decision on every rank
+        else:
+            def mean(x: torch.Tensor) -> float:
+                return x.mean().item()
+        mean_kl = mean(rollout["seq_kl"])
+        stats.update(
+            kl=mean_kl,
+            kl_coef=self.kl_controller.value,
+            mean_score=mean(rollout["raw_score"]),
+            response_length=mean(rollout["mask"].sum(1).float()),
+            ended_frac=mean(rollout["ended"].float()),
+        )
+        self.kl_controller.update(mean_kl, n_steps=dist_utils.global_offset(rollout["response"].shape[0])[1])
+        if self.max_iteration_kl is not None and mean_kl > self.max_iteration_kl:
+            # Q_k is only trustworthy near pi_k (Theorem 2): stop before PPO exploits its errors.
+            stats["stopped_on_iteration_kl"] = 1.0
+            self.trainer.should_stop = True
+        self._step_stats.append(stats)
+        failpoint("policy.step")
+        shown = {"mean_score", "kl"}  # on the progress bar; the rest only in the logger
+        n = rollout["response"].shape[0]
+        self.log_dict({f"ppo/{k}": v for k, v in stats.items() if k not in shown}, batch_size=n)
+        self.log_dict({f"ppo/{k}": stats[k] for k in shown}, prog_bar=True, batch_size=n)

@@ -1,0 +1,57 @@
+"""`BehaviourCloningModule`: supervised fine-tuning of a causal LM on logged suggestions.
+
+Builds pi_0 from imagined conversations, and is the filtered-BC baseline when
+the DataModule keeps successful conversations only. Loss is next-token
+cross-entropy on the suggestion tokens only (prompt tokens are masked).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from iterppo_lightning.distributed.collectives import any_rank, global_share
+from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
+from iterppo_lightning.models.modeling import causal_lm_forward
+
+
+class BehaviourCloningModule(L.LightningModule):
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0):
+        """
+        Args:
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.model = None
+
+    def attach(self, model) -> None:
+        """Train this causal LM (weights are updated in place)."""
+        self.model = model
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        logits, _ = causal_lm_forward(self.model, batch["input_ids"], batch["attention_mask"])
+        # Position t predicts token t+1.
+        labels = batch["labels"][:, 1:].reshape(-1)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels, ignore_index=-100)
+        # Several processes: the mean over every rank's tokens, not a mean of per-rank means.
+        share = global_share((labels != -100).sum())
+        return loss if share is None else loss * share
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = maybe_nan("sft.loss", self._loss(batch))  # crash tests only; a no-op otherwise
+        if any_rank(not bool(torch.isfinite(loss))):  # every process stops together
+            raise FloatingPointError(f"bootstrap phase (behaviour cloning of pi_0): non-finite loss at step {self.global_step}")
+        failpoint("sft.step")
+        self.log("sft/train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("sft/val_loss", self._loss(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)

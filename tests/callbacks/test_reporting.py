@@ -1,0 +1,329 @@
+"""Tests for stats helpers, ReportingCallback and EarlyStoppingCallback."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parents[2]
+
+try:
+    from iterppo_lightning.callbacks import EarlyStoppingCallback, IterationCallback, ReportingCallback
+except ModuleNotFoundError as exc:
+    # Before the package is installed (callbacks/ mapped to iterppo_lightning.callbacks),
+    # load the folder under that name so these tests run from a bare checkout too.
+    if exc.name not in ("iterppo_lightning", "iterppo_lightning.callbacks"):
+        raise
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location(
+        "iterppo_lightning.callbacks",
+        ROOT / "callbacks" / "__init__.py",
+        submodule_search_locations=[str(ROOT / "callbacks")],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    EarlyStoppingCallback = module.EarlyStoppingCallback
+    IterationCallback = module.IterationCallback
+    ReportingCallback = module.ReportingCallback
+
+from iterppo_lightning.utils.stats import (  # noqa: E402
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    summarize_outcomes,
+    wilson_interval,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def make_loop(tmp_path: Path, initial_eval: dict | None = None, num_iterations: int = 3) -> SimpleNamespace:
+    return SimpleNamespace(
+        run_dir=tmp_path,
+        history=[],
+        should_stop=False,
+        initial_eval=initial_eval,
+        num_iterations=num_iterations,
+    )
+
+
+def make_record(k: int, rate: float) -> dict:
+    return {
+        "iteration": k,
+        "policy": f"pi_{k + 1}",
+        "success_rate": rate,
+        "ci95": [rate - 0.04, rate + 0.04],
+        "mean_return": rate - 0.02,
+        "mean_turns": 3.2,
+        "eval_episodes": 256,
+        "collect": {"episodes": 512, "success_rate": 0.22},
+        "critic": {"val_loss": 0.4, "val_brier": 0.1, "val_auroc": 0.8, "val_calibration_error": 0.05},
+        "ppo": {"kl": 0.01, "clip_frac": 0.1, "value_loss": 0.02, "entropy": 1.3, "kl_coef": 0.05, "mean_score": 0.4},
+        "seconds": {"collect": 3.1, "critic": 5.0, "policy": 20.0, "evaluate": 2.0},
+    }
+
+
+def run_loop(loop: SimpleNamespace, callbacks: list[IterationCallback], records: list[dict]) -> dict:
+    """Drive the hooks the way the real loop does; returns the summary."""
+    for cb in callbacks:
+        cb.on_run_start(loop)
+    for record in records:
+        k = record.get("iteration", len(loop.history))
+        for cb in callbacks:
+            cb.on_iteration_start(loop, k)
+            cb.on_critic_end(loop, k, record.get("critic") or {})
+            cb.on_policy_end(loop, k, record.get("ppo") or {})
+        for cb in callbacks:
+            cb.on_iteration_end(loop, k, record)
+        loop.history.append(record)  # only after every on_iteration_end
+        if loop.should_stop:
+            break
+    summary = {"final_policy": f"pi_{len(loop.history)}"}
+    for cb in callbacks:
+        cb.on_run_end(loop, summary)
+    return summary
+
+
+def quiet_console() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files left behind by atomic writes."""
+    return [p.name for p in folder.iterdir() if ".tmp" in p.name]
+
+
+# -- stats -------------------------------------------------------------------
+
+
+def wilson_by_formula(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    # (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    p = k / n
+    center = p + z**2 / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    denom = 1 + z**2 / n
+    return (center - spread) / denom, (center + spread) / denom
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (5, 10), (81, 100), (10, 10)])
+def test_wilson_matches_formula(k: int, n: int) -> None:
+    low, high = wilson_interval(k, n)
+    exp_low, exp_high = wilson_by_formula(k, n)
+    assert low == pytest.approx(max(0.0, exp_low), abs=1e-12)
+    assert high == pytest.approx(min(1.0, exp_high), abs=1e-12)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+
+
+def test_wilson_published_values() -> None:
+    # 5 of 10 at 95%: (0.2366, 0.7634) in the standard tables; 0 of 10 has upper 0.2775.
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+
+
+def test_wilson_edge_cases() -> None:
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+    with pytest.raises(ValueError):
+        wilson_interval(-1, 2)
+
+
+def test_summarize_outcomes() -> None:
+    out = summarize_outcomes([True, False, 1, 0], [2, 4, 3, 3], [1.0, 0.0, 1.0, 0.0])
+    assert out["success_rate"] == 0.5
+    assert out["ci95"] == pytest.approx(list(wilson_interval(2, 4)))
+    assert isinstance(out["ci95"], list) and len(out["ci95"]) == 2
+    assert out["mean_turns"] == 3.0
+    assert out["mean_return"] == 0.5
+    assert out["episodes"] == 4
+    assert summarize_outcomes([], [], [])["ci95"] == [0.0, 1.0]
+    with pytest.raises(ValueError):
+        summarize_outcomes([True], [1, 2], [1.0])
+
+
+def test_atomic_write_roundtrip_leaves_no_temp(tmp_path: Path) -> None:
+    atomic_write_text(tmp_path / "a.txt", "hello\n")
+    atomic_write_json(tmp_path / "b.json", {"x": [1, 2], "p": Path("/tmp")})
+    assert (tmp_path / "a.txt").read_text() == "hello\n"
+    assert json.loads((tmp_path / "b.json").read_text()) == {"x": [1, 2], "p": "/tmp"}
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_write_json_failure_keeps_old_content(tmp_path: Path) -> None:
+    target = tmp_path / "summary.json"
+    atomic_write_json(target, {"ok": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"bad": object()})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_path_failure_mid_write_keeps_old_content(tmp_path: Path) -> None:
+    target = tmp_path / "curve.png"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.suffix == ".png"
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert target.read_bytes() == b"old"
+    assert leftovers(tmp_path) == []
+
+
+# -- reporting ---------------------------------------------------------------
+
+
+def test_reporting_full_run(tmp_path: Path) -> None:
+    initial = {"success_rate": 0.22, "ci95": [0.18, 0.26], "mean_turns": 3.5, "episodes": 256}
+    loop = make_loop(tmp_path, initial_eval=initial)
+    console = quiet_console()
+    records = [make_record(0, 0.41), make_record(1, 0.52), make_record(2, 0.48)]
+    summary = run_loop(loop, [ReportingCallback(console=console)], records)
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert [json.loads(line) for line in lines] == records
+
+    png = (tmp_path / "learning_curve.png").read_bytes()
+    assert png[:8] == PNG_SIGNATURE
+    assert len(png) > 5_000
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    assert summary["final_policy"] == "pi_3"  # the loop's key is kept
+    assert summary["initial_success_rate"] == 0.22
+    assert summary["final_success_rate"] == 0.48
+    assert summary["final_ci95"] == pytest.approx([0.44, 0.52])
+    assert summary["iterations"] == 3
+    assert summary["best_iteration"] == 1
+    assert summary["best_policy"] == "pi_2"
+
+    out = console.file.getvalue()
+    assert "pi_0" in out and "0.220" in out
+    rows = [line for line in out.splitlines() if line.split()[:2] in (["0", "pi_1"], ["1", "pi_2"], ["2", "pi_3"])]
+    assert len(rows) == 3  # one table line per iteration
+    assert len({line.index("pi_") for line in rows}) == 1  # aligned columns
+    assert leftovers(tmp_path) == []
+
+
+def test_reporting_missing_nested_keys(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path, initial_eval=None)
+    console = quiet_console()
+    records = [
+        {"iteration": 0, "policy": "pi_1"},
+        {"iteration": 1, "policy": "pi_2", "success_rate": 0.3, "critic": {}, "ppo": None, "seconds": {"collect": 1.5}},
+        {"iteration": 2, "success_rate": float("nan"), "ci95": [None, 0.5], "critic": {"val_auroc": 0.7}},
+    ]
+    summary = run_loop(loop, [ReportingCallback(console=console)], records)
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]  # strict JSON: NaN was written as null
+    assert len(parsed) == 3 and parsed[2]["success_rate"] is None
+    assert (tmp_path / "learning_curve.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert summary["initial_success_rate"] is None
+    assert summary["final_success_rate"] is None
+    assert summary["best_iteration"] == 1
+    assert summary["iterations"] == 3
+    out = console.file.getvalue()
+    assert "1.5/-/-/-" in out
+    assert "learning curve not drawn" not in out
+
+
+def test_reporting_zero_iterations_and_silent(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path, initial_eval={"success_rate": 0.2}, num_iterations=0)
+    console = quiet_console()
+    summary = run_loop(loop, [ReportingCallback(print_table=False, console=console)], [])
+    assert console.file.getvalue() == ""
+    assert summary["iterations"] == 0 and summary["final_success_rate"] is None
+    assert summary["best_iteration"] is None and summary["best_policy"] == "pi_0"
+    assert json.loads((tmp_path / "summary.json").read_text())["final_policy"] == "pi_0"
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_metrics_jsonl_survives_failed_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = make_loop(tmp_path)
+    callback = ReportingCallback(print_table=False)
+    callback.on_iteration_end(loop, 0, make_record(0, 0.4))
+    loop.history.append(make_record(0, 0.4))
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        callback.on_iteration_end(loop, 1, make_record(1, 0.5))
+    monkeypatch.undo()
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["iteration"] == 0
+    assert leftovers(tmp_path) == []
+
+
+# -- early stopping -------------------------------------------------------------
+
+
+def stop_iteration(rates: list[float], initial: float | None, **kwargs) -> int | None:
+    """Iteration after which the callback asked to stop (None if never)."""
+    loop = make_loop(Path("."), initial_eval=None if initial is None else {"success_rate": initial})
+    callback = EarlyStoppingCallback(console=quiet_console(), **kwargs)
+    callback.on_run_start(loop)
+    for k, rate in enumerate(rates):
+        callback.on_iteration_end(loop, k, make_record(k, rate))
+        if loop.should_stop:
+            return k
+    return None
+
+
+def test_early_stopping_triggers_after_patience() -> None:
+    # 0.40 improves on pi_0's 0.30; 0.35 and 0.38 do not -> stop after iteration 2.
+    assert stop_iteration([0.40, 0.35, 0.38, 0.90], initial=0.30, patience=2) == 2
+    # An improvement resets the count.
+    assert stop_iteration([0.40, 0.35, 0.45, 0.44, 0.43], initial=0.30, patience=2) == 4
+    assert stop_iteration([0.40, 0.35, 0.45, 0.44], initial=0.30, patience=2) is None
+    assert stop_iteration([0.40, 0.35, 0.38], initial=0.30, patience=3) is None
+
+
+def test_early_stopping_counts_initial_eval_and_min_delta() -> None:
+    # pi_0 is the best so far, so the first two iterations already count.
+    assert stop_iteration([0.50, 0.55], initial=0.60, patience=2) == 1
+    assert stop_iteration([0.50, 0.55], initial=None, patience=2) is None
+    # Gains of 0.005 are not more than min_delta=0.01.
+    assert stop_iteration([0.400, 0.405, 0.410], initial=None, patience=2, min_delta=0.01) == 2
+    # A missing metric counts as no improvement.
+    loop = make_loop(Path("."), initial_eval={"success_rate": 0.3})
+    callback = EarlyStoppingCallback(patience=1, console=quiet_console())
+    callback.on_iteration_end(loop, 0, {"iteration": 0})
+    assert loop.should_stop
+
+
+def test_early_stopping_state_dict_roundtrip() -> None:
+    loop = make_loop(Path("."), initial_eval={"success_rate": 0.3})
+    first = EarlyStoppingCallback(patience=2, console=quiet_console())
+    first.on_run_start(loop)
+    first.on_iteration_end(loop, 0, make_record(0, 0.5))
+    first.on_iteration_end(loop, 1, make_record(1, 0.4))
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["best"] == 0.5 and state["best_iteration"] == 0 and state["wait"] == 1
+
+    resumed_loop = make_loop(Path("."), initial_eval={"success_rate": 0.3})
+    resumed = EarlyStoppingCallback(patience=2, console=quiet_console())
+    resumed.load_state_dict(state)
+    resumed.on_run_start(resumed_loop)  # must not reset the restored best
+    resumed.on_iteration_end(resumed_loop, 2, make_record(2, 0.45))
+    assert resumed_loop.should_stop and resumed.stopped_iteration == 2
+
+    with pytest.raises(ValueError):
+        EarlyStoppingCallback(monitor="mean_return").load_state_dict(state)

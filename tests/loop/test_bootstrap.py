@@ -1,0 +1,48 @@
+"""pi_0's imagined data: which turns are informed recommendations, and the BC curriculum's data restriction."""
+
+from __future__ import annotations
+
+from iterppo_lightning.loop.bootstrap import imagine_conversations, informed_recommendation_turns
+from iterppo_lightning.data.conversation import Conversation, Turn
+from iterppo_lightning.data.datamodule import TrajectoryDataModule
+from iterppo_lightning.env.sales_simulator import SalesSimulator, SimulatorConfig
+from iterppo_lightning.env.scripted_agents import BehaviourAgent
+
+
+def _turn(customer: str, suggestion: str) -> Turn:
+    return Turn(customer, 0, suggestion, suggestion, "accept")
+
+
+def test_informed_recommendation_turns_marks_recommendations_after_the_need_was_told():
+    conv = Conversation(
+        "c",
+        [
+            _turn("hi , can you help me ?", "how about the basic phone ?"),  # blind: need unknown
+            _turn("i do not need a phone .", "what are you looking for ?"),  # a question, not a recommendation
+            _turn("i am looking for a laptop .", "how about the premium laptop ?"),  # informed
+            Turn("that is not in my price range ."),
+        ],
+    )
+    assert informed_recommendation_turns(conv) == [2]
+
+
+def test_imagined_conversations_carry_their_informed_turns():
+    agent = BehaviourAgent(informed_prob=1.0, skip_known_questions=True)
+    convs = imagine_conversations(SalesSimulator(SimulatorConfig()), agent, list(range(60)))
+    labelled = [c.metadata["informed_recommendation_turns"] for c in convs]
+    assert any(labelled) and not all(labelled)
+    for conv, turns in zip(convs, labelled):
+        assert turns == informed_recommendation_turns(conv)
+
+
+def test_restrict_sft_keeps_only_the_given_turns(tokenizer, conversations):
+    dm = TrajectoryDataModule(val_fraction=0.0, sft_batch_size=4)
+    dm.connect(tokenizer)
+    dm.set_conversations(conversations)
+    dm.use_phase("sft")
+    keep = {(conversations[0].conversation_id, conversations[0].agent_turns[0]), (conversations[1].conversation_id, 0)}
+    dm.restrict_sft(keep)
+    batches = list(dm.train_dataloader())
+    assert sum(b["input_ids"].shape[0] for b in batches) == 2
+    dm.restrict_sft(None)
+    assert sum(b["input_ids"].shape[0] for b in dm.train_dataloader()) == len(dm.train_examples)

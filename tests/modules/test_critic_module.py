@@ -1,0 +1,254 @@
+"""CriticModule: learns Q from Monte Carlo returns, scores in [0, 1], thaws itself after the policy phase."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_trainer, toy_conversation
+from iterppo_lightning.modules.critic import CriticModule, SoftCalibrationError
+from iterppo_lightning.data.datamodule import TrajectoryDataModule, _in_validation, pad_left
+from iterppo_lightning.modules.policy import PolicyModule
+
+OPENINGS = ["hello", "greetings", "howdy", "hi"]
+
+
+@pytest.fixture()
+def base_dir(tmp_path, tiny_model, tokenizer):
+    """A saved causal LM folder, what pi_0 is to the critic."""
+    out = tmp_path / "pi_0"
+    tiny_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _toy_datamodule(tokenizer, n=64):
+    # The return depends only on the suggestion ("good" -> 1, "bad" -> 0); every opening meets both.
+    convs = [
+        toy_conversation(f"toy-{i}", OPENINGS[(i // 2) % len(OPENINGS)], "good" if i % 2 == 0 else "bad", success=i % 2 == 0)
+        for i in range(n)
+    ]
+    dm = TrajectoryDataModule(gamma=0.9, val_fraction=0.3, critic_batch_size=16)
+    dm.connect(tokenizer)
+    dm.set_conversations(convs)
+    dm.use_phase("critic")
+    assert {e.success for e in dm.val_examples} == {0, 1}, "the toy validation split needs both classes"
+    return dm
+
+
+def _encode_pairs(tokenizer, pairs):
+    texts = [f"<customer> {opening} <agent> {reply} <end>" for opening, reply in pairs]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return pad_left(ids, tokenizer.pad_token_id)
+
+
+def _weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer):
+    torch.manual_seed(0)
+    dm = _toy_datamodule(tokenizer)
+    critic = CriticModule(lr=5e-3)
+    critic.build(base_dir)
+    trainer = make_trainer(max_epochs=5)
+    trainer.fit(critic, datamodule=dm)
+    metrics = trainer.callback_metrics
+    assert metrics["critic/val_auroc"] > 0.9
+    assert metrics["critic/val_loss"] < 0.45  # ln 2 = 0.69 is the uninformed loss
+    assert {"critic/val_brier", "critic/val_calibration_error"} <= set(metrics)
+
+    ids, mask = _encode_pairs(tokenizer, [(o, "good") for o in OPENINGS] + [(o, "bad") for o in OPENINGS])
+    q = critic.score(ids, mask)
+    assert q.shape == (8,)
+    assert ((q >= 0) & (q <= 1)).all()
+    assert q[:4].min() > q[4:].max()
+    assert q[:4].min() > 0.65 and q[4:].max() < 0.35
+
+
+def test_val_auroc_is_not_reported_as_zero_when_it_is_undefined(base_dir, tokenizer):
+    # Successes only among training conversations: the validation split holds failures only.
+    convs = []
+    for i in range(48):
+        cid = f"toy-{i}"
+        good = i % 2 == 0 and not _in_validation(cid, 0.3, 0)
+        convs.append(toy_conversation(cid, OPENINGS[(i // 2) % len(OPENINGS)], "good" if good else "bad", success=good))
+    dm = TrajectoryDataModule(val_fraction=0.3, critic_batch_size=16)
+    dm.connect(tokenizer)
+    dm.set_conversations(convs)
+    assert dm.val_examples and {e.success for e in dm.val_examples} == {0}
+    critic = CriticModule(lr=5e-3)
+    critic.build(base_dir)
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(critic, datamodule=dm)
+    auroc = trainer.callback_metrics.get("critic/val_auroc")
+    assert auroc is None or torch.isnan(auroc), f"undefined AUROC reported as {float(auroc)}"
+
+
+def test_score_is_a_probability_even_for_extreme_heads(base_dir, tokenizer):
+    critic = CriticModule()
+    critic.build(base_dir)
+    ids, mask = _encode_pairs(tokenizer, [("hi", "good"), ("hello there", "bad bad bad")])
+    # A fresh critic's head is zero: Q = 0.5 everywhere, an uninformative start.
+    assert critic.score(ids, mask).tolist() == pytest.approx([0.5, 0.5])
+    for bias in (80.0, -80.0):
+        with torch.no_grad():
+            critic.head.bias.fill_(bias)
+            critic.head.weight.normal_(0, 10)
+        q = critic.score(ids, mask)
+        assert ((q >= 0) & (q <= 1)).all()
+        assert not q.requires_grad
+
+
+def test_score_ignores_padding_on_either_side(base_dir, tokenizer):
+    critic = CriticModule()
+    critic.build(base_dir)
+    with torch.no_grad():
+        critic.head.weight.normal_(0, 1)
+    seq = tokenizer("<customer> hi <agent> good <end>", add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id
+    alone = critic(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+    # [left pads | sequence | right pads], the layout of a PPO rollout (prompt | reply).
+    padded = torch.tensor([[pad, pad] + seq + [pad, pad, pad]])
+    mask = torch.tensor([[0, 0] + [1] * len(seq) + [0, 0, 0]])
+    assert critic(padded, mask).item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_new_fit_thaws_a_critic_frozen_by_the_policy_phase(base_dir, tokenizer):
+    dm = _toy_datamodule(tokenizer, n=32)
+    critic = CriticModule(lr=1e-2)
+    critic.build(base_dir)
+    PolicyModule().attach_critic(critic)  # the policy phase freezes Q_k
+    assert not any(p.requires_grad for p in critic.parameters())
+    before = _weights(critic)
+    make_trainer(max_epochs=1, limit_val_batches=0).fit(critic, datamodule=dm)
+    assert all(p.requires_grad for p in critic.parameters())
+    after = _weights(critic)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "head.weight" in changed
+    assert any(k.startswith("backbone.") for k in changed), "the backbone must train too, not only the head"
+
+
+def test_build_from_config_only_gives_a_different_backbone(base_dir):
+    warm = CriticModule(init_from_policy=True)
+    warm.build(base_dir)
+    cold = CriticModule(init_from_policy=False)
+    cold.build(base_dir)
+    assert warm.backbone.config.hidden_size == cold.backbone.config.hidden_size == 32
+    assert not torch.equal(warm.backbone.wte.weight, cold.backbone.wte.weight)
+
+
+def test_unknown_loss_is_rejected():
+    with pytest.raises(ValueError, match="loss"):
+        CriticModule(loss="hinge")
+
+
+def test_soft_calibration_error_hand_example():
+    metric = SoftCalibrationError(n_bins=10)
+    # Bin 0: mean pred 0.05 vs mean target 0.0; bin 9: mean pred 0.95 vs mean target 0.8.
+    metric.update(torch.tensor([0.05, 0.95, 0.95]), torch.tensor([0.0, 0.8, 0.8]))
+    assert metric.compute().item() == pytest.approx((0.05 + 2 * 0.15) / 3)
+    perfect = SoftCalibrationError(n_bins=4)
+    perfect.update(torch.tensor([0.1, 0.6]), torch.tensor([0.1, 0.6]))
+    assert perfect.compute().item() == pytest.approx(0.0, abs=1e-7)
+
+
+# -- a pessimistic ensemble -------------------------------------------------------------------------------------
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _members(critic):
+    return [(critic.backbone, critic.head)] + [(m["backbone"], m["head"]) for m in critic.extra_members]
+
+
+def test_ensemble_score_is_mean_minus_c_std_and_q_mean_the_mean(base_dir, tokenizer):
+    critic = CriticModule(ensemble_size=3, pessimism=2.0)
+    critic.build(base_dir)
+    # Constant members (zero weights): Q = 0.2, 0.4, 0.9 on every pair.
+    with torch.no_grad():
+        for (_, head), q in zip(_members(critic), (0.2, 0.4, 0.9)):
+            head.weight.zero_()
+            head.bias.fill_(_logit(q))
+    ids, mask = _encode_pairs(tokenizer, [("hi", "good"), ("hello", "bad bad")])
+    assert critic(ids, mask).shape == (3, 2)
+    # mean 0.5; sample std sqrt(((-0.3)^2 + (-0.1)^2 + 0.4^2) / 2) = sqrt(0.13) = 0.3605551
+    assert critic.q_mean(ids, mask).tolist() == pytest.approx([0.5, 0.5], abs=1e-6)
+    assert critic.score(ids, mask).tolist() == pytest.approx([0.5 - 2 * math.sqrt(0.13)] * 2, abs=1e-6)
+
+
+def test_ensemble_members_start_differently_and_a_single_critic_at_zero(base_dir):
+    torch.manual_seed(0)
+    critic = CriticModule(ensemble_size=3)
+    critic.build(base_dir)
+    heads = [head.weight.detach().clone() for _, head in _members(critic)]
+    assert all(h.abs().sum() > 0 for h in heads)
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
+    single = CriticModule()
+    single.build(base_dir)
+    assert single.head.weight.abs().sum() == 0 and len(single.extra_members) == 0
+    assert not any(k.startswith("extra_members") for k in single.state_dict())  # critic.pt of one critic is unchanged
+
+
+def test_ensemble_loss_weights_each_member_by_its_own_bootstrap_counts():
+    critic = CriticModule(ensemble_size=2)
+    logits = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 0.5]])
+    target = torch.tensor([1.0, 0.0, 0.5])
+    counts = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]])
+    pool = torch.tensor([1.0, 0.5, 1.0])
+    bce = lambda l: torch.nn.functional.binary_cross_entropy_with_logits(l, target, reduction="none")  # noqa: E731
+    # member m: mean over the batch of count_m * pool * BCE; the loss is their sum.
+    expected = float((counts[0] * pool * bce(logits[0])).mean() + (counts[1] * pool * bce(logits[1])).mean())
+    loss = critic._ensemble_loss(logits, {"target": target, "bootstrap": counts, "weight": pool})
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_member_gets_no_gradient_from_examples_outside_its_bootstrap(base_dir, tokenizer):
+    critic = CriticModule(ensemble_size=2)
+    critic.build(base_dir)
+    ids, mask = _encode_pairs(tokenizer, [("hi", "good"), ("hello", "bad")])
+    batch = {"target": torch.tensor([1.0, 0.0]), "bootstrap": torch.tensor([[1.0, 2.0], [0.0, 0.0]])}
+    critic._ensemble_loss(critic(ids, mask), batch).backward()
+    (_, first), (second_backbone, second) = _members(critic)
+    assert first.weight.grad.abs().sum() > 0
+    assert second.weight.grad.abs().sum() == 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in second_backbone.parameters())
+
+
+def test_ensemble_learns_and_round_trips_through_its_state_dict(base_dir, tokenizer):
+    torch.manual_seed(0)
+    dm = _toy_datamodule(tokenizer)
+    dm.bootstrap_members = 3
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["bootstrap"].shape == (3, batch["target"].shape[0])
+    critic = CriticModule(lr=5e-3, ensemble_size=3, pessimism=1.0)
+    critic.build(base_dir)
+    trainer = make_trainer(max_epochs=5)
+    trainer.fit(critic, datamodule=dm)
+    assert trainer.callback_metrics["critic/val_auroc"] > 0.9  # of the members' mean
+    ids, mask = _encode_pairs(tokenizer, [(o, "good") for o in OPENINGS] + [(o, "bad") for o in OPENINGS])
+    q = critic.score(ids, mask)
+    assert q[:4].min() > q[4:].max()
+    assert (q <= critic.q_mean(ids, mask)).all()  # pessimism only lowers the reward
+    again = CriticModule(ensemble_size=3, pessimism=1.0)
+    again.build(base_dir)
+    again.load_state_dict(critic.state_dict())
+    assert torch.equal(again.score(ids, mask), q)
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"ensemble_size": 0}, "model.critic.ensemble_size"),
+        ({"pessimism": -0.5, "ensemble_size": 2}, "model.critic.pessimism"),
+        ({"pessimism": 1.0}, "model.critic.ensemble_size"),
+        ({"target": "oracle"}, "critic.target"),
+    ],
+)
+def test_bad_ensemble_settings_name_the_key(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        CriticModule(**kwargs)

@@ -1,0 +1,458 @@
+"""PolicyModule: reference reset per fit, PPO moves the policy towards what Q rewards, save/load, sampling masks."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_trainer
+from iterppo_lightning.data.datamodule import TrajectoryDataModule, pad_left
+from iterppo_lightning.models.generation import sample_responses, truncate_after_eos
+from iterppo_lightning.models.modeling import causal_lm_forward, load_policy
+from iterppo_lightning.modules.policy import VALUE_HEAD_FILE, PolicyModule
+
+REWARDED_WORD = "bonus"  # in the vocabulary, never in a simulator prompt
+
+
+class TokenCritic(nn.Module):
+    """A fixed Q: 1.0 when the rewarded token appears in the (real tokens of the) row, else 0.0."""
+
+    def __init__(self, token_id: int):
+        super().__init__()
+        self.token_id = token_id
+        self.unused = nn.Parameter(torch.zeros(1))  # so freezing has something to freeze
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return ((input_ids == self.token_id) & attention_mask.bool()).any(dim=1).float()
+
+
+class ConstantCritic(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def score(self, input_ids, attention_mask):
+        return torch.full((input_ids.shape[0],), self.value)
+
+
+def _policy_dm(tokenizer, conversations, batch_size=8, batches=2) -> TrajectoryDataModule:
+    dm = TrajectoryDataModule(val_fraction=0.0, policy_batch_size=batch_size, policy_batches=batches, max_prompt_tokens=64)
+    dm.connect(tokenizer)
+    dm.set_conversations(conversations)
+    dm.use_phase("policy")
+    return dm
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _module(model, tokenizer, critic=None, **kwargs) -> PolicyModule:
+    kwargs = {"ppo_epochs": 1, "minibatches": 1, "max_new_tokens": 6, "lr": 1e-3, **kwargs}
+    module = PolicyModule(**kwargs)
+    module.attach(model, tokenizer)
+    module.attach_critic(critic if critic is not None else TokenCritic(tokenizer.convert_tokens_to_ids(REWARDED_WORD)))
+    return module
+
+
+# -- the KL anchor ------------------------------------------------------------------------------
+
+
+class _Snapshots(L.Callback):
+    def __init__(self):
+        self.start: dict = {}
+        self.end: dict = {}
+
+    def on_train_start(self, trainer, module):  # after the module's on_fit_start
+        self.start = {"reference": _state(module.reference), "policy": _state(module.policy)}
+
+    def on_train_end(self, trainer, module):
+        self.end = {"reference": _state(module.reference), "policy": _state(module.policy)}
+
+
+def test_each_fit_resets_the_reference_to_the_current_policy(tiny_model, tokenizer, conversations):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer)
+    dm = _policy_dm(tokenizer, conversations)
+
+    first = _Snapshots()
+    make_trainer(callbacks=[first]).fit(module, datamodule=dm)
+    assert _same(first.start["reference"], first.start["policy"])
+    assert not _same(first.end["policy"], first.start["policy"]), "PPO must update the policy"
+    assert _same(first.end["reference"], first.start["reference"]), "the reference must not move during a fit"
+
+    # Between fits the policy changes (as it does when pi_(k+1) is made); the next fit anchors to it.
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    changed = _state(module.policy)
+    second = _Snapshots()
+    make_trainer(callbacks=[second]).fit(module, datamodule=dm)
+    assert _same(second.start["reference"], changed)
+    assert _same(second.end["reference"], changed)
+    assert not _same(second.end["policy"], changed)
+    assert not any(p.requires_grad for p in module.reference.parameters())
+
+
+class _OptimizerStateAtStart(L.Callback):
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 0:
+            state = trainer.optimizers[0].state
+            self.steps = [int(s["step"]) for s in state.values() if "step" in s]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_optimizer_state_carries_adam_moments_to_the_next_fit(tiny_model, tokenizer, conversations, keep):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer, keep_optimizer_state=keep)
+    dm = _policy_dm(tokenizer, conversations)
+    make_trainer().fit(module, datamodule=dm)
+    probe = _OptimizerStateAtStart()
+    make_trainer(callbacks=[probe]).fit(module, datamodule=dm)
+    if keep:
+        # 2 rollouts x 1 epoch x 1 minibatch = 2 Adam steps in the first fit.
+        assert probe.steps and set(probe.steps) == {2}
+    else:
+        assert probe.steps == []
+
+
+def test_kl_to_the_reference_is_zero_before_any_update(tiny_model, tokenizer, conversations):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer)
+    batch = next(iter(_policy_dm(tokenizer, conversations).train_dataloader()))
+    rollout = module.make_rollout(batch["input_ids"], batch["attention_mask"])
+    assert rollout["seq_kl"].abs().max().item() < 1e-5
+    assert rollout["response"].shape[1] <= module.max_new_tokens
+    # Advantages are whitened over real reply tokens only; padding stays exactly 0.
+    assert (rollout["advantages"][rollout["mask"] == 0] == 0).all()
+
+
+def test_fit_without_a_critic_is_refused(tiny_model, tokenizer, conversations):
+    module = PolicyModule(max_new_tokens=4)
+    module.attach(tiny_model, tokenizer)
+    with pytest.raises(RuntimeError, match="attach_critic"):
+        make_trainer().fit(module, datamodule=_policy_dm(tokenizer, conversations))
+
+
+def test_attach_critic_freezes_it(tokenizer):
+    critic = TokenCritic(5)
+    critic.train()
+    PolicyModule().attach_critic(critic)
+    assert not critic.unused.requires_grad and not critic.training
+
+
+# -- PPO learns what Q rewards ----------------------------------------------------------------------
+
+
+def _rewarded_rate(model, tokenizer, prompts, mask, max_new_tokens, seed=123) -> float:
+    token = tokenizer.convert_tokens_to_ids(REWARDED_WORD)
+    torch.manual_seed(seed)
+    response, resp_mask = sample_responses(model, prompts, mask, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens)
+    return ((response == token) & resp_mask.bool()).any(dim=1).float().mean().item()
+
+
+def _ppo_run(tokenizer, conversations, kl_coef: float, states: int = 32, **policy_kwargs) -> tuple[float, float, PolicyModule]:
+    from conftest import TINY_SHAPE
+    from iterppo_lightning.models.tiny_lm import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(tokenizer, TINY_SHAPE, seed=0)
+    dm = _policy_dm(tokenizer, conversations, batch_size=states, batches=16)
+    examples = dm.train_examples
+    prompts, mask = pad_left([examples[i % len(examples)].prompt_ids for i in range(256)], tokenizer.pad_token_id)
+    assert not (prompts == tokenizer.convert_tokens_to_ids(REWARDED_WORD)).any(), "the reward must come from the reply"
+    before = _rewarded_rate(model, tokenizer, prompts, mask, 8)
+    torch.manual_seed(0)
+    module = _module(model, tokenizer, ppo_epochs=4, minibatches=2, kl_coef=kl_coef, max_new_tokens=8, **policy_kwargs)
+    make_trainer().fit(module, datamodule=dm)
+    return before, _rewarded_rate(model, tokenizer, prompts, mask, 8), module
+
+
+def test_ppo_increases_the_frequency_of_the_rewarded_token(tokenizer, conversations):
+    before, after, module = _ppo_run(tokenizer, conversations, kl_coef=0.01)
+    assert before < 0.15
+    assert after > before + 0.3, f"rewarded-token rate {before:.3f} -> {after:.3f}"
+    stats = module.fit_stats
+    assert stats["mean_score"] > before  # the rollouts' mean Q rose over the fit
+    assert stats["kl"] > 0
+    assert {"policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "kl_coef", "ended_frac"} <= set(stats)
+
+
+def test_a_strong_kl_penalty_keeps_the_policy_at_the_reference(tokenizer, conversations):
+    before, after, _ = _ppo_run(tokenizer, conversations, kl_coef=1.0)
+    assert abs(after - before) < 0.1, f"rewarded-token rate {before:.3f} -> {after:.3f} despite kl_coef=1"
+
+
+def test_non_finite_scores_stop_training_without_corrupting_the_weights(tiny_model, tokenizer, conversations):
+    module = _module(tiny_model, tokenizer, critic=ConstantCritic(float("nan")))
+    before = _state(module.policy)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        make_trainer().fit(module, datamodule=_policy_dm(tokenizer, conversations))
+    assert all(torch.isfinite(v).all() for v in _state(module.policy).values()), "NaN weights after the error"
+    assert _same(_state(module.policy), before)
+
+
+# -- log-probs match the sampler ------------------------------------------------------------------------
+
+
+def test_log_probs_match_the_distribution_generate_samples_from(tiny_model, tokenizer, conversations):
+    batch = next(iter(_policy_dm(tokenizer, conversations, batch_size=6, batches=1).train_dataloader()))
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    assert (prompt_mask == 0).any(), "the batch must contain left padding"
+    torch.manual_seed(0)
+    out = tiny_model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    response = out.sequences[:, prompt_ids.shape[1] :]
+    gen_logprobs = torch.stack([torch.log_softmax(s, -1) for s in out.logits], 1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    full = torch.cat([prompt_ids, response], 1)
+    full_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)
+    module = _module(tiny_model, tokenizer)
+    logprobs, values, _ = module._policy_outputs(full, full_mask, prompt_ids.shape[1], response)
+    assert logprobs.shape == values.shape == response.shape
+    assert torch.allclose(logprobs, gen_logprobs, atol=1e-4)
+
+
+# -- sampling masks ------------------------------------------------------------------------------------------
+
+
+def test_truncate_after_eos_hand_example():
+    eos, pad = 5, 0
+    response = torch.tensor([[7, 5, 8, 5], [7, 8, 9, 6], [5, 7, 7, 7], [7, 7, 7, 5]])
+    ids, mask = truncate_after_eos(response, eos, pad)
+    assert ids.tolist() == [[7, 5, 0, 0], [7, 8, 9, 6], [5, 0, 0, 0], [7, 7, 7, 5]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def test_sampled_responses_are_masked_up_to_the_first_eos(tiny_model, tokenizer, conversations):
+    batch = next(iter(_policy_dm(tokenizer, conversations, batch_size=64, batches=1).train_dataloader()))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    tiny_model.train()
+    torch.manual_seed(0)
+    response, mask = sample_responses(tiny_model, batch["input_ids"], batch["attention_mask"], eos, pad, 12)
+    assert tiny_model.training, "sampling must restore the model's mode"
+    assert response.shape[1] <= 12 and mask.shape == response.shape
+    ended = 0
+    for row, m in zip(response.tolist(), mask.tolist()):
+        n = sum(m)
+        assert m == [1] * n + [0] * (len(m) - n)
+        if eos in row:
+            ended += 1
+            assert n == row.index(eos) + 1  # up to and including the first <end>
+            assert all(t == pad for t in row[n:])
+        else:
+            assert n == len(row)
+    assert 0 < ended < len(response), "the seeded sample must contain rows that end and rows that do not"
+
+
+def test_greedy_sampling_is_deterministic(tiny_model, tokenizer, conversations):
+    batch = next(iter(_policy_dm(tokenizer, conversations).train_dataloader()))
+    args = (tiny_model, batch["input_ids"], batch["attention_mask"], tokenizer.eos_token_id, tokenizer.pad_token_id, 6)
+    a = sample_responses(*args, greedy=True)
+    torch.manual_seed(99)
+    b = sample_responses(*args, greedy=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# -- save / load ------------------------------------------------------------------------------------------------
+
+
+def test_save_then_load_round_trips_weights_tokenizer_and_value_head(tmp_path, tiny_model, tokenizer):
+    module = _module(tiny_model, tokenizer)
+    with torch.no_grad():
+        module.value_head.weight.normal_()
+        module.value_head.bias.fill_(0.25)
+    path = module.save(tmp_path / "policy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"], "no temporary folder may remain"
+    assert (path / "config.json").exists() and (path / VALUE_HEAD_FILE).exists()
+
+    model, tok = load_policy(path)
+    assert _same(_state(model), _state(tiny_model))
+    assert tok.get_vocab() == tokenizer.get_vocab()
+    assert (tok.eos_token_id, tok.pad_token_id, tok.padding_side) == (tokenizer.eos_token_id, tokenizer.pad_token_id, "left")
+
+    again = PolicyModule()
+    again.load(path)
+    assert _same(_state(again.value_head), _state(module.value_head))
+    assert _same(_state(again.policy), _state(tiny_model))
+    assert _same(_state(again.reference), _state(tiny_model))
+    ids = torch.tensor([tokenizer("<customer> hi <agent>", add_special_tokens=False)["input_ids"]])
+    mask = torch.ones_like(ids)
+    assert torch.allclose(causal_lm_forward(again.policy, ids, mask)[0], causal_lm_forward(tiny_model, ids, mask)[0])
+
+
+def test_save_replaces_an_older_policy_at_the_same_path(tmp_path, tiny_model, tokenizer):
+    module = _module(tiny_model, tokenizer)
+    module.save(tmp_path / "policy")
+    with torch.no_grad():
+        tiny_model.transformer.wte.weight.add_(1.0)
+    module.save(tmp_path / "policy")
+    model, _ = load_policy(tmp_path / "policy")
+    assert torch.equal(model.transformer.wte.weight, tiny_model.transformer.wte.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+
+
+def test_a_fresh_value_head_starts_at_zero(tiny_model, tokenizer):
+    module = PolicyModule()
+    module.attach(tiny_model, tokenizer)
+    assert module.value_head.weight.abs().sum() == 0 and module.value_head.bias.abs().sum() == 0
+
+
+def test_load_policy_on_a_missing_path_names_it(tmp_path):
+    missing = tmp_path / "no_such_policy"
+    with pytest.raises(FileNotFoundError, match="no_such_policy"):
+        load_policy(missing)
+
+
+def test_load_policy_on_an_empty_folder_names_it_and_what_is_missing(tmp_path):
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty_dir") as err:
+        load_policy(empty)
+    assert "config.json" in str(err.value) and "tokenizer" in str(err.value)
+
+
+def test_load_policy_on_a_folder_without_weights_says_so(tmp_path, tiny_model, tokenizer):
+    path = _module(tiny_model, tokenizer).save(tmp_path / "policy")
+    for weights in path.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ValueError, match="weights"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"score_norm": "zscore"}, "score_norm"),
+        ({"ppo_epochs": 0}, "ppo_epochs"),
+        ({"advantage": "grpo"}, "model.policy.group_size"),
+        ({"advantage": "rloo", "group_size": 1}, "model.policy.group_size"),
+        ({"group_size": 0}, "model.policy.group_size"),
+        ({"advantage": "reinforce", "group_size": 2}, "model.policy.advantage"),
+        ({"kl_anchor": "sft"}, "model.policy.kl_anchor"),
+    ],
+)
+def test_bad_settings_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PolicyModule(**kwargs)
+
+
+def test_max_iteration_kl_ends_the_policy_phase_once_the_drift_passes_it(tokenizer, conversations):
+    """Rollout 1 samples from pi_k itself (KL 0); after one update the next rollout's KL to pi_k is > 0."""
+    _, _, capped = _ppo_run(tokenizer, conversations, kl_coef=0.01, max_iteration_kl=1e-9)
+    # Flagged at rollout 2; Lightning may finish one more step after `should_stop` is set.
+    assert 2 <= capped._rollouts <= 3
+    assert capped.fit_stats["stopped_on_iteration_kl"] > 0
+    _, _, uncapped = _ppo_run(tokenizer, conversations, kl_coef=0.01)
+    assert uncapped._rollouts == 16
+    assert "stopped_on_iteration_kl" not in uncapped.fit_stats
+
+
+# -- GRPO / RLOO: a group of replies per state, no value head -------------------------------------------
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_rollouts_sample_group_size_replies_per_state_and_use_the_group_baseline(tiny_model, tokenizer, conversations, advantage):
+    torch.manual_seed(0)
+    kl_coef, group = 0.1, 4
+    module = _module(tiny_model, tokenizer, advantage=advantage, group_size=group, kl_coef=kl_coef, whiten_advantages=False, max_new_tokens=8)
+    batch = next(iter(_policy_dm(tokenizer, conversations, batch_size=6).train_dataloader()))
+    with torch.no_grad():  # move the policy off the reference so the KL term is not 0
+        for p in module.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rollout = module.make_rollout(batch["input_ids"], batch["attention_mask"])
+    prompt_len = batch["input_ids"].shape[1]
+    # policy_batch_size states x group_size replies, the replies to one state on adjacent rows.
+    assert rollout["response"].shape[0] == 6 * group
+    assert torch.equal(rollout["full_ids"][:, :prompt_len], batch["input_ids"].repeat_interleave(group, dim=0))
+    # The advantages, computed here from their definitions (docs/variants.md) on the rollout's scores and KL.
+    score = rollout["raw_score"].reshape(6, group)
+    penalty = (-kl_coef * rollout["seq_kl"]).reshape(6, group)
+    assert rollout["seq_kl"].abs().max() > 1e-3
+    if advantage == "grpo":
+        expected = (score - score.mean(1, keepdim=True)) / (score.std(1, keepdim=True) + 1e-4) + penalty - penalty.mean(1, keepdim=True)
+    else:
+        returns = score + penalty
+        expected = returns - (returns.sum(1, keepdim=True) - returns) / (group - 1)
+    mask = rollout["mask"].float()
+    torch.testing.assert_close(rollout["advantages"], expected.reshape(-1, 1) * mask, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_solvers_never_train_the_value_head(tiny_model, tokenizer, conversations, advantage):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer, advantage=advantage, group_size=2, vf_coef=10.0)
+    with torch.no_grad():
+        module.value_head.weight.normal_()
+    head, policy = _state(module.value_head), _state(module.policy)
+    make_trainer().fit(module, datamodule=_policy_dm(tokenizer, conversations))
+    assert _same(_state(module.value_head), head), "grpo/rloo must leave the value head untouched (vf_coef ignored)"
+    assert not _same(_state(module.policy), policy)
+    assert "value_loss" not in module.fit_stats and "vf_clip_frac" not in module.fit_stats
+    assert module.fit_stats["policy_loss"] == module.fit_stats["policy_loss"]  # finite, logged
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_solvers_increase_the_frequency_of_the_rewarded_token(tokenizer, conversations, advantage):
+    # 8 states x 4 replies = 32 rollout rows, as many as the GAE test's 32 states x 1.
+    before, after, module = _ppo_run(tokenizer, conversations, kl_coef=0.01, states=8, advantage=advantage, group_size=4)
+    assert before < 0.15
+    assert after > before + 0.3, f"{advantage}: rewarded-token rate {before:.3f} -> {after:.3f}"
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_solvers_keep_the_kl_penalty_in_the_reward(tokenizer, conversations, advantage):
+    before, after, _ = _ppo_run(tokenizer, conversations, kl_coef=1.0, states=8, advantage=advantage, group_size=4)
+    assert abs(after - before) < 0.1, f"{advantage}: rewarded-token rate {before:.3f} -> {after:.3f} despite kl_coef=1"
+
+
+# -- KL anchor pi_0 -------------------------------------------------------------------------------------------
+
+
+def test_kl_anchor_pi0_keeps_the_reference_at_pi0_across_fits(tiny_model, tokenizer, conversations):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer, kl_anchor="pi_0")
+    pi0 = _state(module.policy)
+    module.pin_reference()
+    dm = _policy_dm(tokenizer, conversations)
+    first = _Snapshots()
+    make_trainer(callbacks=[first]).fit(module, datamodule=dm)
+    pi1 = _state(module.policy)
+    assert not _same(pi1, pi0)
+    second = _Snapshots()
+    make_trainer(callbacks=[second]).fit(module, datamodule=dm)
+    # pi_k would have reset the reference to pi_1 here; pi_0 keeps it at pi_0.
+    assert _same(second.start["reference"], pi0) and _same(second.end["reference"], pi0)
+    assert not _same(second.start["policy"], pi0)
+
+
+def test_pin_reference_from_a_saved_pi0_after_a_restart(tmp_path, tiny_model, tokenizer, conversations):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer, kl_anchor="pi_0")
+    pi0 = _state(module.policy)
+    module.save(tmp_path / "pi_0")
+    make_trainer().fit(module, datamodule=_policy_dm(tokenizer, conversations))
+    module.save(tmp_path / "pi_1")
+    restarted = PolicyModule(kl_anchor="pi_0")
+    restarted.load(tmp_path / "pi_1")  # a fresh process loads pi_k: its reference is pi_k ...
+    assert not _same(_state(restarted.reference), pi0)
+    restarted.pin_reference(tmp_path / "pi_0")  # ... until pi_0 is pinned from the run's pi_0 folder
+    assert _same(_state(restarted.reference), pi0)
+    assert _same(_state(restarted.policy), _state(module.policy))
+    assert not any(p.requires_grad for p in restarted.reference.parameters())
