@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
+from iterppo_lightning.experiments.run_records import recorded_seconds
 from iterppo_lightning.utils.stats import as_number, atomic_path, atomic_write_text, lookup
 
 __all__ = ["main", "t_quantile_975", "mean_ci", "load_run", "conversation_counts", "write_report"]
@@ -166,8 +167,6 @@ def load_run(experiment: str, seed: int, run_dir: Path, entry: dict | None = Non
     if entry.get("seconds") is not None:
         run.seconds, run.seconds_include_pi0 = float(entry["seconds"]), bool(entry.get("seconds_include_pi0"))
     else:  # a sweep.json older than its runs: read the runs' own record
-        from iterppo_lightning.experiments.sweep import recorded_seconds
-
         run.seconds, run.seconds_include_pi0 = recorded_seconds(run_dir)
     run.pi0_seconds = as_number(entry.get("pi0_seconds"))
     return run

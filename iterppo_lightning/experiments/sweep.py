@@ -3,9 +3,12 @@
     iterppo sweep --experiments configs/experiment/*.yaml --seeds 0 1 2 --out runs/sweep --jobs 2
     iterppo sweep --experiments configs/experiment/*.yaml --seeds 0 1 2 --out runs/sweep --jobs 2 --quick true
 
-Each (experiment, seed) runs
+An experiment file states only what differs from the `base.yaml` in its folder, when there is one
+(configs/experiment/): that base is applied first, as `--config base.yaml --config EXPERIMENT`, and a
+base.yaml given among the experiments (the glob above) is not run as an experiment. A folder without a
+base.yaml holds complete `fit` configs. Each (experiment, seed) runs
 
-    python -m iterppo_lightning.cli fit --config EXPERIMENT --seed_everything SEED \\
+    python -m iterppo_lightning fit [--config BASE] --config EXPERIMENT --seed_everything SEED \\
         --run_dir OUT/<experiment file stem>/seed_SEED --trainer.enable_progress_bar false [--model.policy_init PI0]
 
 with OMP_NUM_THREADS=1, at most --jobs at once; its stdout and stderr go to
@@ -45,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -62,12 +64,16 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
-from iterppo_lightning.loop.run_state import STATE_FILE, config_differences
+from iterppo_lightning.experiments.run_records import read_json as _read_json, read_run_state as _run_state
+from iterppo_lightning.experiments.run_records import recorded_seconds
+from iterppo_lightning.loop.run_state import config_differences
 from iterppo_lightning.utils.stats import atomic_write_json, is_temp_name
 
 __all__ = ["main", "build_parser", "QUICK_SCALE", "quick_overrides", "SweepError"]
 
 INDEX_FILE = "sweep.json"
+BASE_FILE = "base.yaml"
+"""The settings every experiment file in the same folder starts from (never an experiment itself)."""
 QUICK_DIR = "quick"
 PI0_DIR = "pi_0"
 
@@ -96,25 +102,15 @@ class SweepError(RuntimeError):
 # -- configs ----------------------------------------------------------------------------------------------
 
 
-def resolve_config(args: list[str]) -> str:
-    """The full config `fit ARGS` would run with (its `--print_config`), parsed in this process."""
-    from iterppo_lightning.cli import main as cli_main
+def resolve_config(config_files: list[Path], overrides: list[str]) -> str:
+    """The full config `fit --config F1 --config F2 ... OVERRIDES` would run with (its `--print_config`)."""
+    # Imported here: it loads torch and Lightning, which `iterppo sweep --help` does without.
+    from iterppo_lightning.commands.lightning_cli import FitConfigError, resolve_fit_config
 
-    out, err = io.StringIO(), io.StringIO()
-    code: Any = 0
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when the process has arguments of its own
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli_main(["fit", *args, "--print_config"])
-        except SystemExit as exit_:
-            code = exit_.code
-        finally:
-            sys.argv = argv
-    if code not in (0, None):
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        first = next((i for i, line in enumerate(lines) if "error:" in line), max(len(lines) - 3, 0))
-        raise SweepError("\n  ".join(lines[first : first + 20]) or f"exit code {code}")
-    return out.getvalue()
+    try:
+        return resolve_fit_config([str(path) for path in config_files], overrides)
+    except FitConfigError as err:
+        raise SweepError(str(err)) from None
 
 
 def _get(config: dict, key: str) -> Any:
@@ -159,8 +155,17 @@ def _recipe_key(recipe: dict) -> str:
 class Experiment:
     name: str
     path: Path
+    base: Path | None  # the folder's base.yaml, applied before `path`
     overrides: list[str]
     pi0_key: str | None
+
+    @property
+    def configs(self) -> list[Path]:
+        return [self.path] if self.base is None else [self.base, self.path]
+
+    @property
+    def config_args(self) -> list[str]:
+        return [arg for path in self.configs for arg in ("--config", str(path))]
 
 
 @dataclass
@@ -169,7 +174,7 @@ class Job:
     seed: int
     folder: Path  # the run dir, or the pi_0 folder
     log: Path
-    args: list[str]  # after `python -m iterppo_lightning.cli`
+    args: list[str]  # after `python -m iterppo_lightning`
     experiment: str | None = None
     needs: "Job | None" = None
     action: str = "new"  # new / resumed / skipped (runs); new / existing (pi_0)
@@ -195,29 +200,30 @@ def _experiments(paths: list[str], quick: bool, share_pi0: bool) -> list[Experim
         path = Path(raw)
         if not path.is_file():
             raise SweepError(f"experiment config {raw!r} does not exist (or is not a file)")
+        if path.name == BASE_FILE:  # what the experiments beside it start from (`configs/experiment/*.yaml` lists it)
+            continue
+        base = path.parent / BASE_FILE
+        base = base if base.is_file() else None
         name = path.stem
         if name in (QUICK_DIR, PI0_DIR):
             raise SweepError(f"experiment {raw!r}: the name {name!r} is reserved for the sweep's own folders; rename the file")
         if name in names:
             raise SweepError(f"experiments {names[name]!r} and {raw!r} have the same name {name!r} (the file stem names the run folders)")
         names[name] = raw
+        configs = [path] if base is None else [base, path]
         try:
-            config = yaml.safe_load(resolve_config(["--config", str(path)]))
+            config = yaml.safe_load(resolve_config(configs, []))
             overrides = quick_overrides(config) if quick else []
             if overrides:
-                config = yaml.safe_load(resolve_config(["--config", str(path), *overrides]))
+                config = yaml.safe_load(resolve_config(configs, overrides))
         except SweepError as err:
-            raise SweepError(f"experiment {raw!r} is not a valid fit config:\n  {err}") from None
+            on = "" if base is None else f" (on top of {str(base)!r})"
+            raise SweepError(f"experiment {raw!r}{on} is not a valid fit config:\n  {err}") from None
         recipe = pi0_recipe(config) if share_pi0 else None
-        experiments.append(Experiment(name, path, overrides, None if recipe is None else _recipe_key(recipe)))
+        experiments.append(Experiment(name, path, base, overrides, None if recipe is None else _recipe_key(recipe)))
+    if not experiments:
+        raise SweepError(f"no experiment among {paths}: a {BASE_FILE} only holds what the experiments beside it share")
     return experiments
-
-
-def _run_state(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def plan(experiments: list[Experiment], seeds: list[int], root: Path) -> tuple[list[Job], list[Job]]:
@@ -228,23 +234,26 @@ def plan(experiments: list[Experiment], seeds: list[int], root: Path) -> tuple[l
     for seed in seeds:
         for exp in experiments:
             run_dir = root / exp.name / f"seed_{seed}"
-            args = ["--config", str(exp.path), "--seed_everything", str(seed), "--run_dir", str(run_dir), "--trainer.enable_progress_bar", "false"]
+            args = [*exp.config_args, "--seed_everything", str(seed), "--run_dir", str(run_dir)]
+            args += ["--trainer.enable_progress_bar", "false"]
             pi0 = None
             if exp.pi0_key is not None:
                 folder = (root / PI0_DIR / exp.pi0_key / f"seed_{seed}").resolve()
                 pi0 = pi0_jobs.get((exp.pi0_key, seed))
                 if pi0 is None:
                     pi0 = Job("pi0", seed, folder, folder.parent / f"seed_{seed}.log",
-                              ["bootstrap", "--config", str(exp.path), "--seed_everything", str(seed), "--output", str(folder),
+                              ["bootstrap", *exp.config_args, "--seed_everything", str(seed), "--output", str(folder),
                                "--trainer.enable_progress_bar", "false", *exp.overrides], experiment=exp.name)
                     pi0_jobs[(exp.pi0_key, seed)] = pi0
                 args += ["--model.policy_init", str(folder / "policy")]
+            overrides = args[len(exp.config_args):] + exp.overrides  # what follows the config files
             args += exp.overrides
             job = Job("run", seed, run_dir, run_dir.parent / f"seed_{seed}.log", ["fit", *args], experiment=exp.name, needs=pi0)
             if not _is_empty_run_dir(run_dir):
                 saved = run_dir / "config.yaml"
                 if saved.exists():
-                    diffs = config_differences(saved.read_text(encoding="utf-8"), resolve_config(args), set())
+                    resolved = resolve_config(exp.configs, overrides)
+                    diffs = config_differences(saved.read_text(encoding="utf-8"), resolved, set())
                     if diffs:
                         shown = diffs[:5] + ([f"... and {len(diffs) - 5} more"] if len(diffs) > 5 else [])
                         mismatched.append(f"{exp.name} seed {seed} ({run_dir}):\n    " + "\n    ".join(shown))
@@ -273,29 +282,6 @@ def plan(experiments: list[Experiment], seeds: list[int], root: Path) -> tuple[l
 
 
 # -- what the runs recorded ------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def recorded_seconds(run_dir: Path) -> tuple[float | None, bool]:
-    """(sum of the phase seconds the run recorded, whether that includes bootstrapping pi_0 in the run)."""
-    state = _run_state(run_dir)
-    if state is None:
-        return None, False
-    records = list(state.get("history") or [])
-    progress = state.get("in_progress") or {}
-    if progress.get("record"):
-        records.append(progress["record"])
-    total = sum(float(v) for r in records for v in (r.get("seconds") or {}).values() if isinstance(v, (int, float)))
-    bootstrap = _read_json(run_dir / PI0_DIR / "bootstrap.json")
-    if bootstrap and isinstance(bootstrap.get("seconds"), (int, float)):
-        return total + bootstrap["seconds"], True
-    return total, False
 
 
 def _run_entry(job: Job, previous: dict) -> dict:
@@ -356,7 +342,9 @@ class Index:
             "jobs": jobs,
             "seeds": seeds,
             "experiments": [
-                {"name": e.name, "config": str(e.path), "overrides": e.overrides, "pi0_recipe": e.pi0_key} for e in experiments
+                {"name": e.name, "config": str(e.path), "base": None if e.base is None else str(e.base),
+                 "overrides": e.overrides, "pi0_recipe": e.pi0_key}
+                for e in experiments
             ],
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -384,7 +372,7 @@ class Index:
 
 def _start(job: Job) -> None:
     job.log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "iterppo_lightning.cli", *job.args]
+    command = [sys.executable, "-m", "iterppo_lightning", *job.args]
     with open(job.log, "a", encoding="utf-8") as log:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         log.write(f"=== {stamp} {job.action}: {shlex.join(command)}\n")
@@ -452,7 +440,11 @@ def build_parser() -> ArgumentParser:
         description="Run every experiment config with every seed (each a `fit` subprocess), resumably; index in OUT/sweep.json.",
         default_env=False,
     )
-    parser.add_argument("--experiments", type=str, nargs="+", required=True, help="experiment configs (complete `fit` configs); the file stem names the experiment")
+    parser.add_argument(
+        "--experiments", type=str, nargs="+", required=True,
+        help=f"experiment configs; the file stem names the experiment. A {BASE_FILE} beside them is applied first "
+        "(they state only what differs from it) and is not an experiment itself; without one they are complete configs",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="seeds (seed_everything), e.g. 0 1 2")
     parser.add_argument("--out", type=str, required=True, help="the sweep folder: OUT/<experiment>/seed_<seed>, OUT/sweep.json")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each one torch thread)")

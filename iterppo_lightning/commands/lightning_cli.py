@@ -1,0 +1,387 @@
+"""The LightningCLI subcommands of `iterppo`: fit, evaluate, collect, imagine, bootstrap.
+
+`iterppo_lightning.cli` imports this module only for these subcommands (it pulls in torch and Lightning).
+
+    iterppo fit --config configs/quickstart.yaml --run_dir runs/quickstart [--resume]
+    iterppo fit --config C --run_dir runs/logged --data.logs logs/batch_0.jsonl   # one iteration on logs
+    iterppo evaluate --config configs/quickstart.yaml --policy runs/quickstart/final_policy --episodes 500 --seed 1
+    iterppo collect --config C --episodes 500 --output logs/batch_0.jsonl [--policy DIR]
+    iterppo imagine --config configs/sales_smollm2.yaml --output runs/imagined   # LLM-imagined conversations
+    iterppo bootstrap --config C --seed_everything 0 --output runs/pi0_seed0   # pi_0 alone (for --model.policy_init)
+
+A LightningCLI subcommand is a method of the Trainer class: its signature gives the subcommand's
+arguments, its docstring their help. `fit` is also defined on the CLI class, which LightningCLI calls
+instead of `Trainer.fit`; it builds a fresh Trainer for every phase of every iteration from the
+`trainer:` section of the config (`_trainer_factory`). `bootstrap` trains phase by phase too: the CLI
+hands the Trainer that factory (`IterPPOTrainer.phase_trainers`) before the subcommand runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import lightning as L
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import Strategy
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from iterppo_lightning.callbacks import default_callbacks
+from iterppo_lightning.commands.bootstrap import bootstrap_pi0
+from iterppo_lightning.commands.collect import collect_logs
+from iterppo_lightning.data.datamodule import TrajectoryDataModule
+from iterppo_lightning.env.factory import make_environment
+from iterppo_lightning.commands.evaluate import evaluate_saved_policy
+from iterppo_lightning.data.log_io import LogValidationError
+from iterppo_lightning.loop.controller import NumericalFault, OuterLoop, RunDirError
+from iterppo_lightning.distributed.phase_strategies import PHASES, build_phase_strategy, check_phase_strategies, launch_processes
+from iterppo_lightning.loop.run_state import RunStateError
+from iterppo_lightning.system import IterativePPO
+
+__all__ = ["main", "resolve_fit_config", "FitConfigError", "IterPPOCLI", "IterPPOTrainer", "TRAINER_DEFAULTS"]
+
+TRAINER_DEFAULTS = {
+    # Checkpoints of each phase are the loop's job (CheckpointCallback); Lightning's would pile up per phase.
+    "enable_checkpointing": False,
+    "logger": False,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+}
+
+
+class _RestoreRandomState(Callback):
+    def __init__(self, states: dict):
+        self.states = states
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # after the strategy's setup, before any data is drawn
+        _set_rng_states(self.states)
+        trainer.callbacks.remove(self)
+
+
+class IterPPOTrainer(L.Trainer):
+    zero_checkpoint_dir = None
+    """Where a DeepSpeed fit saves its sharded checkpoint (set by the loop; None = none)."""
+    partition_report = None
+    """After a DeepSpeed fit: parameter elements this process held (zero.partition_report)."""
+    phase_trainers: Optional[Callable[..., L.Trainer]] = None
+    """Makes a fresh Trainer for one phase, `phase_trainers("bootstrap", max_epochs=2)`, from the config
+    (set by IterPPOCLI; commands that train phase by phase use it)."""
+    run_seed = 0
+    """The config's `seed_everything` (set by IterPPOCLI): bootstrap derives pi_0's seeds from it as `fit` does."""
+
+    def fit(self, model, *args, **kwargs):
+        """`Trainer.fit`, then (under DeepSpeed) hand the module back to the loop as a plain module (zero.py)."""
+        from iterppo_lightning.distributed.collectives import is_distributed
+        from iterppo_lightning.distributed.zero import optimizer_state_elements, partition_report, release_from_deepspeed, save_zero_checkpoint, zero_stage
+
+        if is_distributed():
+            # Multi-process strategies reseed every process from the global seed while setting up; put the
+            # loop's random state back so a fit draws what the same fit draws in a single process.
+            self.callbacks.append(_RestoreRandomState(_collect_rng_states()))
+        result = super().fit(model, *args, **kwargs)
+        if zero_stage(self) > 0:
+            self.partition_report = partition_report(model)
+            self.partition_report["optimizer_state_elements"] = optimizer_state_elements(self.strategy.model)
+            if self.zero_checkpoint_dir is not None:
+                save_zero_checkpoint(self, self.zero_checkpoint_dir)
+            release_from_deepspeed(model, getattr(self.strategy, "model", None))
+        return result
+
+    def evaluate(
+        self,
+        model: IterativePPO,
+        datamodule: TrajectoryDataModule | None = None,
+        policy: str = "",
+        episodes: int = 500,
+        seed: int = 0,
+        greedy: bool = False,
+        batch_size: int = 256,
+    ) -> dict:
+        """Evaluate a saved policy on fresh simulated customers and print one JSON object.
+
+        Args:
+            policy: folder of a saved policy (e.g. RUN_DIR/final_policy).
+            episodes: number of fresh simulated conversations.
+            seed: seed of the evaluation customers (never used by `fit`).
+            greedy: greedy decoding instead of sampling from the policy.
+            batch_size: conversations advanced together in one generate call.
+        """
+        if not policy:
+            raise ValueError("evaluate needs --policy DIR (a folder written by `iterppo fit`)")
+        result = evaluate_saved_policy(
+            policy,
+            make_environment(model),
+            episodes,
+            seed,
+            greedy=greedy,
+            max_new_tokens=model.policy.max_new_tokens,
+            max_prompt_tokens=model.loop.max_prompt_tokens,
+            batch_size=batch_size,
+            gamma=datamodule.gamma if datamodule is not None else 1.0,
+        )
+        print(json.dumps(result))
+        return result
+
+
+    def collect(
+        self,
+        model: IterativePPO,
+        datamodule: TrajectoryDataModule | None = None,
+        output: str = "",
+        episodes: int = 500,
+        seed: int = 0,
+        policy: str = "",
+        greedy: bool = False,
+        batch_size: int = 256,
+    ) -> dict:
+        """Simulate conversations and write them as logs (docs/data.md): a file `fit --data.logs` accepts.
+
+        Args:
+            output: the log file to write, `.jsonl` or `.parquet` (never overwritten).
+            episodes: number of simulated conversations.
+            seed: seed of the simulated customers (another seed gives other customers and conversation ids).
+            policy: a saved policy folder to suggest the replies; empty = the scripted behaviour agent.
+            greedy: greedy decoding instead of sampling (with --policy).
+            batch_size: conversations advanced together in one generate call.
+        """
+        result = collect_logs(model, output, episodes, seed, policy=policy, greedy=greedy, batch_size=batch_size)
+        print(json.dumps(result))
+        return result
+
+
+    def imagine(
+        self,
+        model: IterativePPO,
+        datamodule: TrajectoryDataModule | None = None,
+        output: str = "",
+        personas: int = 8,
+        dialogues_per_persona: int = 4,
+        critique: bool = True,
+        seed: int = 0,
+    ) -> dict:
+        """Imagined conversations from an LLM (personas -> outcome-conditioned dialogues -> critique) as a buffer.
+
+        The model is `model.base_model` (or `model.customer_model`). OUTPUT/buffer is valid logs
+        (policy id "imagined"): `fit --data.logs OUTPUT/buffer` trains iteration 0 on it.
+
+        Args:
+            output: a new folder: OUTPUT/buffer and OUTPUT/imagine_report.json (never overwritten).
+            personas: personas to ask the LLM for.
+            dialogues_per_persona: dialogues imagined per persona (outcome sampled per dialogue).
+            critique: rewrite each dialogue so the customer reveals one thing at a time.
+            seed: seed of the sampled outcomes and of the generation.
+        """
+        from iterppo_lightning.env.imagine import ImagineConfig, imagine_conversations, write_imagined_buffer
+        from iterppo_lightning.models.source import load_causal_lm
+
+        if not output:
+            raise ValueError("imagine needs --output DIR (a new folder for the buffer)")
+        if Path(output).exists():
+            raise FileExistsError(f"{output!r} already exists; buffers are never overwritten")
+        source = model.base_model or model.customer_model
+        if source is None:
+            raise ValueError("imagine needs a chat model: set model.base_model (or model.customer_model) in the config")
+        config = ImagineConfig(personas=personas, dialogues_per_persona=dialogues_per_persona, critique=critique, seed=seed)
+        llm, tokenizer = load_causal_lm(source, require_chat_template=True)
+        L.seed_everything(seed, verbose=False)
+        report = imagine_conversations(llm, tokenizer, config)
+        write_imagined_buffer(report, output)
+        result = {"output": output, "personas": len(report.personas), "requested": report.requested, "parsed": report.parsed, "rejected": report.rejected}
+        print(json.dumps(result))
+        return result
+
+
+    def bootstrap(self, model: IterativePPO, datamodule: TrajectoryDataModule | None = None, output: str = "") -> dict:
+        """Make pi_0 alone, exactly as `fit` bootstraps it for this config and seed, into a new folder.
+
+        OUTPUT/policy is pi_0 (pass it as `fit --model.policy_init OUTPUT/policy`), OUTPUT/buffer the
+        imagined conversations it was cloned from, OUTPUT/bootstrap.json its wall seconds. `iterppo
+        sweep` makes one per seed this way and shares it between experiments with the same pi_0 recipe.
+
+        Args:
+            output: a new folder (never overwritten).
+        """
+        datamodule = datamodule or TrajectoryDataModule()
+        result = bootstrap_pi0(model, datamodule, self.phase_trainers, output, self.run_seed)
+        print(json.dumps(result))
+        return result
+
+
+class IterPPOCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "evaluate": {"model", "datamodule"},
+            "collect": {"model", "datamodule"},
+            "imagine": {"model", "datamodule"},
+            "bootstrap": {"model", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_dir", type=str, default="runs/iterppo", help="Folder for this run's outputs (must not hold another run).")
+        parser.add_argument(
+            "--resume", type=bool, default=False, help="Continue the run in --run_dir where it stopped (or start it when there is none)."
+        )
+        parser.add_argument(
+            "--allow_config_change", type=bool, default=False, help="Let --resume continue although the model/data config changed."
+        )
+        for phase in PHASES:
+            parser.add_argument(
+                f"--{phase}_strategy",
+                type=Optional[Union[str, Strategy]],
+                default=None,
+                help=f"Strategy of the {phase} phase's Trainer (a name or class_path/init_args); default trainer.strategy. "
+                "Every phase runs on all the run's processes.",
+            )
+
+    def before_bootstrap(self) -> None:
+        # LightningCLI calls before_<subcommand> first: the Trainer's bootstrap builds its phase Trainers as fit does.
+        self.trainer.phase_trainers = self._trainer_factory
+        self.trainer.run_seed = int(self.config["bootstrap"]["seed_everything"])
+
+    def _trainer_factory(self, phase: str, **overrides) -> L.Trainer:
+        trainer_config = dict(self._get(self.config_init, "trainer", default={}))
+        # A fresh strategy object per phase Trainer (a used one refuses a second Trainer), from the raw config.
+        raw = self.config[self.config["subcommand"]]
+        overrides.setdefault("strategy", build_phase_strategy(phase, raw, getattr(self, "_model_for_strategies", None)))
+        # Our DataModule shards every global batch itself (distributed.ShardedBatchSampler).
+        overrides.setdefault("use_distributed_sampler", False)
+        # instantiate_trainer extends the callbacks list in place: hand it a copy per phase.
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # A fresh rich bar per phase: a bar object is tied to the Trainer that used it.
+            callbacks.append(RichProgressBar(leave=True))
+        overrides.setdefault("callbacks", callbacks)
+        return self.instantiate_trainer(**overrides)
+
+    def fit(self, model: IterativePPO, datamodule: TrajectoryDataModule | None = None, **_: object) -> None:
+        config = self.config["fit"]
+        datamodule = datamodule or TrajectoryDataModule()
+        self._model_for_strategies = model
+        # Bad strategy settings fail here, before any process starts or any file is written.
+        check_phase_strategies(config, model, self.trainer)
+        loop = OuterLoop(
+            model,
+            datamodule,
+            self._trainer_factory,
+            Path(config["run_dir"]),
+            default_callbacks(model.loop.early_stopping_patience),
+            seed=int(config["seed_everything"]),
+            config_text=self._parser("fit").dump(config, skip_none=False),
+            resume=bool(config["resume"]),
+            allow_config_change=bool(config["allow_config_change"]),
+        )
+        # Several processes: start them all now, before any work, so each runs the whole loop (SPMD).
+        launch_processes(self.trainer, loop.run)
+
+
+def _quiet_third_party() -> None:
+    """Keep the console for our progress: per-shard save/load bars of datasets and transformers add nothing."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    # One Trainer per phase would repeat "GPU available ..." and tips every phase; the
+    # per-iteration table is the record of progress. Warnings still show.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    # The frozen reference and critic are in eval mode on purpose during the policy phase.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+    # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 renamed (once per collective).
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Every process logs the same (global) PPO statistics; critic metrics are synced where it matters.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
+
+
+
+
+def _make_cli(cli_class: type[IterPPOCLI], args: list[str], parser_kwargs: dict) -> IterPPOCLI:
+    return cli_class(
+        IterativePPO,
+        TrajectoryDataModule,
+        trainer_class=IterPPOTrainer,
+        seed_everything_default=0,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        trainer_defaults=TRAINER_DEFAULTS,
+        parser_kwargs=parser_kwargs,
+        args=args,
+    )
+
+
+def main(args: list[str] | None = None, descriptions: dict[str, str] | None = None) -> None:
+    """Run one LightningCLI subcommand, `args` (default: the process's) starting with its name.
+
+    Bad input exits with `iterppo: error: ...` and the exit code of its kind (1 bad logs, 3 numerical fault, 2 other).
+    descriptions: subcommand -> the line its --help starts with (default: the first line of its docstring).
+    """
+    _quiet_third_party()
+    try:
+        _make_cli(IterPPOCLI, args, {name: {"description": text} for name, text in (descriptions or {}).items()})
+    except LogValidationError as err:  # the same report as `iterppo validate-data`
+        print(f"iterppo: error: {err}\nnothing was written", file=sys.stderr)
+        sys.exit(1)
+    except NumericalFault as err:
+        print(f"iterppo: error: {err}", file=sys.stderr)
+        sys.exit(3)
+    except (RunDirError, RunStateError, FileNotFoundError, FileExistsError, ValueError, MisconfigurationException) as err:
+        print(f"iterppo: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -- the resolved `fit` config, for callers in this process (iterppo sweep) -----------------------------
+
+
+class FitConfigError(ValueError):
+    """The config files and overrides are not a valid `fit` config (the parser's message says why)."""
+
+
+class _ParsersBuilt(Exception):
+    def __init__(self, cli: IterPPOCLI):
+        self.cli = cli
+
+
+class _ParsersOnly(IterPPOCLI):
+    """LightningCLI parses the arguments and runs the subcommand in its constructor: stop once the parsers exist."""
+
+    def parse_arguments(self, parser, args) -> None:
+        raise _ParsersBuilt(self)
+
+
+@functools.lru_cache(maxsize=1)
+def fit_parser():
+    """The parser of `iterppo fit` (built once per process: building it takes seconds)."""
+    try:
+        _make_cli(_ParsersOnly, [], {"exit_on_error": False})  # subcommand parsers inherit it
+    except _ParsersBuilt as built:
+        return built.cli._parser("fit")
+    raise AssertionError("_ParsersOnly always stops in parse_arguments")
+
+
+def resolve_fit_config(config_files: list[str], overrides: list[str]) -> str:
+    """The full YAML config `iterppo fit --config F1 --config F2 ... OVERRIDES` would run with (its --print_config).
+
+    Later config files and then the overrides (`--key value` pairs) win, as on the command line. Raises
+    FitConfigError naming the bad key or value; nothing is instantiated.
+    """
+    from jsonargparse import ArgumentError
+
+    parser = fit_parser()
+    args = [arg for path in config_files for arg in ("--config", str(path))] + list(overrides)
+    try:
+        config = parser.parse_args(args)
+    except ArgumentError as err:
+        raise FitConfigError(str(err)) from None
+    return parser.dump(config, skip_unset=False)  # what --print_config writes
