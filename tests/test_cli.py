@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -203,3 +204,75 @@ def test_print_config_shows_the_resolved_yaml(capsys):
     assert config["model"]["loop"]["iterations"] == ITERATIONS
     assert config["model"]["policy"]["init_args"]["kl_coef"] == 0.05
     assert config["data"]["policy_batches"] == 2
+
+
+# -- the table of subcommands -------------------------------------------------------------------------
+
+
+def test_help_lists_every_subcommand_with_its_purpose(capsys):
+    from iterppo_lightning.cli import COMMANDS
+
+    assert list(COMMANDS) == ["fit", "evaluate", "collect", "imagine", "bootstrap", "validate-data", "sweep", "report"]
+    for flag in ("--help", "-h"):
+        res = run_inprocess(capsys, flag)
+        assert res.returncode == 0, res.stderr
+        for name, command in COMMANDS.items():
+            rows = [line.split(None, 1) for line in res.stdout.splitlines() if line.strip()]
+            assert [name, command.purpose] in rows
+
+
+def test_no_subcommand_shows_the_table_and_fails(capsys):
+    res = run_inprocess(capsys)
+    assert res.returncode == 2
+    assert "validate-data" in res.stderr and "iterppo: error: no subcommand given" in res.stderr
+
+
+def test_an_unknown_subcommand_is_named(capsys):
+    res = run_inprocess(capsys, "fitt", "--config", str(SMOKE))
+    assert res.returncode == 2
+    assert "iterppo: error:" in res.stderr and "'fitt'" in res.stderr and "validate-data" in res.stderr
+
+
+def test_help_validate_data_and_report_load_neither_torch_nor_lightning():
+    # A fresh interpreter: this test process has imported torch long ago.
+    script = """
+import contextlib, io, sys
+from iterppo_lightning.cli import main
+for args in (["--help"], ["validate-data", "--help"], ["report", "--help"], ["sweep", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(args)
+        except SystemExit as exit_:
+            assert exit_.code in (0, None), (args, exit_.code)
+import iterppo_lightning.commands.validate_data, iterppo_lightning.experiments.report
+print(sorted(m for m in ("torch", "lightning", "pytorch_lightning", "transformers") if m in sys.modules))
+"""
+    command = [sys.executable, "-c", script]
+    proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_python_dash_m_runs_the_same_command():
+    command = [sys.executable, "-m", "iterppo_lightning", "--help"]
+    proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "validate-data" in proc.stdout and "bootstrap" in proc.stdout
+
+
+def test_fit_help_describes_fit(capsys):
+    from iterppo_lightning.cli import COMMANDS
+
+    res = run_inprocess(capsys, "fit", "--help")
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())  # argparse wraps the description
+    assert " ".join(COMMANDS["fit"].purpose.split()) in text
+    assert "hand the module back" not in text  # IterPPOTrainer.fit's docstring is about DeepSpeed, not the command
+
+
+def test_bootstrap_is_a_subcommand_with_its_output_argument(capsys):
+    res = run_inprocess(capsys, "bootstrap", "--help")
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "--output OUTPUT" in text and "a new folder (never overwritten)" in text
+    assert "Make pi_0 alone" in text

@@ -77,7 +77,10 @@ class IterPPOTrainer(L.Trainer):
     """The config's `seed_everything` (set by IterPPOCLI): bootstrap derives pi_0's seeds from it as `fit` does."""
 
     def fit(self, model, *args, **kwargs):
-        """`Trainer.fit`, then (under DeepSpeed) hand the module back to the loop as a plain module (zero.py)."""
+        """Lightning's Trainer.fit, once per phase; `iterppo fit` passes no checkpoint (resume: --resume true).
+
+        Under DeepSpeed it then hands the module back to the loop as a plain module (zero.py).
+        """
         from iterppo_lightning.distributed.collectives import is_distributed
         from iterppo_lightning.distributed.zero import optimizer_state_elements, partition_report, release_from_deepspeed, save_zero_checkpoint, zero_stage
 

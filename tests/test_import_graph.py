@@ -1,0 +1,132 @@
+"""The package's import graph has no cycles (module-level imports only).
+
+A cycle makes a module's names depend on which module of the cycle was imported first; the layout
+is meant to read one way (cli -> commands -> loop -> modules -> ...). The first check counts what runs
+when a module loads: imports inside functions run later (that is how `iterppo` imports a subcommand's
+module only when it runs) and `if TYPE_CHECKING:` imports never run. The second check counts every
+import statement: a cycle hidden in a function (cli -> sweep -> cli, once) still ties two modules together.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "iterppo_lightning"
+# Source folder -> the module name it is installed as (pyproject.toml: callbacks/ is iterppo_lightning.callbacks).
+SOURCES = {REPO / PACKAGE: PACKAGE, REPO / "callbacks": f"{PACKAGE}.callbacks"}
+
+
+def module_files(sources: dict[Path, str]) -> dict[str, Path]:
+    """Dotted module name -> its file, for every .py file under the source folders."""
+    modules = {}
+    for folder, prefix in sources.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join([prefix, *parts])] = path
+    return modules
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _module_level_imports(body: list[ast.stmt]):
+    """Import statements that run when the module loads: top level, and inside top-level if/try blocks."""
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If):
+            if not _is_type_checking(node.test):
+                yield from _module_level_imports(node.body)
+            yield from _module_level_imports(node.orelse)
+        elif isinstance(node, ast.Try):
+            for block in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
+                yield from _module_level_imports(block)
+
+
+def _every_import(body: list[ast.stmt]):
+    for statement in body:
+        yield from (node for node in ast.walk(statement) if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+def import_graph(modules: dict[str, Path], everywhere: bool = False) -> dict[str, set[str]]:
+    """Module -> the package modules it imports at module level (everywhere: in functions too)."""
+    graph: dict[str, set[str]] = {}
+    imports = _every_import if everywhere else _module_level_imports
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        targets: set[str] = set()
+        for node in imports(ast.parse(path.read_text(encoding="utf-8")).body):
+            if isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                base = node.module or ""
+                if node.level:  # relative: from the module's own package, one level up per extra dot
+                    package = name.split(".") if is_package else name.split(".")[:-1]
+                    package = package[: len(package) - (node.level - 1)]
+                    base = ".".join(package + ([base] if base else []))
+                # `from a import b` imports the module a.b when there is one, else the name b of module a.
+                candidates = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            targets |= {c for c in candidates if c in modules and c != name}
+        graph[name] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_package_import_graph_has_no_cycles():
+    modules = module_files(SOURCES)
+    assert f"{PACKAGE}.cli" in modules and f"{PACKAGE}.callbacks.base" in modules
+    cycle = find_cycle(import_graph(modules))
+    assert cycle is None, "import cycle (module-level imports): " + " -> ".join(cycle)
+
+
+def test_no_cycle_hides_in_imports_inside_functions():
+    cycle = find_cycle(import_graph(module_files(SOURCES), everywhere=True))
+    assert cycle is None, "import cycle (counting imports inside functions): " + " -> ".join(cycle)
+
+
+def test_the_check_finds_a_cycle_through_absolute_relative_and_from_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import pkg.b\n")
+    (pkg / "b.py").write_text("from .sub import c\n")
+    (pkg / "sub" / "c.py").write_text("from pkg.a import something\n")
+    (pkg / "d.py").write_text("def f():\n    import pkg.a\n")  # inside a function: not module level
+    (pkg / "e.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.d\n")
+    graph = import_graph(module_files({pkg: "pkg"}))
+    assert graph["pkg.d"] == set() and graph["pkg.e"] == set()
+    cycle = ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
+    assert find_cycle(graph) == cycle
+    (pkg / "sub" / "c.py").write_text("def g():\n    from pkg.a import something\n")
+    assert find_cycle(import_graph(module_files({pkg: "pkg"}))) is None
+    assert find_cycle(import_graph(module_files({pkg: "pkg"}), everywhere=True)) == cycle
