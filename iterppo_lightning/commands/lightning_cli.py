@@ -211,6 +211,8 @@ class IterPPOTrainer(L.Trainer):
         Args:
             output: a new folder (never overwritten).
         """
+        if self.phase_trainers is None:
+            raise ValueError("bootstrap trains phase by phase: set IterPPOTrainer.phase_trainers (the CLI does)")
         datamodule = datamodule or TrajectoryDataModule()
         result = bootstrap_pi0(model, datamodule, self.phase_trainers, output, self.run_seed)
         print(json.dumps(result))
