@@ -39,11 +39,12 @@ from iterppo_lightning.data.datamodule import TrajectoryDataModule
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.commands.evaluate import evaluate_saved_policy
 from iterppo_lightning.data.log_io import LogValidationError
-from iterppo_lightning.loop.controller import NumericalFault, OuterLoop, RunDirError, step_seed
+from iterppo_lightning.loop.controller import NumericalFault, OuterLoop, RunDirError
 from iterppo_lightning.distributed.phase_strategies import PHASES, build_phase_strategy, check_phase_strategies, launch_processes
 from iterppo_lightning.loop.run_state import RunStateError
 from iterppo_lightning.env.sales_simulator import SalesSimulator
-from iterppo_lightning.utils.stats import atomic_dir
+from iterppo_lightning.utils.atomic_io import atomic_dir
+from iterppo_lightning.utils.seeding import derive_seed
 from iterppo_lightning.system import IterativePPO
 
 TRAINER_DEFAULTS = {
@@ -287,7 +288,7 @@ def bootstrap_pi0(model: IterativePPO, datamodule: TrajectoryDataModule, trainer
     if out.exists():
         raise FileExistsError(f"{output!r} already exists; a pi_0 folder is never overwritten")
     with atomic_dir(out) as tmp:  # complete or absent: a killed bootstrap leaves only a temporary folder
-        L.seed_everything(step_seed(seed, -1, "bootstrap"), verbose=False)
+        L.seed_everything(derive_seed(seed, -1, "bootstrap"), verbose=False)
         start = time.perf_counter()
         net, tokenizer = make_pi0(model.bootstrap, SalesSimulator(model.environment), datamodule, trainer_factory, tmp, seed)
         model.policy.attach(net, tokenizer)

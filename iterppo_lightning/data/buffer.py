@@ -14,7 +14,7 @@ import datasets
 
 from iterppo_lightning.data.conversation import Conversation, Turn
 from iterppo_lightning.utils.failpoints import failpoint
-from iterppo_lightning.utils.stats import atomic_dir
+from iterppo_lightning.utils.atomic_io import atomic_dir
 
 # A fixed schema keeps every buffer loadable together; metadata varies by
 # source (simulator persona, log fields), so it is stored as a JSON string.

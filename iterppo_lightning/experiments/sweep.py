@@ -63,7 +63,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from iterppo_lightning.loop.run_state import STATE_FILE, config_differences
-from iterppo_lightning.utils.stats import atomic_write_json, is_temp_name
+from iterppo_lightning.utils.atomic_io import atomic_write_json, is_temp_name
 
 __all__ = ["main", "build_parser", "QUICK_SCALE", "quick_overrides", "SweepError"]
 

@@ -216,7 +216,7 @@ def export_policy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: 
     error in the base), so it briefly needs a second copy of the model in memory.
     merge=False: peft's adapter folder (adapter_config.json + adapter weights), for
     PeftModel.from_pretrained on the same base. A model without LoRA is saved as is.
-    Write into a temporary folder and rename (stats.atomic_dir) for crash safety.
+    Write into a temporary folder and rename (atomic_io.atomic_dir) for crash safety.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

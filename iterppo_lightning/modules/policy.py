@@ -31,7 +31,7 @@ from iterppo_lightning.models.modeling import LORA_ADAPTER_DIR, POLICY_CARD_FILE
 from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
 from iterppo_lightning.models.lora import LoraSettings, adapter_state, adapter_weights, add_lora, export_policy, is_lora, saved_adapter_state
-from iterppo_lightning.utils.stats import atomic_dir
+from iterppo_lightning.utils.atomic_io import atomic_dir
 from iterppo_lightning.distributed.zero import gathered_for_generation, zero_stage
 
 VALUE_HEAD_FILE = "value_head.pt"
