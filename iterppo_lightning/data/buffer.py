@@ -12,7 +12,7 @@ from pathlib import Path
 
 import datasets
 
-from iterppo_lightning.data.conversation import Conversation, Turn
+from iterppo_lightning.data.conversation import TURN_FIELDS, Conversation, Turn
 from iterppo_lightning.utils.failpoints import failpoint
 from iterppo_lightning.utils.atomic_io import atomic_dir
 
@@ -36,9 +36,6 @@ FEATURES = datasets.Features(
         ),
     }
 )
-
-
-TURN_FIELDS = ("customer", "outcome", "suggestion", "sent", "business_action", "timestamp")
 
 
 def _to_row(conv: Conversation) -> dict:
