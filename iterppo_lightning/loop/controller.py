@@ -34,7 +34,7 @@ from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.loop.collection import read_log_batch, simulate_batch
 from iterppo_lightning.rl.critic_targets import lambda_return_targets, myopic_targets, sample_replies, score_pairs
 from iterppo_lightning.utils.failpoints import failpoint
-from iterppo_lightning.models.modeling import check_policy_dir
+from iterppo_lightning.models.policy_folder import check_policy_dir
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.models.source import check_source, enable_gradient_checkpointing, load_causal_lm
 from iterppo_lightning.env.episodes import summarize_conversations

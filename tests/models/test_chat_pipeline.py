@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_helpers import REPO, run_cli
-from iterppo_lightning.models.modeling import load_policy
+from iterppo_lightning.models.policy_folder import load_policy
 from tiny_chat import save_tiny_chat_model
 
 SMOKE_CHAT = REPO / "configs" / "smoke_chat.yaml"
