@@ -29,7 +29,12 @@ from iterppo_lightning.distributed.zero import gathered_for_generation, zero_sta
 from iterppo_lightning.models.generation import sample_responses
 from iterppo_lightning.models.lora import LoraSettings, adapter_state, adapter_weights, add_lora, is_lora
 from iterppo_lightning.models.modeling import causal_lm_forward
-from iterppo_lightning.models.policy_folder import load_policy, read_policy_folder, saved_adapter_state, write_policy_folder
+from iterppo_lightning.models.policy_folder import (
+    load_policy,
+    read_policy_folder,
+    saved_adapter_state,
+    write_policy_folder,
+)
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
 from iterppo_lightning.rl import ppo_math as pm
 from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
@@ -269,7 +274,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             merge = self.lora.merge_on_export if merge is None else merge
         else:
             merge = False
-        return write_policy_folder(path, self.policy, self.tokenizer, value_head=self.value_head, card=card, merge=merge)
+        return write_policy_folder(
+            path, self.policy, self.tokenizer, value_head=self.value_head, card=card, merge=merge
+        )
 
     # -- Lightning hooks ----------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning as L
 import pytest
 import torch
@@ -163,7 +165,7 @@ def test_a_rollout_is_typed_and_its_rows_slice_every_field_alike(tiny_model, tok
 
 def test_every_hyperparameter_is_a_typed_attribute():
     module = PolicyModule(lr=0.5, clip_eps=0.1, max_new_tokens=7, target_kl=0.02, advantage="rloo", group_size=3)
-    assert set(module.hparams) == set(PolicyModule.__init__.__code__.co_varnames[1 : PolicyModule.__init__.__code__.co_argcount])
+    assert set(module.hparams) == set(inspect.signature(PolicyModule.__init__).parameters) - {"self"}
     for key, value in module.hparams.items():
         assert getattr(module, key) == value, key
     assert (module.lr, module.max_new_tokens, module.target_kl, module.group_size) == (0.5, 7, 0.02, 3)

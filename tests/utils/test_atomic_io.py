@@ -7,7 +7,13 @@ import os
 
 import pytest
 
-from iterppo_lightning.utils.atomic_io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, is_temp_name
+from iterppo_lightning.utils.atomic_io import (
+    atomic_dir,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    is_temp_name,
+)
 
 
 def test_atomic_write_text_replaces_and_leaves_no_temporary(tmp_path):
