@@ -117,7 +117,8 @@ def quiet_lightning() -> None:
 
 
 def build_tokenizer(vocab: int):
-    from iterppo_lightning.models.tiny_lm import SPECIAL_TOKENS, train_word_tokenizer
+    from iterppo_lightning.data.chat_format import SPECIAL_TOKENS
+    from iterppo_lightning.models.tiny_lm import train_word_tokenizer
 
     n_words = vocab - len(SPECIAL_TOKENS)  # "w0".."w{V-10}"
     tok = train_word_tokenizer([" ".join(f"w{i}" for i in range(n_words))])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from iterppo_lightning.utils.stats import atomic_write_json
+from iterppo_lightning.utils.atomic_io import atomic_write_json
 
 from .base import IterationCallback
 

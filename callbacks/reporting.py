@@ -21,14 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from iterppo_lightning.utils.stats import (
-    as_number,
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    json_default,
-    lookup,
-)
+from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_json, atomic_write_text, json_default
+from iterppo_lightning.utils.stats import as_number, lookup
 
 from .base import IterationCallback
 

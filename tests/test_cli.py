@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from iterppo_lightning.data.buffer import load_buffer
-from iterppo_lightning.models.modeling import load_policy
+from iterppo_lightning.models.policy_folder import load_policy
 
 from cli_helpers import ENV, REPO, SMOKE, command as _command, last_json_line as _last_json_line, run_cli, run_inprocess, tree_fingerprint as _tree_fingerprint
 

@@ -50,7 +50,7 @@ def train_chat_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512) -> Pr
 
 def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> LlamaForCausalLM:
     """A randomly initialised Llama sized for `tokenizer` (deterministic for a seed)."""
-    from .tiny_lm import seeded_model
+    from iterppo_lightning.models.tiny_lm import seeded_model
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -17,8 +17,8 @@ import lightning as L
 
 from iterppo_lightning.env.sales_simulator import SalesSimulator
 from iterppo_lightning.loop.bootstrap import make_pi0
-from iterppo_lightning.loop.controller import step_seed
-from iterppo_lightning.utils.stats import atomic_dir
+from iterppo_lightning.utils.seeding import derive_seed
+from iterppo_lightning.utils.atomic_io import atomic_dir
 
 if TYPE_CHECKING:
     from iterppo_lightning.data.datamodule import TrajectoryDataModule
@@ -49,7 +49,7 @@ def bootstrap_pi0(
     if out.exists():
         raise FileExistsError(f"{output!r} already exists; a pi_0 folder is never overwritten")
     with atomic_dir(out) as tmp:  # complete or absent: a killed bootstrap leaves only a temporary folder
-        L.seed_everything(step_seed(seed, -1, "bootstrap"), verbose=False)
+        L.seed_everything(derive_seed(seed, -1, "bootstrap"), verbose=False)
         start = time.perf_counter()
         simulator = SalesSimulator(model.environment)
         net, tokenizer = make_pi0(model.bootstrap, simulator, datamodule, trainer_factory, tmp, seed)

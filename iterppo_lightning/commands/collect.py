@@ -8,12 +8,10 @@ way the file is exactly what `fit --data.logs` and `validate-data` accept.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from iterppo_lightning.data.log_io import summarize_logs, write_logs
-from iterppo_lightning.models.modeling import load_policy
-from iterppo_lightning.modules.policy import POLICY_CARD_FILE
+from iterppo_lightning.models.policy_folder import load_policy, read_card
 from iterppo_lightning.env.episodes import episode_seeds, run_episodes
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.env.scripted_agents import BehaviourAgent, play_episode
@@ -23,10 +21,8 @@ BEHAVIOUR_POLICY_ID = "behaviour"
 
 def policy_card(policy_dir: str | Path) -> dict:
     """A policy folder's lineage card (exported by `fit`); a folder without one is named after itself."""
-    card = Path(policy_dir) / POLICY_CARD_FILE
-    if card.is_file():
-        return json.loads(card.read_text(encoding="utf-8"))
-    return {"policy_id": Path(policy_dir).resolve().name}
+    card = read_card(policy_dir)
+    return card if card is not None else {"policy_id": Path(policy_dir).resolve().name}
 
 
 def collect_logs(

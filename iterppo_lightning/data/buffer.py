@@ -12,9 +12,9 @@ from pathlib import Path
 
 import datasets
 
-from iterppo_lightning.data.conversation import Conversation, Turn
+from iterppo_lightning.data.conversation import TURN_FIELDS, Conversation, Turn
 from iterppo_lightning.utils.failpoints import failpoint
-from iterppo_lightning.utils.stats import atomic_dir
+from iterppo_lightning.utils.atomic_io import atomic_dir
 
 # A fixed schema keeps every buffer loadable together; metadata varies by
 # source (simulator persona, log fields), so it is stored as a JSON string.
@@ -36,9 +36,6 @@ FEATURES = datasets.Features(
         ),
     }
 )
-
-
-TURN_FIELDS = ("customer", "outcome", "suggestion", "sent", "business_action", "timestamp")
 
 
 def _to_row(conv: Conversation) -> dict:

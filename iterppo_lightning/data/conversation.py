@@ -12,7 +12,7 @@ in full plus c_i and o_i. Reward R(s_i) = o_i.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 BUSINESS_ACTIONS = ("accept", "edit", "reject", "none")
@@ -36,6 +36,10 @@ class Turn:
     @property
     def terminal(self) -> bool:
         return self.sent is None
+
+
+TURN_FIELDS = tuple(f.name for f in fields(Turn))
+"""A turn's fields in order: the keys of a logged turn (docs/data.md) and the columns of a stored one."""
 
 
 @dataclass

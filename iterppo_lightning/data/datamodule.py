@@ -13,7 +13,6 @@ The phase the next `fit` trains is chosen with `use_phase`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.distributed.collectives import ShardedBatchSampler
 from iterppo_lightning.data.rendering import render_state, render_suggestion
+from iterppo_lightning.utils.seeding import derive_uniform, hash_bits
 
 PHASES = ("critic", "policy", "sft")
 
@@ -57,8 +57,7 @@ class _ListDataset(Dataset):
 def _in_validation(conversation_id: str, val_fraction: float, seed: int) -> bool:
     # A hash of the id (not a shuffled index) keeps a conversation on the same
     # side of the split no matter which buffers are loaded or in what order.
-    digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+    return hash_bits(seed, conversation_id, bits=64) / 2**64 < val_fraction
 
 
 def bootstrap_count(conversation_id: str, member: int, seed: int) -> int:
@@ -69,8 +68,7 @@ def bootstrap_count(conversation_id: str, member: int, seed: int) -> int:
     conversation id), so it does not depend on batching or load order, and a resumed run
     draws the same counts.
     """
-    digest = hashlib.sha256(f"{seed}:bootstrap:{member}:{conversation_id}".encode()).digest()
-    u = (int.from_bytes(digest[:8], "big") >> 11) / 2**53  # uniform in [0, 1), exact in float64
+    u = derive_uniform(seed, "bootstrap", member, conversation_id)
     count, term = 0, math.exp(-1.0)
     cdf = term
     while u >= cdf and count < 30:  # inverse CDF of Poisson(1): P(k) = e^-1 / k!

@@ -21,7 +21,7 @@ from typing import Any
 
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.data.log_schema import LogProblem, check_record, parse_timestamp
-from iterppo_lightning.utils.stats import atomic_path
+from iterppo_lightning.utils.atomic_io import atomic_path
 
 __all__ = [
     "LogValidationError",

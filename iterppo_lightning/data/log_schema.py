@@ -17,19 +17,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from iterppo_lightning.data.conversation import Conversation, Turn
+from iterppo_lightning.data.conversation import TURN_FIELDS, Conversation, Turn
 
 __all__ = [
     "LogProblem",
     "check_record",
     "TOP_LEVEL_FIELDS",
-    "TURN_FIELDS",
     "AGENT_ACTIONS",
     "parse_timestamp",
 ]
 
 TOP_LEVEL_FIELDS = ("conversation_id", "policy_id", "iteration", "metadata", "turns")
-TURN_FIELDS = ("customer", "outcome", "suggestion", "sent", "business_action", "timestamp")
 AGENT_ACTIONS = ("accept", "edit", "reject")
 """What the business may do with an agent turn's suggestion; the terminal turn has "none"."""
 

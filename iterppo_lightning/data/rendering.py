@@ -13,7 +13,7 @@ Outcome flags are not rendered: in every non-terminal state all o_j are 0
 from __future__ import annotations
 
 from iterppo_lightning.data.conversation import Conversation, Turn
-from iterppo_lightning.models.tiny_lm import ABSTAIN, AGENT, CUSTOMER, EDITED, END, PLAIN_CHAT_TEMPLATE, REJECTED
+from iterppo_lightning.data.chat_format import ABSTAIN, AGENT, CUSTOMER, EDITED, END, PLAIN_CHAT_TEMPLATE, REJECTED
 
 
 def uses_plain_format(tokenizer) -> bool:

@@ -8,7 +8,6 @@ gives the same customers whatever the batch size.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Protocol
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.models.generation import sample_responses
 from iterppo_lightning.data.rendering import render_state
+from iterppo_lightning.utils.seeding import derive_seed
 from iterppo_lightning.utils.stats import summarize_outcomes
 
 
@@ -34,11 +34,7 @@ class Environment(Protocol):
 
 def episode_seeds(namespace: str, seed: int, iteration: int, count: int) -> list[int]:
     """Independent, reproducible episode seeds; different namespaces never share customers in practice."""
-    out = []
-    for i in range(count):
-        digest = hashlib.sha256(f"{namespace}:{seed}:{iteration}:{i}".encode()).digest()
-        out.append(int.from_bytes(digest[:4], "big") & 0x7FFFFFFF)
-    return out
+    return [derive_seed(namespace, seed, iteration, i) for i in range(count)]
 
 
 @torch.no_grad()

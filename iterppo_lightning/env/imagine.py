@@ -27,7 +27,7 @@ from pathlib import Path
 from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.models.chat_generation import generate_chat
 from iterppo_lightning.data.conversation import Conversation, Turn
-from iterppo_lightning.utils.stats import atomic_write_json
+from iterppo_lightning.utils.atomic_io import atomic_write_json
 
 __all__ = [
     "ImagineConfig",

@@ -35,7 +35,8 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from iterppo_lightning.experiments.run_records import recorded_seconds
-from iterppo_lightning.utils.stats import as_number, atomic_path, atomic_write_text, lookup
+from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_text
+from iterppo_lightning.utils.stats import as_number, lookup
 
 __all__ = ["main", "t_quantile_975", "mean_ci", "load_run", "conversation_counts", "write_report"]
 

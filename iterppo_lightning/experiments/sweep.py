@@ -67,7 +67,7 @@ from jsonargparse import ArgumentParser
 from iterppo_lightning.experiments.run_records import read_json as _read_json, read_run_state as _run_state
 from iterppo_lightning.experiments.run_records import recorded_seconds
 from iterppo_lightning.loop.run_state import config_differences
-from iterppo_lightning.utils.stats import atomic_write_json, is_temp_name
+from iterppo_lightning.utils.atomic_io import atomic_write_json, is_temp_name
 
 __all__ = ["main", "build_parser", "QUICK_SCALE", "quick_overrides", "SweepError"]
 

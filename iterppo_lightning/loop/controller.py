@@ -18,7 +18,6 @@ take part in the phase fits, and rank 0's early-stop decision is broadcast.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.loop.collection import read_log_batch, simulate_batch
 from iterppo_lightning.rl.critic_targets import lambda_return_targets, myopic_targets, sample_replies, score_pairs
 from iterppo_lightning.utils.failpoints import failpoint
-from iterppo_lightning.models.modeling import check_policy_dir
+from iterppo_lightning.models.policy_folder import check_policy_dir
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.models.source import check_source, enable_gradient_checkpointing, load_causal_lm
 from iterppo_lightning.env.episodes import summarize_conversations
@@ -49,7 +48,8 @@ from iterppo_lightning.loop.run_state import (
     save_run_state,
 )
 from iterppo_lightning.env.sales_simulator import SalesSimulator
-from iterppo_lightning.utils.stats import atomic_path, atomic_write_text, is_temp_name
+from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_text, is_temp_name
+from iterppo_lightning.utils.seeding import derive_seed
 from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
 
 TrainerFactory = Callable[..., L.Trainer]
@@ -74,11 +74,6 @@ class RunDirError(RuntimeError):
 
 class NumericalFault(RuntimeError):
     """A loss became NaN or Inf; the phase stopped before touching the weights."""
-
-
-def step_seed(seed: int, iteration: int, step: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{iteration}:{step}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -160,7 +155,7 @@ class OuterLoop:
             getattr(cb, hook)(self, *args)
 
     def _seed(self, iteration: int, step: str) -> None:
-        L.seed_everything(step_seed(self.seed, iteration, step), verbose=False)
+        L.seed_everything(derive_seed(self.seed, iteration, step), verbose=False)
 
     def _warn(self, message: str) -> None:
         self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from iterppo_lightning.utils.failpoints import failpoint
-from iterppo_lightning.utils.stats import atomic_path, is_temp_name, json_default
+from iterppo_lightning.utils.atomic_io import atomic_path, is_temp_name, json_default
 
 STATE_FILE = "run_state.json"
 VERSION = 1

@@ -14,15 +14,13 @@ start of the iteration: `adapter_state` takes that snapshot (a few MB) and
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 
 @dataclass
@@ -141,32 +139,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in adapter_parameters(model).items()}
 
 
-def saved_adapter_state(model: nn.Module, policy_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The adapter state (in `model`'s parameter names) that stands for a saved policy on `model`'s base.
-
-    A folder with an adapter (`lora_adapter/` beside a merged export, or an adapter export) gives
-    that adapter's weights; a plain folder (pi_0 saved as the base itself) gives zeros, which
-    compute the base exactly. Used to restore kl_anchor pi_0's reference after a restart.
-    """
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
-    from iterppo_lightning.models.modeling import lora_adapter_dir
-
-    live = adapter_state(model)
-    adapter = lora_adapter_dir(policy_dir)
-    if adapter is None:
-        return {name: torch.zeros_like(value) for name, value in live.items()}
-    params = adapter_parameters(model)
-    try:
-        set_peft_model_state_dict(model, load_peft_weights(str(adapter)))
-        return adapter_state(model)
-    finally:
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(live[name])
-
-
 def _check_state(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
@@ -205,26 +177,3 @@ def adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], eval_mode:
                 param.copy_(live[name])
         for module, training in modes.items():
             module.training = training
-
-
-def export_policy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | Path, *, merge: bool) -> Path:
-    """Write the policy to `folder` (created if needed) with its tokenizer; returns the folder.
-
-    merge=True: the adapter folded into the base weights, a plain HF causal-LM folder
-    that AutoModelForCausalLM loads without peft. The merge runs on a deep copy (the
-    live adapter keeps training; merge then unmerge in place would leave rounding
-    error in the base), so it briefly needs a second copy of the model in memory.
-    merge=False: peft's adapter folder (adapter_config.json + adapter weights), for
-    PeftModel.from_pretrained on the same base. A model without LoRA is saved as is.
-    Write into a temporary folder and rename (stats.atomic_dir) for crash safety.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if is_lora(model) and merge:
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(folder)
-        del merged
-    else:
-        model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder

@@ -14,31 +14,18 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
-CUSTOMER, AGENT, END = "<customer>", "<agent>", "<end>"
-EDITED, REJECTED, ABSTAIN = "<edited>", "<rejected>", "<abstain>"
-SPECIAL_TOKENS = [PAD, UNK, BOS, CUSTOMER, AGENT, END, EDITED, REJECTED, ABSTAIN]
-
-# The marker format of rendering.render_plain_state as a chat template, so an exported
-# tiny policy is deployable like any chat model: `apply_chat_template(messages,
-# add_generation_prompt=True)` gives exactly the text it was trained on. Messages:
-# {"role": "user", "content": customer message} and {"role": "assistant", "content":
-# message sent, "suggestion": the agent's suggestion (None = abstained),
-# "business_action": "accept" (default) | "edit" | "reject"}.
-PLAIN_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- ('' if loop.first else ' ') + '<customer> ' + message['content'] -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- set action = message.get('business_action') or 'accept' -%}"
-    "{%- set suggestion = (message.get('suggestion') if action in ['edit', 'reject'] else message['content']) or '' -%}"
-    "{%- set suggestion = suggestion | trim -%}"
-    "{{- ' <agent> ' + (suggestion if suggestion else '<abstain>') + ' <end>' -}}"
-    "{%- if action == 'edit' -%}{{- ' <edited> ' + message['content'] -}}"
-    "{%- elif action == 'reject' -%}{{- ' <rejected> ' + message['content'] -}}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- ' <agent>' -}}{%- endif -%}"
+from iterppo_lightning.data.chat_format import (
+    ABSTAIN,
+    AGENT,
+    BOS,
+    CUSTOMER,
+    EDITED,
+    END,
+    PAD,
+    PLAIN_CHAT_TEMPLATE,
+    REJECTED,
+    SPECIAL_TOKENS,
+    UNK,
 )
 
 

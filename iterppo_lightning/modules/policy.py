@@ -13,29 +13,79 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
+import dataclasses
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
 from iterppo_lightning.distributed import collectives as dist_utils
-from iterppo_lightning.rl import ppo_math as pm
-from iterppo_lightning.models.generation import sample_responses
-from iterppo_lightning.models.modeling import LORA_ADAPTER_DIR, POLICY_CARD_FILE, causal_lm_forward, load_policy, lora_adapter_dir, lora_base_of
-from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
-from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
-from iterppo_lightning.models.lora import LoraSettings, adapter_state, adapter_weights, add_lora, export_policy, is_lora, saved_adapter_state
-from iterppo_lightning.utils.stats import atomic_dir
 from iterppo_lightning.distributed.zero import gathered_for_generation, zero_stage
+from iterppo_lightning.models.generation import sample_responses
+from iterppo_lightning.models.lora import LoraSettings, adapter_state, adapter_weights, add_lora, is_lora
+from iterppo_lightning.models.modeling import causal_lm_forward
+from iterppo_lightning.models.policy_folder import (
+    load_policy,
+    read_policy_folder,
+    saved_adapter_state,
+    write_policy_folder,
+)
+from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
+from iterppo_lightning.rl import ppo_math as pm
+from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 
-VALUE_HEAD_FILE = "value_head.pt"
 
+@dataclass
+class Rollout:
+    """One PPO rollout: B sampled replies, scored, with their advantages (what `ppo_update` trains on).
+
+    B = rows (policy_batch_size states x group_size replies, the replies to one state on adjacent
+    rows), P = prompt tokens (left-padded), R = reply tokens (right-padded; `response_mask` marks
+    the tokens up to and including the first EOS). Every tensor is per row (first dim B); the
+    per-token quantities [B, R] are aligned with `responses`.
+    """
+
+    query_responses: torch.Tensor
+    """[B, P+R] long: the prompt then the sampled reply, the sequence every scoring forward reads."""
+    attention_mask: torch.Tensor
+    """[B, P+R] long: 1 on real tokens (prompt and reply), 0 on padding."""
+    responses: torch.Tensor
+    """[B, R] long: the sampled reply tokens (pad after the first EOS)."""
+    response_mask: torch.Tensor
+    """[B, R] long: 1 on the reply's tokens up to and including its first EOS."""
+    logprobs: torch.Tensor
+    """[B, R] float: log-probs of the reply tokens under the rollout policy (PPO's "old" log-probs)."""
+    values: torch.Tensor
+    """[B, R] float: the value head at each reply position under the rollout policy (the "old" values)."""
+    advantages: torch.Tensor
+    """[B, R] float: per-token advantages (GAE, or the group baseline), whitened when asked."""
+    returns: torch.Tensor
+    """[B, R] float: value targets (GAE returns; zeros for grpo / rloo, which train no value head)."""
+    scores: torch.Tensor
+    """[B] float: Q_k of each reply as the critic gave it (before the EOS penalty and normalisation)."""
+    seq_kl: torch.Tensor
+    """[B] float: the reply's summed per-token KL to the reference."""
+    ended: torch.Tensor
+    """[B] bool: the reply produced EOS within max_new_tokens."""
+
+    @property
+    def prompt_len(self) -> int:
+        """P: the reply starts at this column of `query_responses`."""
+        return self.query_responses.shape[1] - self.responses.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        """B: the number of rows."""
+        return self.responses.shape[0]
+
+    def rows(self, index: torch.Tensor) -> Rollout:
+        """The rollout restricted to rows `index` (a minibatch), every field indexed alike."""
+        return Rollout(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
 
 class PolicyModule(OptimizerCarryMixin, L.LightningModule):
@@ -122,8 +172,34 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         pm.check_solver_settings(advantage, group_size, kl_anchor)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        for key, value in self.hparams.items():
-            setattr(self, key, value)
+        # The hyperparameters as typed attributes (the loop, callbacks and benchmarks read some of them).
+        self.lr: float = lr
+        self.ppo_epochs: int = ppo_epochs
+        self.minibatches: int = minibatches
+        self.clip_eps: float = clip_eps
+        self.value_clip: float | None = value_clip
+        self.vf_coef: float = vf_coef
+        self.gamma_token: float = gamma_token
+        self.gae_lambda: float = gae_lambda
+        self.entropy_coef: float = entropy_coef
+        self.kl_coef: float = kl_coef
+        self.adaptive_kl: bool = adaptive_kl
+        self.kl_target: float = kl_target
+        self.kl_horizon: int = kl_horizon
+        self.target_kl: float | None = target_kl
+        self.max_iteration_kl: float | None = max_iteration_kl
+        self.whiten_advantages: bool = whiten_advantages
+        self.score_norm: str = score_norm
+        self.missing_eos_penalty: float | None = missing_eos_penalty
+        self.max_new_tokens: int = max_new_tokens
+        self.temperature: float = temperature
+        self.max_grad_norm: float = max_grad_norm
+        self.keep_optimizer_state: bool = keep_optimizer_state
+        self.lora: LoraSettings | None = lora
+        self.seed_per_reply: bool = seed_per_reply
+        self.advantage: str = advantage
+        self.group_size: int = group_size
+        self.kl_anchor: str = kl_anchor
         self.kl_controller = (
             pm.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else pm.FixedKLController(kl_coef)
         )
@@ -177,27 +253,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         self._reference_pinned = True
 
     def load(self, path: str | Path) -> None:
-        path = Path(path)
-        adapter = lora_adapter_dir(path)
-        if self.lora is not None and adapter is not None:
-            # Exact state for resume: the adapter as trained on the base it was trained on
-            # (never on a merged export, which would apply the adapter twice).
-            from peft import PeftModel
-
-            base_dir = lora_base_of(path)
-            base, _ = load_policy(base_dir)
-            model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            tokenizer.padding_side = "left"
-            self.lora_base = base_dir
-        else:
-            model, tokenizer = load_policy(path)
-            self.lora_base = str(path.resolve())
-        head = None
-        if (Path(path) / VALUE_HEAD_FILE).exists():
-            head = nn.Linear(model.config.hidden_size, 1)
-            head.load_state_dict(torch.load(Path(path) / VALUE_HEAD_FILE, weights_only=True))
-        self.attach(model, tokenizer, head)
+        """Continue from a saved policy folder (with LoRA: its adapter as trained, on its base)."""
+        saved = read_policy_folder(path, trainable_adapter=self.lora is not None)
+        self.lora_base = saved.lora_base
+        self.attach(saved.model, saved.tokenizer, saved.value_head)
 
     def attach_critic(self, critic) -> None:
         """The frozen Q_k used as the reward model during this fit."""
@@ -205,27 +264,19 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         self.critic = critic
 
     def save(self, path: str | Path, card: dict | None = None, merge: bool | None = None) -> Path:
-        """`save_pretrained` policy + tokenizer (+ value head, + a JSON `card`), written then renamed into place.
+        """Write the policy folder (models.policy_folder): model, tokenizer, value head and the lineage `card`.
 
-        The folder is a deployable Hugging Face model (tokenizer and chat template
-        included). `card` (lineage: policy id, parent, data) goes to POLICY_CARD_FILE.
+        With LoRA the card records `lora_base`, and `merge` (default: lora.merge_on_export) picks a
+        merged export (plus the adapter as trained) or an adapter export; without LoRA it is ignored.
         """
         if self.lora is not None:
             card = {**(card or {}), "lora_base": self.lora_base}
-        with atomic_dir(path, overwrite=True) as tmp:
-            if self.lora is not None:
-                merged = self.lora.merge_on_export if merge is None else merge
-                export_policy(self.policy, self.tokenizer, tmp, merge=merged)
-                if merged:
-                    self.policy.save_pretrained(tmp / LORA_ADAPTER_DIR)  # the adapter as trained, for resume
-            else:
-                self.policy.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
-            torch.save(self.value_head.state_dict(), tmp / VALUE_HEAD_FILE)
-            if card is not None:
-                (tmp / POLICY_CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-            failpoint("policy_save.before_rename")
-        return Path(path)
+            merge = self.lora.merge_on_export if merge is None else merge
+        else:
+            merge = False
+        return write_policy_folder(
+            path, self.policy, self.tokenizer, value_head=self.value_head, card=card, merge=merge
+        )
 
     # -- Lightning hooks ----------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -295,7 +346,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         return causal_lm_forward(self.reference, full_ids, full_mask, logits_to_keep=keep)[0]
 
     @torch.no_grad()
-    def make_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def make_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
+        """Sample replies to the left-padded prompts [B, P] and score them (no gradient)."""
         tok = self.tokenizer
         if self.group_size > 1:  # group_size replies per state, the replies to one state on adjacent rows
             prompt_ids = prompt_ids.repeat_interleave(self.group_size, dim=0)
@@ -334,25 +386,25 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             returns = torch.zeros_like(old_values)
         if self.whiten_advantages:
             advantages = pm.masked_whiten(advantages, resp_mask, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None)
-        return {
-            "full_ids": full_ids,
-            "full_mask": full_mask,
-            "prompt_len": prompt_len,
-            "response": response,
-            "mask": resp_mask,
-            "old_logprobs": old_logprobs,
-            "old_values": old_values,
-            "advantages": advantages,
-            "returns": returns,
-            "raw_score": raw_score,
-            "seq_kl": (kl * resp_mask).sum(1),
-            "ended": ended,
-        }
+        return Rollout(
+            query_responses=full_ids,
+            attention_mask=full_mask,
+            responses=response,
+            response_mask=resp_mask,
+            logprobs=old_logprobs,
+            values=old_values,
+            advantages=advantages,
+            returns=returns,
+            scores=raw_score,
+            seq_kl=(kl * resp_mask).sum(1),
+            ended=ended,
+        )
 
     # -- PPO update ----------------------------------------------------------------------
-    def ppo_update(self, rollout: dict[str, torch.Tensor]) -> dict[str, float]:
+    def ppo_update(self, rollout: Rollout) -> dict[str, float]:
+        """`ppo_epochs` passes of clipped updates over the rollout in `minibatches` minibatches; mean statistics."""
         optimizer = self.optimizers()
-        batch = rollout["response"].shape[0]
+        batch = rollout.batch_size
         # Minibatches are drawn over the GLOBAL batch (the same permutation on every rank); each rank trains
         # on its rows of each. In a single process this is the plain randperm(batch).split(mb_size).
         offset, global_batch = dist_utils.global_offset(batch)
@@ -362,24 +414,23 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         epochs_run = 0
         for _ in range(self.ppo_epochs):
             epochs_run += 1
-            for chunk in torch.randperm(global_batch, device=rollout["response"].device).split(mb_size):
+            for chunk in torch.randperm(global_batch, device=rollout.responses.device).split(mb_size):
                 idx = chunk[(chunk >= offset) & (chunk < offset + batch)] - offset if dist_utils.is_distributed() else chunk
                 # A rank with no row in this minibatch still runs forward/backward (ZeRO's collectives need
                 # every rank) on one row with zero weight.
                 empty = idx.numel() == 0
                 if empty:
                     idx = torch.zeros(1, dtype=torch.long, device=chunk.device)
+                mb = rollout.rows(idx)
                 with self._timed("update_forward"):
                     logprobs, values, resp_logits = self._policy_outputs(
-                        rollout["full_ids"][idx], rollout["full_mask"][idx], rollout["prompt_len"], rollout["response"][idx]
+                        mb.query_responses, mb.attention_mask, mb.prompt_len, mb.responses
                     )
-                mask = rollout["mask"][idx]
-                pg_loss, pg_stats = pm.policy_loss(
-                    logprobs, rollout["old_logprobs"][idx], rollout["advantages"][idx], mask, self.clip_eps
-                )
+                mask = mb.response_mask
+                pg_loss, pg_stats = pm.policy_loss(logprobs, mb.logprobs, mb.advantages, mask, self.clip_eps)
                 loss = pg_loss
                 if self.advantage == "gae":  # grpo / rloo leave the value head untouched
-                    vf_loss, vf_stats = pm.value_loss(values, rollout["old_values"][idx], rollout["returns"][idx], mask, self.value_clip)
+                    vf_loss, vf_stats = pm.value_loss(values, mb.values, mb.returns, mask, self.value_clip)
                     loss = loss + self.vf_coef * vf_loss
                 if self.entropy_coef:
                     entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits), mask)
@@ -432,15 +483,15 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         else:
             def mean(x: torch.Tensor) -> float:
                 return x.mean().item()
-        mean_kl = mean(rollout["seq_kl"])
+        mean_kl = mean(rollout.seq_kl)
         stats.update(
             kl=mean_kl,
             kl_coef=self.kl_controller.value,
-            mean_score=mean(rollout["raw_score"]),
-            response_length=mean(rollout["mask"].sum(1).float()),
-            ended_frac=mean(rollout["ended"].float()),
+            mean_score=mean(rollout.scores),
+            response_length=mean(rollout.response_mask.sum(1).float()),
+            ended_frac=mean(rollout.ended.float()),
         )
-        self.kl_controller.update(mean_kl, n_steps=dist_utils.global_offset(rollout["response"].shape[0])[1])
+        self.kl_controller.update(mean_kl, n_steps=dist_utils.global_offset(rollout.batch_size)[1])
         if self.max_iteration_kl is not None and mean_kl > self.max_iteration_kl:
             # Q_k is only trustworthy near pi_k (Theorem 2): stop before PPO exploits its errors.
             stats["stopped_on_iteration_kl"] = 1.0
@@ -448,6 +499,6 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         self._step_stats.append(stats)
         failpoint("policy.step")
         shown = {"mean_score", "kl"}  # on the progress bar; the rest only in the logger
-        n = rollout["response"].shape[0]
+        n = rollout.batch_size
         self.log_dict({f"ppo/{k}": v for k, v in stats.items() if k not in shown}, batch_size=n)
         self.log_dict({f"ppo/{k}": stats[k] for k in shown}, prog_bar=True, batch_size=n)

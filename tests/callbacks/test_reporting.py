@@ -36,13 +36,8 @@ except ModuleNotFoundError as exc:
     IterationCallback = module.IterationCallback
     ReportingCallback = module.ReportingCallback
 
-from iterppo_lightning.utils.stats import (  # noqa: E402
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    summarize_outcomes,
-    wilson_interval,
-)
+from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
+from iterppo_lightning.utils.stats import summarize_outcomes, wilson_interval  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -87,3 +87,10 @@ def test_loading_a_missing_buffer_names_the_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):
         load_buffer(missing)
+
+
+def test_the_stored_turn_columns_are_the_turn_fields():
+    from iterppo_lightning.data.buffer import FEATURES
+    from iterppo_lightning.data.conversation import TURN_FIELDS
+
+    assert tuple(FEATURES["turns"]) == TURN_FIELDS

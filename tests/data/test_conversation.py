@@ -61,3 +61,10 @@ def test_dict_round_trip_keeps_every_field():
     again = Conversation.from_dict(conv.to_dict())
     assert again == conv
     assert again.turns[2].business_action == "edit"
+
+
+def test_turn_fields_are_the_turn_records_fields_in_order():
+    from iterppo_lightning.data.conversation import TURN_FIELDS
+
+    assert TURN_FIELDS == ("customer", "outcome", "suggestion", "sent", "business_action", "timestamp")
+    assert set(Turn("hi").__dict__) == set(TURN_FIELDS)

@@ -58,7 +58,7 @@ def test_render_suggestion(suggestion, expected):
 
 
 def test_word_tokenizer_gets_the_plain_format(tokenizer):
-    from iterppo_lightning.models.tiny_lm import PLAIN_CHAT_TEMPLATE
+    from iterppo_lightning.data.chat_format import PLAIN_CHAT_TEMPLATE
 
     assert tokenizer.chat_template == PLAIN_CHAT_TEMPLATE
     conv = _conversation()
@@ -128,3 +128,13 @@ def test_the_chat_template_survives_save_and_reload(tmp_path, tokenizer, convers
     conv = next(c for c in conversations if len(c.agent_turns) > 2)
     assert reloaded.chat_template == tokenizer.chat_template
     assert reloaded.apply_chat_template(plain_chat_messages(conv, 2), tokenize=False, add_generation_prompt=True) == render_state(conv, 2, tokenizer)
+
+
+def test_the_tiny_tokenizer_uses_the_plain_format_tokens():
+    from iterppo_lightning.data import chat_format
+    from iterppo_lightning.models.tiny_lm import train_word_tokenizer
+
+    tokenizer = train_word_tokenizer(["hello there"])
+    assert tokenizer.chat_template == chat_format.PLAIN_CHAT_TEMPLATE
+    assert tokenizer.eos_token == chat_format.END and tokenizer.pad_token == chat_format.PAD
+    assert set(chat_format.SPECIAL_TOKENS) <= set(tokenizer.get_vocab())

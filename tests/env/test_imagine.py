@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from iterppo_lightning import imagine
+from iterppo_lightning.env import imagine
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.env.imagine import (
     REPORT_FILE,

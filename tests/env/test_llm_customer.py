@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from iterppo_lightning import chat_generation
+from iterppo_lightning.models import chat_generation
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.env.llm_customer import (
     JUDGE_QUESTION,

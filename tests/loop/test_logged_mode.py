@@ -16,7 +16,7 @@ import pytest
 from cli_helpers import SMOKE, run_cli, tree_fingerprint
 from iterppo_lightning.data.buffer import buffer_conversation_ids
 from iterppo_lightning.data.log_io import logs_fingerprint, read_logs, write_logs
-from iterppo_lightning.models.modeling import load_policy
+from iterppo_lightning.models.policy_folder import load_policy
 from iterppo_lightning.data.rendering import plain_chat_messages
 
 EPISODES = 48

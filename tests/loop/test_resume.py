@@ -22,7 +22,7 @@ import pytest
 
 from cli_helpers import SMOKE, run_cli, run_inprocess
 from iterppo_lightning.data.buffer import load_buffer
-from iterppo_lightning.utils.stats import is_temp_name
+from iterppo_lightning.utils.atomic_io import is_temp_name
 
 ITERATIONS = 2
 

@@ -24,7 +24,7 @@ import torch
 from cli_helpers import ENV, REPO, SMOKE, run_inprocess
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.data.datamodule import _in_validation
-from iterppo_lightning.utils.stats import is_temp_name
+from iterppo_lightning.utils.atomic_io import is_temp_name
 
 pytestmark = pytest.mark.slow
 

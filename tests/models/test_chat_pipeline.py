@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_helpers import REPO, run_cli
-from iterppo_lightning.models.modeling import load_policy
+from iterppo_lightning.models.policy_folder import load_policy
 from tiny_chat import save_tiny_chat_model
 
 SMOKE_CHAT = REPO / "configs" / "smoke_chat.yaml"
@@ -100,7 +100,7 @@ def test_imagined_conversations_clone_pi0_and_train_iteration_0(tmp_path, chat_r
     writes nothing parseable); everything after it is real."""
     import iterppo_lightning.env.imagine as imagine
     from cli_helpers import run_inprocess
-    from test_imagine import StubLLM
+    from env.test_imagine import StubLLM
 
     base = json.loads((chat_run / "pi_0" / "policy" / "iterppo_policy.json").read_text())["source"]
     monkeypatch.setattr(imagine, "generate_chat", StubLLM(n_personas=3))

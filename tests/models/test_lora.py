@@ -14,13 +14,12 @@ from iterppo_lightning.models.lora import (
     adapter_parameters,
     adapter_state,
     adapter_weights,
-    export_policy,
     is_lora,
-    saved_adapter_state,
     train_only_adapter,
 )
 from iterppo_lightning.models.source import ModelSource, load_backbone, load_causal_lm
 from iterppo_lightning.models.modeling import backbone_hidden, causal_lm_forward
+from iterppo_lightning.models.policy_folder import export_policy, saved_adapter_state
 from tiny_chat import save_tiny_chat_model
 
 

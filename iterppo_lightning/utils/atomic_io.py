@@ -1,0 +1,151 @@
+"""Atomic file and folder writes: a reader (or a crash) never sees a half-written result.
+
+Every write of results in this project goes through ``atomic_write_text``,
+``atomic_write_json``, ``atomic_path`` (one file) or ``atomic_dir`` (a folder:
+a saved model, a dataset): only the old content or the new one is ever there.
+The temporaries they leave after a crash are recognised by ``is_temp_name``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "atomic_path",
+    "atomic_dir",
+    "atomic_write_text",
+    "atomic_write_json",
+    "is_temp_name",
+    "fsync_dir",
+    "json_default",
+]
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` hook for values that commonly end up in metrics.
+
+    Handles numpy/torch scalars and arrays (via ``.item()`` / ``.tolist()``),
+    paths, sets and tuples; anything else raises ``TypeError`` as usual.
+    """
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    # Duck typing keeps numpy and torch optional here; for their scalars
+    # ``tolist()`` already returns a plain Python number.
+    for name in ("tolist", "item"):
+        method = getattr(obj, name, None)
+        if callable(method):
+            return method()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success move it onto ``path``.
+
+    The temporary file lives in the same folder (so ``os.replace`` is atomic)
+    and keeps the suffix of ``path`` (so tools that pick a format from the
+    name, like matplotlib's ``savefig``, still work). Whatever is written to it
+    is fsynced and then replaces ``path``. On any exception the temporary file
+    is removed, ``path`` is left untouched and the exception propagates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        # mkstemp creates 0600 files; results should be as readable as a normal write.
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of the temporaries the atomic writers make (``.NAME.tmp...``, ``.NAME.old-...``)."""
+    return name.startswith(".") and (".tmp" in name or ".old-" in name)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it becomes ``path``.
+
+    Folders (a saved model, a dataset) cannot be renamed over a non-empty
+    folder, so an existing ``path`` (``overwrite=True``) is first renamed aside
+    and removed only after the new one is in place: at every instant either
+    the old or the new complete folder is there (during the swap, under the
+    ``.NAME.old-*`` name). On any exception the temporary folder is removed and
+    ``path`` is untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} already exists and is never overwritten")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{tag}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename inside it survives a power loss (best effort)."""
+    # Makes the rename itself durable; not possible on every platform, so best effort.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Atomically replace ``path`` with ``text``."""
+    with atomic_path(path) as tmp:
+        # atomic_path fsyncs the temporary file before the rename.
+        tmp.write_text(text, encoding=encoding)
+
+
+def atomic_write_json(
+    path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2, default: Any = json_default
+) -> None:
+    """Atomically replace ``path`` with ``obj`` as JSON (plus a trailing newline).
+
+    Serialization happens before anything touches the disk, so an object that
+    cannot be serialized raises and leaves the old file as it was.
+    """
+    text = json.dumps(obj, indent=indent, default=default) + "\n"
+    atomic_write_text(path, text)
