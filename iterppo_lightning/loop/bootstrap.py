@@ -114,7 +114,8 @@ def behaviour_clone(
     # Behaviour cloning's batch size is its recipe's, not the DataModule's own.
     if curriculum is not None:
         with datamodule.for_phase("sft", batch_size=config.batch_size, sft_turns=curriculum):
-            trainer = trainer_factory("bootstrap", max_steps=config.curriculum_steps, max_epochs=-1, default_root_dir=str(out_dir))
+            steps = config.curriculum_steps
+            trainer = trainer_factory("bootstrap", max_steps=steps, max_epochs=-1, default_root_dir=str(out_dir))
             trainer.fit(module, datamodule=datamodule)
     with datamodule.for_phase("sft", batch_size=config.batch_size):
         trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))

@@ -41,7 +41,8 @@ from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
 from iterppo_lightning.env.episodes import summarize_conversations
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.loop.bootstrap import behaviour_clone, make_pi0
-from iterppo_lightning.loop.run_dir import (  # noqa: F401  (RESUMABLE_CHANGES, RunDirError: public names of this module)
+# RESUMABLE_CHANGES, RunDirError and prepare_run_dir stay importable from here (cli.py, earlier code).
+from iterppo_lightning.loop.run_dir import (  # noqa: F401
     RESUMABLE_CHANGES,
     WORLD_SIZE_KEYS,
     OpenSettings,
@@ -51,6 +52,7 @@ from iterppo_lightning.loop.run_dir import (  # noqa: F401  (RESUMABLE_CHANGES, 
 )
 from iterppo_lightning.loop.run_state import IterationProgress, RunState, RunStateError
 from iterppo_lightning.loop.variants import (
+    DataSource,
     check_variant_settings,
     choose_critic_targets,
     choose_data_source,
@@ -110,7 +112,7 @@ class OuterLoop:
         self.settings = OpenSettings(seed, datamodule.logs, resume, allow_config_change, config_text)
         self.logs = datamodule.logs
         self.improvement = choose_policy_improvement(system.algorithm)
-        self.source = None  # chosen once the run is open: a resume may finish an interrupted batch of logs
+        self.source: DataSource | None = None  # chosen once the run is open: it may resume a batch of logs
         self.view: LoopView | None = None
         self.record: dict = {}
         self.base_model_dir: Path | None = None
@@ -162,13 +164,14 @@ class OuterLoop:
         return self.finish()
 
     def run_iteration(self, k: int) -> None:
+        """One iteration; each step commits, and a resumed iteration skips the steps already on disk."""
         progress = self.folder.begin_iteration(k, self.logs)
         self.record = progress.record
         self._call("on_iteration_start", k)
-        self.collect(k, progress)
-        self.fit_critic(k, progress)
-        self.improve_policy(k, progress)
-        self.end_iteration(k, progress)
+        self.collect(k, progress)  # D_k with pi_k
+        self.fit_critic(k, progress)  # Q_k on D_k
+        self.improve_policy(k, progress)  # pi_(k+1) from pi_k against Q_k
+        self.end_iteration(k, progress)  # evaluate, export, report, maybe stop; commit
 
     # -- pi_0 -------------------------------------------------------------------------------
     def start_from_pi0(self) -> None:
@@ -221,13 +224,15 @@ class OuterLoop:
         dist_utils.barrier()
         self.seed_step(-1, "bootstrap")
         start = time.perf_counter()
-        model, tokenizer = make_pi0(system.bootstrap, self.view.environment, self.datamodule, self.trainer_factory, out, self.seed)
+        environment = self.view.environment
+        model, tokenizer = make_pi0(system.bootstrap, environment, self.datamodule, self.trainer_factory, out, self.seed)
         policy.attach(model, tokenizer)
         if self.main:
             card = {"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": "bootstrap"}
             policy.save(out / "policy", card=card)
             seconds = time.perf_counter() - start
-            atomic_write_text(out / "bootstrap.json", f'{{"seconds": {seconds}, "episodes": {system.bootstrap.episodes}}}\n')
+            episodes = system.bootstrap.episodes
+            atomic_write_text(out / "bootstrap.json", f'{{"seconds": {seconds}, "episodes": {episodes}}}\n')
 
     # -- D_k ----------------------------------------------------------------------------------
     def collect(self, k: int, progress: IterationProgress) -> None:
@@ -345,7 +350,7 @@ class OuterLoop:
         self._call("on_policy_end", k, self.record[key])
 
     def _policy_card(self, k: int, source: dict) -> dict:
-        pool = self.datamodule.pool_weights
+        pooled = [(k - age, w) for age, w in enumerate(self.datamodule.pool_weights[1:], 1) if k - age >= 0 and w > 0]
         return {
             "policy_id": f"pi_{k + 1}",
             "parent": f"pi_{k}",
@@ -354,7 +359,7 @@ class OuterLoop:
             "run_dir": str(self.run_dir.resolve()),
             "base_model": str(Path(self.base_model_dir).resolve()),
             "trained_on": source,
-            "pooled": [{"iteration": k - age, "weight": w} for age, w in enumerate(pool[1:], 1) if k - age >= 0 and w > 0],
+            "pooled": [{"iteration": j, "weight": w} for j, w in pooled],
             "critic_target": self.system.critic.target,
             "algorithm": self.system.algorithm,
         }
@@ -456,7 +461,8 @@ class OuterLoop:
     def fit_phase(self, phase: str, module, k: int, max_epochs: int, logs: str) -> L.Trainer:
         """One phase fit in a fresh Trainer; under DeepSpeed with keep_optimizer_state its optimizer state goes
         through sharded checkpoints. Returns the Trainer (its callback_metrics)."""
-        trainer = self.trainer_factory(phase, max_epochs=max_epochs, default_root_dir=str(self.folder.iteration_dir(k) / logs))
+        root = str(self.folder.iteration_dir(k) / logs)
+        trainer = self.trainer_factory(phase, max_epochs=max_epochs, default_root_dir=root)
         if module.keep_optimizer_state:
             trainer.zero_checkpoint_dir = self.folder.zero_checkpoint(k, phase)
             previous = self.folder.zero_checkpoint(k - 1, phase)

@@ -171,7 +171,8 @@ class RunFolder:
         """Iteration k is done: its record joins the history, its data the lineage; then commit."""
         state, k = self.state, progress.iteration
         state.history = list(history)
-        state.lineage.append({"iteration": k, "trained": f"pi_{k}", "exported": f"pi_{k + 1}", "source": progress.source})
+        lineage = {"iteration": k, "trained": f"pi_{k}", "exported": f"pi_{k + 1}", "source": progress.source}
+        state.lineage.append(lineage)
         state.completed_iterations = k + 1
         state.in_progress = None
         if stopped:  # committed with the iteration, so a resume never runs past an early stop

@@ -113,7 +113,8 @@ def test_a_replaced_chain_with_early_stopping_patience_is_refused_naming_both_ke
         "model:\n  loop:\n    early_stopping_patience: 2\n    callbacks:\n"
         "      - class_path: iterppo_lightning.callbacks.ExportCallback\n"
     )
-    proc = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--config", str(config), "--run_dir", str(tmp_path / "run"))
+    run_dir = tmp_path / "run"
+    proc = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--config", str(config), "--run_dir", str(run_dir))
     assert proc.returncode != 0
     assert "model.loop.early_stopping_patience" in proc.stderr and "model.loop.callbacks" in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -133,7 +134,8 @@ def test_a_user_callback_from_yaml_runs_in_a_real_fit_and_sees_the_loop_view(tmp
     run_dir = tmp_path / "run"
     proc = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--config", str(config), "--run_dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir / "user.json").read_text()) == ["run_start:LoopView", "iteration_end_0:LoopView", "run_end:LoopView"]
+    seen = json.loads((run_dir / "user.json").read_text())
+    assert seen == ["run_start:LoopView", "iteration_end_0:LoopView", "run_end:LoopView"]
     record = json.loads((run_dir / "run_state.json").read_text())["history"][0]
     # It ran last: every default callback had written its part of the record (ope, evaluation).
     assert {"ope", "success_rate", "critic", "ppo"} <= set(record["user"])

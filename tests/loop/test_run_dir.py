@@ -35,7 +35,8 @@ def test_a_new_run_writes_its_state_and_config(tmp_path):
     state = load_run_state(run_dir)
     assert state.seed == 7 and state.mode == "simulator" and not state.pi0_ready and state.completed_iterations == 0
     assert (run_dir / "config.yaml").read_text() == CONFIG
-    assert folder.policy_dir(0) == run_dir / "pi_0" / "policy" and folder.policy_dir(2) == run_dir / "iteration_1" / "policy"
+    assert folder.policy_dir(0) == run_dir / "pi_0" / "policy"
+    assert folder.policy_dir(2) == run_dir / "iteration_1" / "policy"
     assert RunFolder(run_dir, policy_init="/given/pi0").policy_dir(0).as_posix() == "/given/pi0"
 
 
@@ -90,13 +91,15 @@ def test_begin_and_finish_iteration_commit_the_record_and_the_lineage(tmp_path):
     folder = open_folder(tmp_path / "run")
     progress = folder.begin_iteration(0, logs=None)
     assert folder.begin_iteration(0, logs=None) is progress  # the interrupted iteration's own record
-    assert progress.source == {"kind": "simulator"} and progress.record == {"iteration": 0, "policy": "pi_1", "seconds": {}}
+    assert progress.source == {"kind": "simulator"}
+    assert progress.record == {"iteration": 0, "policy": "pi_1", "seconds": {}}
     progress.record["success_rate"] = 0.5
     folder.finish_iteration(progress, [progress.record], stopped=True, callback_states={"Cb": {"wait": 1}})
     state = json.loads((tmp_path / "run" / "run_state.json").read_text())
     assert state["completed_iterations"] == 1 and state["in_progress"] is None
     assert state["history"] == [{"iteration": 0, "policy": "pi_1", "seconds": {}, "success_rate": 0.5}]
-    assert state["lineage"] == [{"iteration": 0, "trained": "pi_0", "exported": "pi_1", "source": {"kind": "simulator"}}]
+    lineage = {"iteration": 0, "trained": "pi_0", "exported": "pi_1", "source": {"kind": "simulator"}}
+    assert state["lineage"] == [lineage]
     assert state["finished"] and state["stopped_early"] and state["callbacks"] == {"Cb": {"wait": 1}}
 
 
