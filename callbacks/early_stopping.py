@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from iterppo_lightning.utils.stats import as_number, lookup
 
 from .base import IterationCallback
+
+if TYPE_CHECKING:
+    from iterppo_lightning.loop.view import LoopView
 
 
 class EarlyStoppingCallback(IterationCallback):
@@ -53,16 +56,16 @@ class EarlyStoppingCallback(IterationCallback):
             return value > self.best + self.min_delta
         return value < self.best - self.min_delta
 
-    def _seed_from_initial_eval(self, loop: Any) -> None:
+    def _seed_from_initial_eval(self, loop: LoopView) -> None:
         # Only when nothing is known yet, so a state restored with
         # load_state_dict (resumed run) is not overwritten.
         if self.best is None and self.wait == 0:
-            self.best = as_number(lookup(getattr(loop, "initial_eval", None), self.monitor))
+            self.best = as_number(lookup(loop.initial_eval, self.monitor))
 
-    def on_run_start(self, loop: Any) -> None:
+    def on_run_start(self, loop: LoopView) -> None:
         self._seed_from_initial_eval(loop)
 
-    def on_iteration_end(self, loop: Any, iteration: int, record: dict) -> None:
+    def on_iteration_end(self, loop: LoopView, iteration: int, record: dict) -> None:
         self._seed_from_initial_eval(loop)
         value = as_number(lookup(record, self.monitor))
         if value is not None and self._improves(value):

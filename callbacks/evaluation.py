@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from iterppo_lightning.env.episodes import episode_seeds, run_episodes, summarize_conversations
 
 from .base import IterationCallback
 
+if TYPE_CHECKING:
+    from iterppo_lightning.loop.view import LoopView
 
-def evaluate_policy(loop, iteration: int) -> dict:
+
+def evaluate_policy(loop: LoopView, iteration: int) -> dict:
+    """The policy module's current policy on the run's fixed evaluation customers."""
     cfg, policy = loop.config, loop.policy
     # Same evaluation customers for every policy of the run (namespace "eval",
     # iteration fixed at 0): differences between iterations are the policy's, not the customers'.
@@ -37,11 +42,11 @@ def evaluate_policy(loop, iteration: int) -> dict:
 class EvaluationCallback(IterationCallback):
     """True success on simulated customers; off (loop.eval_episodes 0) for runs on real logs only."""
 
-    def on_run_start(self, loop) -> None:
+    def on_run_start(self, loop: LoopView) -> None:
         if loop.initial_eval is None and loop.config.eval_episodes > 0:  # a resumed run already has it
             loop.initial_eval = evaluate_policy(loop, -1)
 
-    def on_iteration_end(self, loop, iteration: int, record: dict) -> None:
+    def on_iteration_end(self, loop: LoopView, iteration: int, record: dict) -> None:
         if loop.config.eval_episodes == 0:
             return
         start = time.perf_counter()

@@ -7,14 +7,18 @@ folder with its lineage card); this callback only adds what a user reads.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from iterppo_lightning.utils.atomic_io import atomic_write_json
 
 from .base import IterationCallback
 
+if TYPE_CHECKING:
+    from iterppo_lightning.loop.view import LoopView
+
 
 class ExportCallback(IterationCallback):
-    def on_iteration_end(self, loop, iteration: int, record: dict) -> None:
+    def on_iteration_end(self, loop: LoopView, iteration: int, record: dict) -> None:
         out = loop.iteration_dir(iteration)
         atomic_write_json(out / "metrics.json", record)
         # `final_policy` -> newest policy; a symlink swapped in with rename, never half-updated.

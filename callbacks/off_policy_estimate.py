@@ -14,10 +14,14 @@ Q_k is the members' mean; the filtered-BC baseline has no Q_k and no estimate.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 from iterppo_lightning.rl.critic_targets import sample_replies, score_pairs
 
 from .base import IterationCallback
+
+if TYPE_CHECKING:
+    from iterppo_lightning.loop.view import LoopView
 
 
 def _mean(values: list[float]) -> float:
@@ -30,9 +34,9 @@ class OffPolicyEstimateCallback(IterationCallback):
             raise ValueError(f"max_states must be >= 1, got {max_states}")
         self.max_states = max_states
 
-    def on_iteration_end(self, loop, iteration: int, record: dict) -> None:
-        dm, critic, policy = loop.datamodule, loop.system.critic, loop.policy
-        if not getattr(critic, "is_built", True):  # filtered BC fits no Q: there is nothing to estimate with
+    def on_iteration_end(self, loop: LoopView, iteration: int, record: dict) -> None:
+        dm, critic, policy = loop.datamodule, loop.critic, loop.policy
+        if critic is None or not critic.is_built:  # filtered BC fits no Q: there is nothing to estimate with
             return
         current = {c.conversation_id: c for c in dm.conversations if c.iteration == iteration}
         opening = [

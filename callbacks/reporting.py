@@ -16,7 +16,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
@@ -25,6 +25,9 @@ from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_json, at
 from iterppo_lightning.utils.stats import as_number, lookup
 
 from .base import IterationCallback
+
+if TYPE_CHECKING:
+    from iterppo_lightning.loop.view import LoopView
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
@@ -163,25 +166,25 @@ class ReportingCallback(IterationCallback):
 
     # -- hooks -----------------------------------------------------------
 
-    def on_run_start(self, loop: Any) -> None:
-        logs = getattr(loop, "logs", None)
+    def on_run_start(self, loop: LoopView) -> None:
+        logs = loop.logs
         plan = f"one iteration on logs {logs}" if logs else f"{loop.num_iterations} iteration(s)"
         self._print(Text(f"Iterative PPO: {plan}, run dir {loop.run_dir}", style="bold"))
-        initial = getattr(loop, "initial_eval", None)
+        initial = loop.initial_eval
         if initial:
             self._print(f"pi_0 success {_fmt_success(initial)}  (episodes {_fmt(initial.get('eval_episodes', initial.get('episodes')), 'd')})")
         self._print_header()
 
-    def on_iteration_end(self, loop: Any, iteration: int, record: dict) -> None:
+    def on_iteration_end(self, loop: LoopView, iteration: int, record: dict) -> None:
         records = self._records(loop, record)
         self._write_metrics(Path(loop.run_dir), records)
         self._print_header()
         self._print(table_row(record))
         self._draw_curve(loop, records)
 
-    def on_run_end(self, loop: Any, summary: dict) -> None:
-        history = list(getattr(loop, "history", None) or [])
-        initial = getattr(loop, "initial_eval", None)
+    def on_run_end(self, loop: LoopView, summary: dict) -> None:
+        history = list(loop.history)
+        initial = loop.initial_eval
         final = history[-1] if history else {}
         best = self._best(history)
         candidates = ([("pi_0", initial)] if initial else []) + [
@@ -215,9 +218,9 @@ class ReportingCallback(IterationCallback):
     # -- helpers ---------------------------------------------------------
 
     @staticmethod
-    def _records(loop: Any, record: dict) -> list[dict]:
+    def _records(loop: LoopView, record: dict) -> list[dict]:
         """Finished records including the current one (the loop appends it only after us)."""
-        records = list(getattr(loop, "history", None) or [])
+        records = list(loop.history)
         same = records and (
             records[-1] is record
             or (record.get("iteration") is not None and records[-1].get("iteration") == record.get("iteration"))
@@ -250,10 +253,10 @@ class ReportingCallback(IterationCallback):
         lines = "".join(json.dumps(_plain(r), allow_nan=False) + "\n" for r in records)
         atomic_write_text(run_dir / METRICS_FILE, lines)
 
-    def _draw_curve(self, loop: Any, records: list[dict]) -> None:
+    def _draw_curve(self, loop: LoopView, records: list[dict]) -> None:
         """Redraw learning_curve.png; a plotting failure is reported, not raised."""
         try:
-            self._plot(Path(loop.run_dir) / CURVE_FILE, getattr(loop, "initial_eval", None), records)
+            self._plot(Path(loop.run_dir) / CURVE_FILE, loop.initial_eval, records)
         except Exception as exc:  # the curve is cosmetic; never kill training for it
             if self.print_table:
                 self.console.print(f"[yellow]learning curve not drawn: {exc!r}[/yellow]", highlight=False)

@@ -4,7 +4,8 @@ A cycle makes a module's names depend on which module of the cycle was imported 
 is meant to read one way (cli -> commands -> loop -> modules -> ...). The first check counts what runs
 when a module loads: imports inside functions run later (that is how `iterppo` imports a subcommand's
 module only when it runs) and `if TYPE_CHECKING:` imports never run. The second check counts every
-import statement: a cycle hidden in a function (cli -> sweep -> cli, once) still ties two modules together.
+import statement that can run: a cycle hidden in a function (cli -> sweep -> cli, once) still ties two modules
+together.
 """
 
 from __future__ import annotations
@@ -51,8 +52,16 @@ def _module_level_imports(body: list[ast.stmt]):
 
 
 def _every_import(body: list[ast.stmt]):
-    for statement in body:
-        yield from (node for node in ast.walk(statement) if isinstance(node, (ast.Import, ast.ImportFrom)))
+    """Every import statement that can run, in functions too; `if TYPE_CHECKING:` blocks are for type checkers only."""
+    pending = list(body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            pending.extend(node.orelse)
+        else:
+            pending.extend(ast.iter_child_nodes(node))
 
 
 def import_graph(modules: dict[str, Path], everywhere: bool = False) -> dict[str, set[str]]:

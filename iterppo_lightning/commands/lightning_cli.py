@@ -33,7 +33,6 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from iterppo_lightning.callbacks import default_callbacks
 from iterppo_lightning.commands.bootstrap import bootstrap_pi0
 from iterppo_lightning.commands.collect import collect_logs
 from iterppo_lightning.data.datamodule import TrajectoryDataModule
@@ -278,7 +277,7 @@ class IterPPOCLI(LightningCLI):
             datamodule,
             self._trainer_factory,
             Path(config["run_dir"]),
-            default_callbacks(model.loop.early_stopping_patience),
+            callbacks=None,  # the chain model.loop.callbacks / extra_callbacks describe (callbacks.callback_chain)
             seed=int(config["seed_everything"]),
             config_text=self._parser("fit").dump(config, skip_none=False),
             resume=bool(config["resume"]),

@@ -8,13 +8,16 @@ From the trajectory buffers it builds
   PPO rollout;
 - SFT examples (state -> suggestion) for behaviour cloning pi_0 and the
   filtered-BC baseline.
-The phase the next `fit` trains is chosen with `use_phase`.
+The phase a `fit` trains, and its settings, are chosen for the fits inside a
+`with datamodule.for_phase(...)` block; the previous ones come back after it.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -27,6 +30,7 @@ from iterppo_lightning.data.rendering import render_state, render_suggestion
 from iterppo_lightning.utils.seeding import derive_uniform, hash_bits
 
 PHASES = ("critic", "policy", "sft")
+_BATCH_SIZE_ATTRIBUTE = {"critic": "critic_batch_size", "policy": "policy_batch_size", "sft": "sft_batch_size"}
 
 
 @dataclass
@@ -159,6 +163,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.phase = "critic"
         self.sft_turns: set[tuple[str, int]] | None = None
+        """Behaviour-clone only these (conversation_id, turn index) pairs (None = every turn); see for_phase."""
         self.bootstrap_members = 1
         """Critic ensemble size: with > 1, critic batches carry each member's bootstrap counts."""
         self.conversations: list[Conversation] = []
@@ -172,9 +177,44 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
 
     def use_phase(self, phase: str) -> None:
+        """Switch the phase for good, with the DataModule's own settings (a single fit, e.g. in tests);
+        the loop uses `for_phase`, which puts everything back."""
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         self.phase = phase
+
+    @contextmanager
+    def for_phase(
+        self,
+        phase: str,
+        *,
+        batch_size: int | None = None,
+        sft_turns: set[tuple[str, int]] | None = None,
+        bootstrap_members: int = 1,
+    ) -> Iterator[TrajectoryDataModule]:
+        """The fits inside the block train `phase` with these settings; the previous ones come back after it,
+        whatever happens inside.
+
+        Args:
+            phase: "critic", "policy" or "sft".
+            batch_size: this phase's batch size for the block (None = the DataModule's own, e.g.
+                data.sft_batch_size); behaviour cloning passes its recipe's.
+            sft_turns: behaviour-clone only these (conversation_id, turn index) pairs (None = every turn).
+            bootstrap_members: critic ensemble size: with > 1, critic batches carry each member's
+                Poisson bootstrap counts.
+        """
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        size_attribute = _BATCH_SIZE_ATTRIBUTE[phase]
+        saved = (self.phase, getattr(self, size_attribute), self.sft_turns, self.bootstrap_members)
+        self.phase, self.sft_turns, self.bootstrap_members = phase, sft_turns, bootstrap_members
+        if batch_size is not None:
+            setattr(self, size_attribute, batch_size)
+        try:
+            yield self
+        finally:
+            self.phase, own_batch_size, self.sft_turns, self.bootstrap_members = saved
+            setattr(self, size_attribute, own_batch_size)
 
     def set_conversations(self, conversations: list[Conversation], weights: list[float] | None = None) -> None:
         """Use these conversations (e.g. the current buffer, or pooled buffers), optionally weighted per conversation."""
@@ -271,10 +311,6 @@ class TrajectoryDataModule(L.LightningDataModule):
         return {"input_ids": ids, "attention_mask": mask}
 
     # -- loaders --------------------------------------------------------------
-    def restrict_sft(self, turns: set[tuple[str, int]] | None) -> None:
-        """Behaviour-clone only these (conversation_id, turn index) pairs (None = all turns)."""
-        self.sft_turns = turns
-
     def _sft_examples(self, examples: list[TurnExample]) -> list[TurnExample]:
         if self.sft_turns is not None:
             examples = [e for e in examples if (e.conversation_id, e.turn_index) in self.sft_turns]

@@ -109,17 +109,15 @@ def behaviour_clone(
 
     datamodule.connect(tokenizer)
     datamodule.set_conversations(conversations)
-    datamodule.use_phase("sft")
-    # Behaviour cloning's batch size is pi_0's recipe; restore the DataModule's own afterwards.
-    own_batch_size, datamodule.sft_batch_size = datamodule.sft_batch_size, config.batch_size
     module = BehaviourCloningModule(lr=config.lr)
     module.attach(model)
+    # Behaviour cloning's batch size is its recipe's, not the DataModule's own.
     if curriculum is not None:
-        datamodule.restrict_sft(curriculum)
-        trainer = trainer_factory("bootstrap", max_steps=config.curriculum_steps, max_epochs=-1, default_root_dir=str(out_dir))
+        with datamodule.for_phase("sft", batch_size=config.batch_size, sft_turns=curriculum):
+            steps = config.curriculum_steps
+            trainer = trainer_factory("bootstrap", max_steps=steps, max_epochs=-1, default_root_dir=str(out_dir))
+            trainer.fit(module, datamodule=datamodule)
+    with datamodule.for_phase("sft", batch_size=config.batch_size):
+        trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))
         trainer.fit(module, datamodule=datamodule)
-        datamodule.restrict_sft(None)
-    trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))
-    trainer.fit(module, datamodule=datamodule)
-    datamodule.sft_batch_size = own_batch_size
     return {key.split("/", 1)[1]: float(v) for key, v in trainer.callback_metrics.items() if key.startswith("sft/")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iterppo_lightning.data.buffer import buffer_conversation_ids
 from iterppo_lightning.data.conversation import Conversation
@@ -20,16 +21,23 @@ from iterppo_lightning.data.log_schema import LogProblem
 from iterppo_lightning.env.episodes import episode_seeds, run_episodes
 from iterppo_lightning.loop.run_state import RunState
 
+if TYPE_CHECKING:
+    from iterppo_lightning.loop.view import LoopView
+
 
 @dataclass
 class LogBatch:
+    """One iteration's conversations (a batch of logs, or collected) and where they came from."""
+
     conversations: list[Conversation]
     source: dict
+    """{"kind": "simulator"} or {"kind": "logs", "path", "sha256", ...}: the iteration's `trained_on` lineage."""
     warnings: list[str] = field(default_factory=list)
+    """What the run should say about the batch (e.g. logs of another policy than pi_k)."""
 
 
-def simulate_batch(loop, k: int, episodes: int | None = None) -> list[Conversation]:
-    """`episodes` conversations (default loop.episodes_per_iteration) of pi_k with fresh simulated customers."""
+def simulate_batch(loop: LoopView, k: int, episodes: int | None = None) -> list[Conversation]:
+    """`episodes` conversations (default model.loop.episodes_per_iteration) of pi_k with fresh simulated customers."""
     cfg, policy = loop.config, loop.policy
     return run_episodes(
         policy.policy,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from iterppo_lightning.callbacks.base import IterationCallback
 
 
 @dataclass
@@ -30,6 +32,12 @@ class LoopConfig:
     """Fully offline baseline: iteration 0 collects episodes_per_iteration * iterations
     conversations with pi_0 and fits Q_0 once; later iterations collect nothing and run PPO
     from pi_k on that buffer against Q_0 (docs/variants.md). Not with data.logs."""
+    callbacks: list[IterationCallback] | None = None
+    """The callback chain, run in order (class_path/init_args entries). None = the default chain:
+    off-policy estimate, evaluation, export, reporting, and early stopping when
+    early_stopping_patience is set (callbacks/__init__.py)."""
+    extra_callbacks: list[IterationCallback] = field(default_factory=list)
+    """Callbacks appended after the chain (the default one, or `callbacks`)."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "episodes_per_iteration", "critic_epochs", "rollout_batch_size"):
@@ -37,6 +45,12 @@ class LoopConfig:
                 raise ValueError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_episodes < 0:
             raise ValueError(f"loop.eval_episodes must be >= 0, got {self.eval_episodes}")
+        if self.callbacks is not None and self.early_stopping_patience is not None:
+            raise ValueError(
+                "model.loop.early_stopping_patience adds early stopping to the default callback chain, but "
+                "model.loop.callbacks replaces that chain: list an EarlyStoppingCallback in model.loop.callbacks "
+                "instead (or add one with model.loop.extra_callbacks)"
+            )
 
 
 ALGORITHMS = ("iterative_ppo", "filtered_bc")

@@ -154,7 +154,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.extra_members = nn.ModuleList(
             nn.ModuleDict(dict(zip(("backbone", "head"), self._build_member(base_model_dir)))) for _ in range(self.ensemble_size - 1)
         )
-        self._carried_optimizer_state = None
+        self.carried_optimizer_state = None
         self._trainable = {name for name, p in self.named_parameters() if p.requires_grad}
 
     def _build_member(self, base_model_dir: str | Path) -> tuple[nn.Module, nn.Linear]:

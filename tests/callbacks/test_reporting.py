@@ -36,6 +36,7 @@ except ModuleNotFoundError as exc:
     IterationCallback = module.IterationCallback
     ReportingCallback = module.ReportingCallback
 
+from iterppo_lightning.loop.view import LoopView  # noqa: E402
 from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 from iterppo_lightning.utils.stats import summarize_outcomes, wilson_interval  # noqa: E402
 
@@ -45,13 +46,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # -- helpers -----------------------------------------------------------------
 
 
-def make_loop(tmp_path: Path, initial_eval: dict | None = None, num_iterations: int = 3) -> SimpleNamespace:
-    return SimpleNamespace(
+def make_loop(tmp_path: Path, initial_eval: dict | None = None, num_iterations: int = 3) -> LoopView:
+    """The view the loop hands its callbacks, without models: reporting and early stopping read no model."""
+    return LoopView(
         run_dir=tmp_path,
-        history=[],
-        should_stop=False,
+        config=SimpleNamespace(iterations=num_iterations),
+        seed=0,
         initial_eval=initial_eval,
-        num_iterations=num_iterations,
     )
 
 
@@ -71,7 +72,7 @@ def make_record(k: int, rate: float) -> dict:
     }
 
 
-def run_loop(loop: SimpleNamespace, callbacks: list[IterationCallback], records: list[dict]) -> dict:
+def run_loop(loop: LoopView, callbacks: list[IterationCallback], records: list[dict]) -> dict:
     """Drive the hooks the way the real loop does; returns the summary."""
     for cb in callbacks:
         cb.on_run_start(loop)

@@ -204,3 +204,54 @@ def test_misuse_is_reported(tokenizer, conversations):
     unfinished.turns[0].sent = None  # no agent turn at all
     with pytest.raises(ValueError, match="no agent turns"):
         dm.set_conversations([unfinished])
+
+
+# -- phases with their settings (for_phase) -----------------------------------------------------
+
+
+def _draw(dm, seed: int) -> list[dict]:
+    torch.manual_seed(seed)
+    return list(dm.train_dataloader()) + list(dm.val_dataloader() or [])
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(
+    "phase, settings, attributes",
+    [
+        ("sft", {"batch_size": 5}, {"sft_batch_size": 5}),
+        ("sft", {"batch_size": 3, "sft_turns": "first"}, {"sft_batch_size": 3, "sft_turns": "first"}),
+        ("critic", {"bootstrap_members": 3}, {"bootstrap_members": 3}),
+        ("policy", {}, {}),
+    ],
+)
+def test_for_phase_draws_exactly_what_the_switched_datamodule_draws(tokenizer, conversations, phase, settings, attributes):
+    first = {(c.conversation_id, c.agent_turns[0]) for c in conversations if c.agent_turns}
+    settings = {k: first if v == "first" else v for k, v in settings.items()}
+    attributes = {k: first if v == "first" else v for k, v in attributes.items()}
+    switched = _dm(tokenizer, conversations)
+    switched.use_phase(phase)
+    for name, value in attributes.items():
+        setattr(switched, name, value)
+    scoped = _dm(tokenizer, conversations)
+    with scoped.for_phase(phase, **settings):
+        drawn = _draw(scoped, 11)
+    assert _same_batches(drawn, _draw(switched, 11))
+
+
+def test_for_phase_puts_the_settings_back_even_when_the_fit_fails(tokenizer, conversations):
+    dm = _dm(tokenizer, conversations, sft_batch_size=64)
+    before = (dm.phase, dm.sft_batch_size, dm.sft_turns, dm.bootstrap_members)
+    with pytest.raises(RuntimeError, match="fit failed"):
+        with dm.for_phase("sft", batch_size=4, sft_turns={("x", 0)}):
+            assert (dm.phase, dm.sft_batch_size, dm.sft_turns) == ("sft", 4, {("x", 0)})
+            raise RuntimeError("fit failed")
+    assert (dm.phase, dm.sft_batch_size, dm.sft_turns, dm.bootstrap_members) == before
+    with dm.for_phase("critic", bootstrap_members=2):
+        assert dm.bootstrap_members == 2 and dm.phase == "critic"
+    assert (dm.phase, dm.sft_batch_size, dm.sft_turns, dm.bootstrap_members) == before
+    with pytest.raises(ValueError, match="unknown phase"):
+        with dm.for_phase("rl"):
+            pass

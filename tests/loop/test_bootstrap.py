@@ -35,14 +35,13 @@ def test_imagined_conversations_carry_their_informed_turns():
         assert turns == informed_recommendation_turns(conv)
 
 
-def test_restrict_sft_keeps_only_the_given_turns(tokenizer, conversations):
+def test_sft_turns_keep_only_the_given_turns(tokenizer, conversations):
     dm = TrajectoryDataModule(val_fraction=0.0, sft_batch_size=4)
     dm.connect(tokenizer)
     dm.set_conversations(conversations)
-    dm.use_phase("sft")
     keep = {(conversations[0].conversation_id, conversations[0].agent_turns[0]), (conversations[1].conversation_id, 0)}
-    dm.restrict_sft(keep)
-    batches = list(dm.train_dataloader())
+    with dm.for_phase("sft", sft_turns=keep):
+        batches = list(dm.train_dataloader())
     assert sum(b["input_ids"].shape[0] for b in batches) == 2
-    dm.restrict_sft(None)
-    assert sum(b["input_ids"].shape[0] for b in dm.train_dataloader()) == len(dm.train_examples)
+    with dm.for_phase("sft"):
+        assert sum(b["input_ids"].shape[0] for b in dm.train_dataloader()) == len(dm.train_examples)

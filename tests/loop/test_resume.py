@@ -156,7 +156,7 @@ def test_a_nan_loss_stops_the_phase_names_it_and_keeps_the_last_good_state(tmp_p
 def test_a_full_disk_gives_a_clear_error_and_leaves_the_last_state_intact(tmp_path, reference, capsys, monkeypatch):
     import torch
 
-    import iterppo_lightning.loop.controller as outer_loop
+    import iterppo_lightning.loop.run_dir as run_dir_module  # it writes critic.pt and the optimizer state
 
     real_save = torch.save
 
@@ -165,7 +165,7 @@ def test_a_full_disk_gives_a_clear_error_and_leaves_the_last_state_intact(tmp_pa
             raise OSError(errno.ENOSPC, "No space left on device", str(f))
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(outer_loop.torch, "save", full_disk)
+    monkeypatch.setattr(run_dir_module.torch, "save", full_disk)
     run_dir = tmp_path / "run"
     proc = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(run_dir))
     assert proc.returncode == 2, proc.stderr[-2000:]
