@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+
+from cli_forkserver import ForkServer
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -28,9 +32,31 @@ def command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "iterppo_lightning.cli"]
 
 
+# Set to 1 to start every command with a fresh interpreter (slower; the fork server's docstring says what differs).
+COLD_START = os.environ.get("ITERPPO_TEST_COLD_START") == "1"
+_server: ForkServer | None = None
+
+
+def _fork_server() -> ForkServer:
+    global _server
+    if _server is None:
+        scratch = Path(tempfile.mkdtemp(prefix="iterppo-cli-"))
+        _server = ForkServer(ENV, scratch)
+        atexit.register(lambda: (_server.close(), shutil.rmtree(scratch, ignore_errors=True)))
+    return _server
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`iterppo ARGS` in a subprocess; `env` adds variables (e.g. a failpoint)."""
-    return subprocess.run([*command(), *args], cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    """`iterppo ARGS` in a process of its own; `env` adds variables (e.g. a failpoint).
+
+    The process is forked from a server that has already imported the package (cli_forkserver.py),
+    which saves the seconds of start-up per command; ITERPPO_TEST_COLD_START=1 runs a plain subprocess.
+    """
+    full_env = {**ENV, **(env or {})}
+    cmd = command()
+    if COLD_START or cmd[0] == sys.executable:  # no console script: nothing to imitate, run it plainly
+        return subprocess.run([*cmd, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return _fork_server().run([*cmd, *args], cwd=REPO, env=full_env, timeout=timeout)
 
 
 def run_inprocess(capsys, *args: str) -> SimpleNamespace:
