@@ -16,14 +16,13 @@ import json
 import math
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from cli_helpers import ENV, REPO, run_inprocess, tree_fingerprint
+from cli_helpers import run_cli, run_inprocess, tree_fingerprint
 
 TINY = """\
 # A tiny experiment: seconds per run, and a customer easy enough that some conversations succeed.
@@ -69,11 +68,8 @@ T975_DF1 = 12.7062047  # Student t, 0.975 quantile, 1 degree of freedom (2 seeds
 
 
 def sweep_cmd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    # `python -m`, like the runs the sweep starts: the checkout under test, not an installed script.
-    return subprocess.run(
-        [sys.executable, "-m", "iterppo_lightning.cli", "sweep", *args],
-        cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600,
-    )
+    # A process of its own running the checkout under test (the runs it starts are `python -m` processes).
+    return run_cli("sweep", *args, env=env, timeout=600)
 
 
 def metrics_without_times(run_dir: Path) -> list[dict]:
@@ -172,10 +168,7 @@ def test_a_finished_sweep_runs_nothing_again(sweep):
 
 def test_a_shared_pi0_and_a_resumed_kill_give_the_plain_fit(sweep):
     run_dir = sweep.root / "plain"
-    proc = subprocess.run(
-        [sys.executable, "-m", "iterppo_lightning.cli", "fit", "--config", sweep.configs[0], "--seed_everything", "0", "--run_dir", str(run_dir)],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_cli("fit", "--config", sweep.configs[0], "--seed_everything", "0", "--run_dir", str(run_dir), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert metrics_without_times(run_dir) == metrics_without_times(sweep.out / "mc" / "seed_0")
 

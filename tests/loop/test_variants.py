@@ -1,9 +1,9 @@
 """The baselines and variants of docs/variants.md, end to end on configs/smoke.yaml overrides.
 
 Each variant is one `fit` through the real command line: in-process (`cli.main`, no package
-import per run) for the runs that are only read, and as a subprocess (`python -m
-iterppo_lightning.cli` from the repository root, so the checkout's own package runs) for the
-runs killed with SIGKILL. The maths is tested by hand in test_ppo_math.py,
+import per run) for the runs that are only read, and in a process of its own
+(cli_helpers.run_cli: this checkout's code) for the runs killed with SIGKILL and their
+resumes. The maths is tested by hand in test_ppo_math.py,
 test_critic_module.py and test_critic_targets.py; here the question is the wiring: the config
 key reaches the code, the run writes what the variant promises, and a killed run resumes to
 exactly the uninterrupted result.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import ENV, REPO, SMOKE, run_inprocess
+from cli_helpers import REPO, SMOKE, run_cli, run_inprocess
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.data.datamodule import _in_validation
 from iterppo_lightning.utils.atomic_io import is_temp_name
@@ -42,10 +42,8 @@ VARIANTS = {
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m iterppo_lightning.cli ARGS` from the repository root (this checkout's code)."""
-    return subprocess.run(
-        [sys.executable, "-m", "iterppo_lightning.cli", *args], cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600
-    )
+    """`iterppo ARGS` in a process of its own, this checkout's code (cli_helpers.run_cli)."""
+    return run_cli(*args, env=env, timeout=600)
 
 
 def cli_inprocess(*args: str) -> int:
