@@ -30,8 +30,12 @@ quickstart: $(VENV)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/iterppo evaluate --config $(CONFIG) --policy $(RUN_DIR)/final_policy --episodes 500 --seed 12345
 	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/iterppo evaluate --config $(CONFIG) --policy $(RUN_DIR)/final_policy --episodes 500 --seed 12345 --greedy true
 
+# Two test processes (pytest-xdist), a whole file to one of them, so a file's shared runs (module
+# fixtures) are made once. `make test TEST_JOBS=0` runs everything in this process.
+TEST_JOBS ?= 2
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

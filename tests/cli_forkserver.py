@@ -1,4 +1,4 @@
-"""A warm `iterppo` for tests: one process imports the CLI once, then forks a fresh child per command.
+"""A warm `iterppo` for tests: one process imports the CLI (torch, Lightning) once, then forks a child per command.
 
 Most of a tiny run's wall time is Python start-up (torch, Lightning, transformers: seconds per
 process), and the tests start dozens of runs. Each command here still runs in a process of its
@@ -78,7 +78,14 @@ def _child(request: dict) -> None:
 def serve() -> None:
     """Import the CLI, then run one command per request line on stdin until stdin closes."""
     sys.path.insert(0, str(REPO))  # the checkout's package, as `python -m iterppo_lightning.cli` from REPO
-    import iterppo_lightning.cli  # noqa: F401  (the import every command would otherwise pay)
+    import importlib
+
+    from iterppo_lightning import cli
+
+    # What every training subcommand imports first (torch, Lightning, transformers): seconds a command.
+    training_entry = getattr(cli, "_LIGHTNING", "")
+    if training_entry:
+        importlib.import_module(training_entry.partition(":")[0])
 
     # The protocol moves to private descriptors: fds 0, 1 and 2 are what every child re-points.
     requests, replies = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
