@@ -120,20 +120,29 @@ class ForkServer:
 
     def _start(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve"],
-            cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        self.log = self.scratch / "server.log"  # the server's own stderr (import warnings, a crash)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--serve"],
+                cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            )  # fmt: skip
+        self.pending = b""
         ready = self._reply(timeout=300)
         assert "ready" in ready, ready
 
     def _reply(self, timeout: float) -> dict:
-        ready, _, _ = select.select([self.proc.stdout], [], [], max(timeout, 0))
-        if not ready:
-            raise TimeoutError
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the test fork server exited (status {self.proc.wait()})")
+        # Unbuffered reads: a buffered readline could swallow the next reply, which select would then wait for.
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                raise TimeoutError
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                tail = self.log.read_text()[-3000:]
+                raise RuntimeError(f"the test fork server exited (status {self.proc.wait()}):\n{tail}")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
     def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -142,7 +151,7 @@ class ForkServer:
         self.count += 1
         out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
         request = dict(argv=list(argv), env=env, cwd=str(cwd), stdout=str(out), stderr=str(err))
-        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
         deadline = time.monotonic() + timeout
         pid = self._reply(timeout=60)["pid"]

@@ -1,4 +1,4 @@
-"""Run the real `iterppo` command from tests: as a subprocess (like a user's shell) or in-process."""
+"""Run the real `iterppo` command from tests: in a process of its own (run_cli) or in this one (run_inprocess)."""
 
 from __future__ import annotations
 
