@@ -79,18 +79,24 @@ STAGES = ("generate", "score_forward", "update_forward", "update_backward", "opt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048, help="tokenizer size, special tokens included")
     p.add_argument("--batch", type=int, default=64, help="prompts per PPO rollout (episodes per update)")
-    p.add_argument("--prompt-len", type=int, default=64, help="longest prompt; lengths uniform in [prompt_len/2, prompt_len]")
+    p.add_argument(
+        "--prompt-len", type=int, default=64, help="longest prompt; lengths uniform in [prompt_len/2, prompt_len]"
+    )
     p.add_argument("--resp-len", type=int, default=32, help="max_new_tokens of the policy")
     p.add_argument("--ppo-epochs", type=int, default=4)
     p.add_argument("--minibatches", type=int, default=2)
     p.add_argument("--updates", type=int, default=5, help="measured PPO updates (training steps)")
-    p.add_argument("--warmup-updates", type=int, default=1, help="updates of the separate, discarded warm-up fit (0: none)")
+    p.add_argument(
+        "--warmup-updates", type=int, default=1, help="updates of the separate, discarded warm-up fit (0: none)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -198,14 +204,16 @@ def main(argv=None) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
+    from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm
     from iterppo_lightning.modules.critic import CriticModule
     from iterppo_lightning.modules.policy import PolicyModule
-    from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm
 
     load_before = os.getloadavg()[0]
     t_setup = time.perf_counter()
     tok = build_tokenizer(args.vocab)
-    shape = TinyLMConfig(n_layer=args.layers, n_embd=args.dim, n_head=args.heads, n_positions=args.prompt_len + args.resp_len)
+    shape = TinyLMConfig(
+        n_layer=args.layers, n_embd=args.dim, n_head=args.heads, n_positions=args.prompt_len + args.resp_len
+    )
     model = build_tiny_causal_lm(tok, shape, seed=args.seed)
     module = PolicyModule(ppo_epochs=args.ppo_epochs, minibatches=args.minibatches, max_new_tokens=args.resp_len)
     module.attach(model, tok)

@@ -88,8 +88,21 @@ def _status_kib(field: str) -> int:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                                "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _libc():
@@ -233,8 +246,16 @@ def worker(args: argparse.Namespace) -> None:
 
         def configure_model(self) -> None:
             if self.model is None:
-                cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.dim, n_layer=args.layers,
-                                 n_head=args.heads, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+                cfg = GPT2Config(
+                    vocab_size=args.vocab,
+                    n_positions=args.seq,
+                    n_embd=args.dim,
+                    n_layer=args.layers,
+                    n_head=args.heads,
+                    tie_word_embeddings=False,
+                    bos_token_id=0,
+                    eos_token_id=0,
+                )
                 self.model = GPT2LMHeadModel(cfg)
                 self.mem["rss_after_model_kib"] = _status_kib("VmRSS")
 
@@ -313,9 +334,16 @@ def worker(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randint(0, args.vocab, (args.batch * args.procs * args.steps, args.seq), generator=g))
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(accelerator="cpu", devices=args.procs, strategy=strategy, max_steps=args.steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.procs,
+        strategy=strategy,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(GPT(), DataLoader(data, batch_size=args.batch))
 
 
@@ -335,13 +363,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-FORWARDED = ("layers", "dim", "heads", "vocab", "seq", "batch", "steps", "procs", "bucket", "prefetch_bucket",
-             "max_live_params", "max_reuse_distance", "persistence_threshold")
-
+FORWARDED = (
+    "layers",
+    "dim",
+    "heads",
+    "vocab",
+    "seq",
+    "batch",
+    "steps",
+    "procs",
+    "bucket",
+    "prefetch_bucket",
+    "max_live_params",
+    "max_reuse_distance",
+    "persistence_threshold",
+)
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, int, str, str]]) -> None:
     """One header line, a rule, one line per row: columns are (header, width, row key, format spec)."""
+
     def cell(value, width: int, spec: str) -> str:
         if spec == "<":
             return f"{value:<{width}}"
@@ -354,6 +395,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, int, str, str]]) -> N
         r = {**r, "state_over_theory": r["model_state_mib"] / r["theory_mib"]}
         print(" ".join(cell(r[key], w, spec) for _, w, key, spec in columns))
 
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=8)
@@ -364,24 +406,44 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2, help="sequences per process per step")
     p.add_argument("--steps", type=int, default=2, help="the census is taken inside the last optimizer step")
     p.add_argument("--procs", type=int, default=2)
-    p.add_argument("--bucket", type=float, default=5e6,
-                   help="DeepSpeed reduce/allgather bucket size in elements (Lightning's default, 2e8, is 800 MB "
-                        "fp32 and dwarfs a small model)")
+    p.add_argument(
+        "--bucket",
+        type=float,
+        default=5e6,
+        help="DeepSpeed reduce/allgather bucket size in elements (Lightning's default, 2e8, is 800 MB "
+        "fp32 and dwarfs a small model)",
+    )
     p.add_argument("--prefetch-bucket", type=float, default=5e6, help="stage3_prefetch_bucket_size (elements)")
     p.add_argument("--max-live-params", type=float, default=1e7, help="stage3_max_live_parameters (elements)")
     p.add_argument("--max-reuse-distance", type=float, default=1e7, help="stage3_max_reuse_distance (elements)")
-    p.add_argument("--persistence-threshold", type=float, default=0,
-                   help="stage3_param_persistence_threshold: parameters with at most this many elements stay whole "
-                        "on every rank (DeepSpeed's default is 1e5)")
-    p.add_argument("--overlap-comm", action=argparse.BooleanOptionalAction, default=False,
-                   help="DeepSpeed overlap_comm (Lightning's default: on; ZeRO-2 then keeps two reduce buckets; "
-                        "there are no streams to overlap with on CPU)")
-    p.add_argument("--ddp-bucket-view", action=argparse.BooleanOptionalAction, default=True,
-                   help="DDP gradient_as_bucket_view (off: the reducer keeps its buckets as a second gradient copy)")
-    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
-                   help="if > 0, set MALLOC_MMAP_THRESHOLD_ (bytes) for the workers: glibc then serves every block "
-                        "at least this large with its own mmap and unmaps it on free, so RSS follows the live "
-                        "memory (default 0: glibc's dynamic threshold, which grows to 32 MiB and keeps freed blocks)")
+    p.add_argument(
+        "--persistence-threshold",
+        type=float,
+        default=0,
+        help="stage3_param_persistence_threshold: parameters with at most this many elements stay whole "
+        "on every rank (DeepSpeed's default is 1e5)",
+    )
+    p.add_argument(
+        "--overlap-comm",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="DeepSpeed overlap_comm (Lightning's default: on; ZeRO-2 then keeps two reduce buckets; "
+        "there are no streams to overlap with on CPU)",
+    )
+    p.add_argument(
+        "--ddp-bucket-view",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="DDP gradient_as_bucket_view (off: the reducer keeps its buckets as a second gradient copy)",
+    )
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=0,
+        help="if > 0, set MALLOC_MMAP_THRESHOLD_ (bytes) for the workers: glibc then serves every block "
+        "at least this large with its own mmap and unmaps it on free, so RSS follows the live "
+        "memory (default 0: glibc's dynamic threshold, which grows to 32 MiB and keeps freed blocks)",
+    )
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
@@ -405,8 +467,10 @@ def main() -> None:
             if args.malloc_mmap_threshold > 0:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
             forwarded = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in FORWARDED]
-            forwarded += ["--overlap-comm" if args.overlap_comm else "--no-overlap-comm",
-                          "--ddp-bucket-view" if args.ddp_bucket_view else "--no-ddp-bucket-view"]
+            forwarded += [
+                "--overlap-comm" if args.overlap_comm else "--no-overlap-comm",
+                "--ddp-bucket-view" if args.ddp_bucket_view else "--no-ddp-bucket-view",
+            ]
             cmd = [sys.executable, __file__, *forwarded, f"--worker={mode}", f"--worker-out={tmp}"]
             t0 = time.time()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -419,59 +483,91 @@ def main() -> None:
             def top(key: str) -> float:
                 return max(r[key] for r in ranks) if all(r[key] is not None for r in ranks) else float("nan")
 
-            rows.append({
-                "mode": mode,
-                "theory_mib": theory_bytes(mode, psi, args.procs) / MiB,
-                "model_state_mib": worst["model_state_bytes"] / MiB,
-                **{f"{k}_mib": worst["census_bytes"][k] / MiB for k in STATE + EXTRA},
-                "tensors_mib": sum(worst["census_bytes"].values()) / MiB,
-                "malloc_in_use_at_step_mib": top("malloc_in_use_at_step_mib"),
-                "malloc_free_kept_at_step_mib": top("malloc_free_kept_at_step_mib"),
-                "rss_at_step_mib": top("rss_at_step_mib"),
-                "peak_setup_mib": top("peak_setup_mib"),
-                "peak_train_mib": top("peak_train_mib"),
-                "vmhwm_mib": top("vmhwm_mib"),
-                "rss_end_mib": top("rss_end_mib"),
-                "rss_end_after_malloc_trim_mib": top("rss_end_after_malloc_trim_mib"),
-                "local_param_numel": worst["local_param_numel"],
-                "wall_s": time.time() - t0,
-                "ranks": ranks,
-            })
+            rows.append(
+                {
+                    "mode": mode,
+                    "theory_mib": theory_bytes(mode, psi, args.procs) / MiB,
+                    "model_state_mib": worst["model_state_bytes"] / MiB,
+                    **{f"{k}_mib": worst["census_bytes"][k] / MiB for k in STATE + EXTRA},
+                    "tensors_mib": sum(worst["census_bytes"].values()) / MiB,
+                    "malloc_in_use_at_step_mib": top("malloc_in_use_at_step_mib"),
+                    "malloc_free_kept_at_step_mib": top("malloc_free_kept_at_step_mib"),
+                    "rss_at_step_mib": top("rss_at_step_mib"),
+                    "peak_setup_mib": top("peak_setup_mib"),
+                    "peak_train_mib": top("peak_train_mib"),
+                    "vmhwm_mib": top("vmhwm_mib"),
+                    "rss_end_mib": top("rss_end_mib"),
+                    "rss_end_after_malloc_trim_mib": top("rss_end_after_malloc_trim_mib"),
+                    "local_param_numel": worst["local_param_numel"],
+                    "wall_s": time.time() - t0,
+                    "ranks": ranks,
+                }
+            )
 
     n = args.procs
-    print(f"GPT-2 {args.layers}x{args.dim}, vocab {args.vocab}: {psi:,} params ({psi * 4 / MiB:.1f} MiB fp32), "
-          f"fp32 AdamW, {n} CPU processes, batch {args.batch}x{args.seq} per process, {args.steps} steps")
-    print(f"DDP: gradient_as_bucket_view={args.ddp_bucket_view}; MALLOC_MMAP_THRESHOLD_="
-          f"{args.malloc_mmap_threshold or 'unset (glibc default)'}")
+    print(
+        f"GPT-2 {args.layers}x{args.dim}, vocab {args.vocab}: {psi:,} params ({psi * 4 / MiB:.1f} MiB fp32), "
+        f"fp32 AdamW, {n} CPU processes, batch {args.batch}x{args.seq} per process, {args.steps} steps"
+    )
+    print(
+        f"DDP: gradient_as_bucket_view={args.ddp_bucket_view}; MALLOC_MMAP_THRESHOLD_="
+        f"{args.malloc_mmap_threshold or 'unset (glibc default)'}"
+    )
     for stage in (2, 3):
         if f"zero{stage}" in args.modes:
             print(f"ZeRO-{stage}: {json.dumps(deepspeed_config(args, stage)['zero_optimization'])}")
     print(f"idle process RSS (torch+lightning+deepspeed+transformers imported): {idle:.0f} MiB")
     print("\nModel state per process, MiB (live tensors inside the last optimizer step, rank with the most):")
-    print_table(rows, [
-        ("mode", 6, "mode", "<"), ("theory", 8, "theory_mib", ".1f"), ("params", 8, "params_mib", ".1f"),
-        ("grads", 8, "grads_mib", ".1f"), ("adam", 8, "adam_mib", ".1f"), ("=state", 8, "model_state_mib", ".1f"),
-        ("state/th", 8, "state_over_theory", ".3f"), ("| +fp32 master", 14, "fp32_master_mib", ".1f"),
-        ("+step grad", 10, "step_grad_copy_mib", ".1f"), ("+gathered", 9, "gathered_params_mib", ".1f"),
-        ("+other", 7, "other_tensors_mib", ".1f"), ("params held", 12, "local_param_numel", ",")])
+    print_table(
+        rows,
+        [
+            ("mode", 6, "mode", "<"),
+            ("theory", 8, "theory_mib", ".1f"),
+            ("params", 8, "params_mib", ".1f"),
+            ("grads", 8, "grads_mib", ".1f"),
+            ("adam", 8, "adam_mib", ".1f"),
+            ("=state", 8, "model_state_mib", ".1f"),
+            ("state/th", 8, "state_over_theory", ".3f"),
+            ("| +fp32 master", 14, "fp32_master_mib", ".1f"),
+            ("+step grad", 10, "step_grad_copy_mib", ".1f"),
+            ("+gathered", 9, "gathered_params_mib", ".1f"),
+            ("+other", 7, "other_tensors_mib", ".1f"),
+            ("params held", 12, "local_param_numel", ","),
+        ],
+    )
     print("\nRSS per process, MiB above VmRSS before the model was built (max over ranks):")
-    print_table(rows, [
-        ("mode", 6, "mode", "<"), ("theory", 7, "theory_mib", ".0f"), ("tensors", 8, "tensors_mib", ".0f"),
-        ("malloc used", 11, "malloc_in_use_at_step_mib", ".0f"), ("malloc kept", 11, "malloc_free_kept_at_step_mib", ".0f"),
-        ("RSS at step", 11, "rss_at_step_mib", ".0f"), ("peak setup", 10, "peak_setup_mib", ".0f"),
-        ("peak train", 10, "peak_train_mib", ".0f"), ("RSS end", 8, "rss_end_mib", ".0f"),
-        ("trimmed", 8, "rss_end_after_malloc_trim_mib", ".0f"), ("wall s", 7, "wall_s", ".1f")])
-    print(f"theory = 16 / 4+12/N / 16/N bytes x params (ddp / zero2 / zero3), N = {n}; state = params + grads + Adam "
-          "m,v; tensors = all tensors counted at the step (state + extras); malloc used / kept = glibc bytes in use "
-          "/ freed but kept, at the step; peak setup = building the model + DDP/DeepSpeed init; peak train = the "
-          f"{args.steps} steps; trimmed = RSS at the end after malloc_trim(0)")
+    print_table(
+        rows,
+        [
+            ("mode", 6, "mode", "<"),
+            ("theory", 7, "theory_mib", ".0f"),
+            ("tensors", 8, "tensors_mib", ".0f"),
+            ("malloc used", 11, "malloc_in_use_at_step_mib", ".0f"),
+            ("malloc kept", 11, "malloc_free_kept_at_step_mib", ".0f"),
+            ("RSS at step", 11, "rss_at_step_mib", ".0f"),
+            ("peak setup", 10, "peak_setup_mib", ".0f"),
+            ("peak train", 10, "peak_train_mib", ".0f"),
+            ("RSS end", 8, "rss_end_mib", ".0f"),
+            ("trimmed", 8, "rss_end_after_malloc_trim_mib", ".0f"),
+            ("wall s", 7, "wall_s", ".1f"),
+        ],
+    )
+    print(
+        f"theory = 16 / 4+12/N / 16/N bytes x params (ddp / zero2 / zero3), N = {n}; state = params + grads + Adam "
+        "m,v; tensors = all tensors counted at the step (state + extras); malloc used / kept = glibc bytes in use "
+        "/ freed but kept, at the step; peak setup = building the model + DDP/DeepSpeed init; peak train = the "
+        f"{args.steps} steps; trimmed = RSS at the end after malloc_trim(0)"
+    )
     wall = time.time() - t_start
     print(f"total wall time {wall:.0f} s")
-    result = {"params": psi, "idle_rss_mib": idle, "wall_s": wall,
-              "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
-              "deepspeed_zero_optimization": {f"zero{s}": deepspeed_config(args, s)["zero_optimization"]
-                                              for s in (2, 3)},
-              "rows": rows}
+    result = {
+        "params": psi,
+        "idle_rss_mib": idle,
+        "wall_s": wall,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
+        "deepspeed_zero_optimization": {f"zero{s}": deepspeed_config(args, s)["zero_optimization"] for s in (2, 3)},
+        "rows": rows,
+    }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

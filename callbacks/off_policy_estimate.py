@@ -40,7 +40,9 @@ class OffPolicyEstimateCallback(IterationCallback):
             return
         current = {c.conversation_id: c for c in dm.conversations if c.iteration == iteration}
         opening = [
-            e for e in dm.all_examples if e.conversation_id in current and e.turn_index == current[e.conversation_id].agent_turns[0]
+            e
+            for e in dm.all_examples
+            if e.conversation_id in current and e.turn_index == current[e.conversation_id].agent_turns[0]
         ]
         if not opening:
             return
@@ -48,7 +50,9 @@ class OffPolicyEstimateCallback(IterationCallback):
             opening = random.Random(iteration).sample(opening, self.max_states)
         prompts = [e.prompt_ids for e in opening]
         pad = policy.tokenizer.pad_token_id
-        replies = sample_replies(policy.policy, policy.tokenizer, prompts, policy.max_new_tokens, temperature=policy.temperature)
+        replies = sample_replies(
+            policy.policy, policy.tokenizer, prompts, policy.max_new_tokens, temperature=policy.temperature
+        )
         record["ope"] = {
             "q_policy": _mean(score_pairs(critic, prompts, replies, pad)),
             "q_logged": _mean(score_pairs(critic, prompts, [e.action_ids for e in opening], pad)),

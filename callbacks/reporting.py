@@ -172,7 +172,9 @@ class ReportingCallback(IterationCallback):
         self._print(Text(f"Iterative PPO: {plan}, run dir {loop.run_dir}", style="bold"))
         initial = loop.initial_eval
         if initial:
-            self._print(f"pi_0 success {_fmt_success(initial)}  (episodes {_fmt(initial.get('eval_episodes', initial.get('episodes')), 'd')})")
+            self._print(
+                f"pi_0 success {_fmt_success(initial)}  (episodes {_fmt(initial.get('eval_episodes', initial.get('episodes')), 'd')})"
+            )
         self._print_header()
 
     def on_iteration_end(self, loop: LoopView, iteration: int, record: dict) -> None:
@@ -268,9 +270,7 @@ class ReportingCallback(IterationCallback):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        points = ([(0, initial)] if initial else []) + [
-            (_policy_index(r, i), r) for i, r in enumerate(records)
-        ]
+        points = ([(0, initial)] if initial else []) + [(_policy_index(r, i), r) for i, r in enumerate(records)]
         xs, ys, lows, highs = [], [], [], []
         for x, r in points:
             y = as_number(r.get("success_rate"))
@@ -291,8 +291,13 @@ class ReportingCallback(IterationCallback):
         if xs:
             top.fill_between(xs, lows, highs, alpha=0.2, color="C0", label="95% CI")
             top.errorbar(
-                xs, ys, yerr=[[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]],
-                fmt="o-", color="C0", capsize=3, label="success rate",
+                xs,
+                ys,
+                yerr=[[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]],
+                fmt="o-",
+                color="C0",
+                capsize=3,
+                label="success rate",
             )
             top.set_xticks(xs, [f"pi_{x}" for x in xs])
             top.legend(loc="best")

@@ -31,7 +31,8 @@ _LIGHTNING = "iterppo_lightning.commands.lightning_cli:main"
 COMMANDS: dict[str, Command] = {
     "fit": Command(
         "Train: pi_0, then per iteration collect conversations, fit the critic Q_k, PPO against it, evaluate.",
-        _LIGHTNING, lightning=True,
+        _LIGHTNING,
+        lightning=True,
     ),
     "evaluate": Command(
         "Score a saved policy on fresh simulated customers; prints one JSON object.", _LIGHTNING, lightning=True
@@ -41,11 +42,13 @@ COMMANDS: dict[str, Command] = {
     ),
     "imagine": Command(
         "Imagined conversations from a chat LLM (personas, outcome-conditioned dialogues, critique) as a buffer.",
-        _LIGHTNING, lightning=True,
+        _LIGHTNING,
+        lightning=True,
     ),
     "bootstrap": Command(
         "Make pi_0 alone, exactly as `fit` would, into a new folder (for `fit --model.policy_init`).",
-        _LIGHTNING, lightning=True,
+        _LIGHTNING,
+        lightning=True,
     ),
     "validate-data": Command(
         "Check conversation logs against the schema (docs/data.md) and summarise them; writes nothing.",

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import lightning as L
 
-from iterppo_lightning.loop.bootstrap import BootstrapConfig
-from iterppo_lightning.modules.critic import CriticModule
 from iterppo_lightning.env.llm_customer import LLMCustomerConfig
+from iterppo_lightning.env.sales_simulator import SimulatorConfig
+from iterppo_lightning.loop.bootstrap import BootstrapConfig
 from iterppo_lightning.loop.config import ALGORITHMS, FilteredBCConfig, LoopConfig
 from iterppo_lightning.models.source import ModelSource
+from iterppo_lightning.modules.critic import CriticModule
 from iterppo_lightning.modules.policy import PolicyModule
-from iterppo_lightning.env.sales_simulator import SimulatorConfig
 
 
 class IterativePPO(L.LightningModule):
@@ -72,6 +72,8 @@ class IterativePPO(L.LightningModule):
         self.algorithm = algorithm
         self.filtered_bc = filtered_bc or FilteredBCConfig()
         if policy_init and base_model is not None:
-            raise ValueError("give either model.policy_init (a saved policy) or model.base_model (a pretrained model), not both")
+            raise ValueError(
+                "give either model.policy_init (a saved policy) or model.base_model (a pretrained model), not both"
+            )
         if llm_customer is not None and (customer_model or base_model) is None:
             raise ValueError("model.llm_customer needs model.customer_model (or model.base_model) to play the customer")

@@ -11,10 +11,10 @@ import warnings
 import pytest
 import torch
 
-from iterppo_lightning.loop.bootstrap import corpus
 from iterppo_lightning.data.conversation import Conversation, Turn
 from iterppo_lightning.env.sales_simulator import SalesSimulator
 from iterppo_lightning.env.scripted_agents import BehaviourAgent, play_episode
+from iterppo_lightning.loop.bootstrap import corpus
 from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm, train_word_tokenizer
 
 # Words that never occur in simulator text; tests use them as distinct, controllable tokens.

@@ -17,11 +17,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from cli_helpers import ENV, REPO, SMOKE, run_cli, run_inprocess
+from cli_helpers import command as _command
+from cli_helpers import last_json_line as _last_json_line
+from cli_helpers import tree_fingerprint as _tree_fingerprint
 
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.models.policy_folder import load_policy
-
-from cli_helpers import ENV, REPO, SMOKE, command as _command, last_json_line as _last_json_line, run_cli, run_inprocess, tree_fingerprint as _tree_fingerprint
 
 ITERATIONS = 2  # configs/smoke.yaml: model.loop.iterations
 EPISODES_PER_ITERATION = 32  # configs/smoke.yaml: model.loop.episodes_per_iteration
@@ -100,9 +102,24 @@ def test_fit_reports_how_many_episodes_pi0_was_evaluated_on(smoke_run):
 
 
 def test_evaluate_prints_one_json_result_and_is_deterministic(smoke_run):
-    args = ["evaluate", "--config", str(SMOKE), "--policy", str(smoke_run.run_dir / "final_policy"), "--episodes", "20", "--seed", "7"]
+    args = [
+        "evaluate",
+        "--config",
+        str(SMOKE),
+        "--policy",
+        str(smoke_run.run_dir / "final_policy"),
+        "--episodes",
+        "20",
+        "--seed",
+        "7",
+    ]
     # Two independent processes, run side by side.
-    procs = [subprocess.Popen([*_command(), *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*_command(), *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for proc, (out, err) in zip(procs, outs):
         assert proc.returncode == 0, err[-3000:]
@@ -153,7 +170,9 @@ def test_fit_refuses_an_existing_run_dir_and_changes_nothing(smoke_run, capsys):
 
 
 def test_unknown_key_on_the_command_line_is_named(tmp_path, capsys):
-    res = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(tmp_path / "run"), "--model.loop.iterationz", "3")
+    res = run_inprocess(
+        capsys, "fit", "--config", str(SMOKE), "--run_dir", str(tmp_path / "run"), "--model.loop.iterationz", "3"
+    )
     assert res.returncode != 0
     assert "iterationz" in res.stderr
     assert not (tmp_path / "run").exists()
@@ -171,7 +190,9 @@ def test_unknown_key_in_the_yaml_is_named(tmp_path, capsys):
 
 
 def test_wrong_type_is_rejected(tmp_path, capsys):
-    res = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(tmp_path / "run"), "--model.loop.iterations", "abc")
+    res = run_inprocess(
+        capsys, "fit", "--config", str(SMOKE), "--run_dir", str(tmp_path / "run"), "--model.loop.iterations", "abc"
+    )
     assert res.returncode != 0
     assert "abc" in res.stderr
     assert not (tmp_path / "run").exists()
@@ -190,7 +211,9 @@ def test_out_of_range_settings_are_named_before_any_work(tmp_path, capsys, flag,
 
 def test_a_missing_policy_init_fails_without_blocking_the_run_dir(tmp_path, capsys):
     run_dir, missing = tmp_path / "run", tmp_path / "no_pi0"
-    res = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--model.policy_init", str(missing))
+    res = run_inprocess(
+        capsys, "fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--model.policy_init", str(missing)
+    )
     assert res.returncode != 0
     assert str(missing) in res.stderr
     assert not run_dir.exists() or not any(run_dir.iterdir()), "a failed start must not make the run_dir unusable"

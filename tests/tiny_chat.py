@@ -48,7 +48,9 @@ def train_chat_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512) -> Pr
     return tokenizer
 
 
-def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> LlamaForCausalLM:
+def build_tiny_llama(
+    tokenizer: PreTrainedTokenizerFast, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0
+) -> LlamaForCausalLM:
     """A randomly initialised Llama sized for `tokenizer` (deterministic for a seed)."""
     from iterppo_lightning.models.tiny_lm import seeded_model
 

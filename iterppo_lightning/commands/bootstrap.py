@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import lightning as L
 
 from iterppo_lightning.env.sales_simulator import SalesSimulator
 from iterppo_lightning.loop.bootstrap import make_pi0
-from iterppo_lightning.utils.seeding import derive_seed
 from iterppo_lightning.utils.atomic_io import atomic_dir
+from iterppo_lightning.utils.seeding import derive_seed
 
 if TYPE_CHECKING:
     from iterppo_lightning.data.datamodule import TrajectoryDataModule

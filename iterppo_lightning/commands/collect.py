@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from iterppo_lightning.data.log_io import summarize_logs, write_logs
-from iterppo_lightning.models.policy_folder import load_policy, read_card
 from iterppo_lightning.env.episodes import episode_seeds, run_episodes
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.env.scripted_agents import BehaviourAgent, play_episode
+from iterppo_lightning.models.policy_folder import load_policy, read_card
 
 BEHAVIOUR_POLICY_ID = "behaviour"
 

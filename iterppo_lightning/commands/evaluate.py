@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from iterppo_lightning.models.policy_folder import load_policy
 from iterppo_lightning.env.episodes import episode_seeds, run_episodes, summarize_conversations
+from iterppo_lightning.models.policy_folder import load_policy
 
 
 def evaluate_saved_policy(

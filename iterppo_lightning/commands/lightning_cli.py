@@ -23,24 +23,30 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from iterppo_lightning.commands.bootstrap import bootstrap_pi0
 from iterppo_lightning.commands.collect import collect_logs
-from iterppo_lightning.data.datamodule import TrajectoryDataModule
-from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.commands.evaluate import evaluate_saved_policy
+from iterppo_lightning.data.datamodule import TrajectoryDataModule
 from iterppo_lightning.data.log_io import LogValidationError
+from iterppo_lightning.distributed.phase_strategies import (
+    PHASES,
+    build_phase_strategy,
+    check_phase_strategies,
+    launch_processes,
+)
+from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.loop.controller import NumericalFault, OuterLoop, RunDirError
-from iterppo_lightning.distributed.phase_strategies import PHASES, build_phase_strategy, check_phase_strategies, launch_processes
 from iterppo_lightning.loop.run_state import RunStateError
 from iterppo_lightning.system import IterativePPO
 
@@ -69,7 +75,7 @@ class IterPPOTrainer(L.Trainer):
     """Where a DeepSpeed fit saves its sharded checkpoint (set by the loop; None = none)."""
     partition_report = None
     """After a DeepSpeed fit: parameter elements this process held (zero.partition_report)."""
-    phase_trainers: Optional[Callable[..., L.Trainer]] = None
+    phase_trainers: Callable[..., L.Trainer] | None = None
     """Makes a fresh Trainer for one phase, `phase_trainers("bootstrap", max_epochs=2)`, from the config
     (set by IterPPOCLI; commands that train phase by phase use it)."""
     run_seed = 0
@@ -81,7 +87,13 @@ class IterPPOTrainer(L.Trainer):
         Under DeepSpeed it then hands the module back to the loop as a plain module (zero.py).
         """
         from iterppo_lightning.distributed.collectives import is_distributed
-        from iterppo_lightning.distributed.zero import optimizer_state_elements, partition_report, release_from_deepspeed, save_zero_checkpoint, zero_stage
+        from iterppo_lightning.distributed.zero import (
+            optimizer_state_elements,
+            partition_report,
+            release_from_deepspeed,
+            save_zero_checkpoint,
+            zero_stage,
+        )
 
         if is_distributed():
             # Multi-process strategies reseed every process from the global seed while setting up; put the
@@ -131,7 +143,6 @@ class IterPPOTrainer(L.Trainer):
         print(json.dumps(result))
         return result
 
-
     def collect(
         self,
         model: IterativePPO,
@@ -156,7 +167,6 @@ class IterPPOTrainer(L.Trainer):
         result = collect_logs(model, output, episodes, seed, policy=policy, greedy=greedy, batch_size=batch_size)
         print(json.dumps(result))
         return result
-
 
     def imagine(
         self,
@@ -190,15 +200,22 @@ class IterPPOTrainer(L.Trainer):
         source = model.base_model or model.customer_model
         if source is None:
             raise ValueError("imagine needs a chat model: set model.base_model (or model.customer_model) in the config")
-        config = ImagineConfig(personas=personas, dialogues_per_persona=dialogues_per_persona, critique=critique, seed=seed)
+        config = ImagineConfig(
+            personas=personas, dialogues_per_persona=dialogues_per_persona, critique=critique, seed=seed
+        )
         llm, tokenizer = load_causal_lm(source, require_chat_template=True)
         L.seed_everything(seed, verbose=False)
         report = imagine_conversations(llm, tokenizer, config)
         write_imagined_buffer(report, output)
-        result = {"output": output, "personas": len(report.personas), "requested": report.requested, "parsed": report.parsed, "rejected": report.rejected}
+        result = {
+            "output": output,
+            "personas": len(report.personas),
+            "requested": report.requested,
+            "parsed": report.parsed,
+            "rejected": report.rejected,
+        }
         print(json.dumps(result))
         return result
-
 
     def bootstrap(self, model: IterativePPO, datamodule: TrajectoryDataModule | None = None, output: str = "") -> dict:
         """Make pi_0 alone, exactly as `fit` bootstraps it for this config and seed, into a new folder.
@@ -230,17 +247,28 @@ class IterPPOCLI(LightningCLI):
         }
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run_dir", type=str, default="runs/iterppo", help="Folder for this run's outputs (must not hold another run).")
         parser.add_argument(
-            "--resume", type=bool, default=False, help="Continue the run in --run_dir where it stopped (or start it when there is none)."
+            "--run_dir",
+            type=str,
+            default="runs/iterppo",
+            help="Folder for this run's outputs (must not hold another run).",
         )
         parser.add_argument(
-            "--allow_config_change", type=bool, default=False, help="Let --resume continue although the model/data config changed."
+            "--resume",
+            type=bool,
+            default=False,
+            help="Continue the run in --run_dir where it stopped (or start it when there is none).",
+        )
+        parser.add_argument(
+            "--allow_config_change",
+            type=bool,
+            default=False,
+            help="Let --resume continue although the model/data config changed.",
         )
         for phase in PHASES:
             parser.add_argument(
                 f"--{phase}_strategy",
-                type=Optional[Union[str, Strategy]],
+                type=Optional[str | Strategy],
                 default=None,
                 help=f"Strategy of the {phase} phase's Trainer (a name or class_path/init_args); default trainer.strategy. "
                 "Every phase runs on all the run's processes.",
@@ -260,7 +288,9 @@ class IterPPOCLI(LightningCLI):
         overrides.setdefault("use_distributed_sampler", False)
         # instantiate_trainer extends the callbacks list in place: hand it a copy per phase.
         callbacks = list(trainer_config.get("callbacks") or [])
-        if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
             # A fresh rich bar per phase: a bar object is tied to the Trainer that used it.
             callbacks.append(RichProgressBar(leave=True))
         overrides.setdefault("callbacks", callbacks)
@@ -309,8 +339,6 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 
 
-
-
 def _make_cli(cli_class: type[IterPPOCLI], args: list[str], parser_kwargs: dict) -> IterPPOCLI:
     return cli_class(
         IterativePPO,
@@ -340,7 +368,14 @@ def main(args: list[str] | None = None, descriptions: dict[str, str] | None = No
     except NumericalFault as err:
         print(f"iterppo: error: {err}", file=sys.stderr)
         sys.exit(3)
-    except (RunDirError, RunStateError, FileNotFoundError, FileExistsError, ValueError, MisconfigurationException) as err:
+    except (
+        RunDirError,
+        RunStateError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        MisconfigurationException,
+    ) as err:
         print(f"iterppo: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -60,11 +60,7 @@ def format_summary(report: LogReport, summary: dict) -> str:
     """The human-readable summary of valid logs: enough to spot an export that is off."""
     s = summary
     policies = ", ".join(f"{pid} ({n})" for pid, n in s["policy_ids"].items())
-    span = (
-        f"{s['first_timestamp']} .. {s['last_timestamp']}"
-        if s["first_timestamp"] is not None
-        else "no timestamps"
-    )
+    span = f"{s['first_timestamp']} .. {s['last_timestamp']}" if s["first_timestamp"] is not None else "no timestamps"
     successes = round(s["outcome_rate"] * s["conversations"])
     lines = [
         f"valid conversation logs: {report.path} ({report.format})",

@@ -13,8 +13,8 @@ from pathlib import Path
 import datasets
 
 from iterppo_lightning.data.conversation import TURN_FIELDS, Conversation, Turn
-from iterppo_lightning.utils.failpoints import failpoint
 from iterppo_lightning.utils.atomic_io import atomic_dir
+from iterppo_lightning.utils.failpoints import failpoint
 
 # A fixed schema keeps every buffer loadable together; metadata varies by
 # source (simulator persona, log fields), so it is stored as a JSON string.
@@ -44,10 +44,7 @@ def _to_row(conv: Conversation) -> dict:
         "iteration": conv.iteration,
         "policy_id": conv.policy_id,
         "metadata": json.dumps(conv.metadata, sort_keys=True),
-        "turns": {
-            key: [getattr(t, key) for t in conv.turns]
-            for key in TURN_FIELDS
-        },
+        "turns": {key: [getattr(t, key) for t in conv.turns] for key in TURN_FIELDS},
     }
 
 

@@ -15,9 +15,9 @@ The phase a `fit` trains, and its settings, are chosen for the fits inside a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import lightning as L
 import torch
@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.data.conversation import Conversation
-from iterppo_lightning.distributed.collectives import ShardedBatchSampler
 from iterppo_lightning.data.rendering import render_state, render_suggestion
+from iterppo_lightning.distributed.collectives import ShardedBatchSampler
 from iterppo_lightning.utils.seeding import derive_uniform, hash_bits
 
 PHASES = ("critic", "policy", "sft")
@@ -146,7 +146,9 @@ class TrajectoryDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         pool_weights = [1.0] if pool_weights is None else [float(w) for w in pool_weights]
         if not pool_weights or pool_weights[0] <= 0 or any(w < 0 for w in pool_weights):
-            raise ValueError(f"data.pool_weights must start with a weight > 0 and hold no negative weight, got {pool_weights}")
+            raise ValueError(
+                f"data.pool_weights must start with a weight > 0 and hold no negative weight, got {pool_weights}"
+            )
         self.save_hyperparameters()
         self.logs = logs
         self.pool_weights = pool_weights
@@ -224,8 +226,12 @@ class TrajectoryDataModule(L.LightningDataModule):
             raise ValueError(f"{len(weights)} weights for {len(conversations)} conversations")
         self.conversations = list(conversations)
         examples = self._build_examples(self.conversations, weights)
-        self.train_examples = [e for e in examples if not _in_validation(e.conversation_id, self.val_fraction, self.split_seed)]
-        self.val_examples = [e for e in examples if _in_validation(e.conversation_id, self.val_fraction, self.split_seed)]
+        self.train_examples = [
+            e for e in examples if not _in_validation(e.conversation_id, self.val_fraction, self.split_seed)
+        ]
+        self.val_examples = [
+            e for e in examples if _in_validation(e.conversation_id, self.val_fraction, self.split_seed)
+        ]
         if not self.train_examples:
             raise ValueError("the trajectory buffers hold no agent turns to train on")
         self._weighted = any(e.weight != 1.0 for e in examples)
@@ -263,7 +269,9 @@ class TrajectoryDataModule(L.LightningDataModule):
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _build_examples(self, conversations: list[Conversation], weights: list[float] | None = None) -> list[TurnExample]:
+    def _build_examples(
+        self, conversations: list[Conversation], weights: list[float] | None = None
+    ) -> list[TurnExample]:
         states, actions, meta = [], [], []
         for n, conv in enumerate(conversations):
             returns = conv.returns(self.gamma)
@@ -301,7 +309,10 @@ class TrajectoryDataModule(L.LightningDataModule):
             out["weight"] = torch.tensor([e.weight / self._mean_weight for e in batch], dtype=torch.float32)
         if self.phase == "critic" and self.bootstrap_members > 1:
             out["bootstrap"] = torch.tensor(
-                [[bootstrap_count(e.conversation_id, m, self.split_seed) for e in batch] for m in range(self.bootstrap_members)],
+                [
+                    [bootstrap_count(e.conversation_id, m, self.split_seed) for e in batch]
+                    for m in range(self.bootstrap_members)
+                ],
                 dtype=torch.float32,
             )
         return out

@@ -78,6 +78,7 @@ class LogReport:
 # ---------------------------------------------------------------------- formats
 def _detect_format(path: Path) -> str:
     """The input's format from its path; anything unusable raises with one problem naming it."""
+
     def fail(message: str) -> LogValidationError:
         return LogValidationError(path, [LogProblem(str(path), "", "", message)])
 
@@ -255,7 +256,9 @@ def validate_logs(
         cid = record.get("conversation_id") if isinstance(record, dict) else None
         if isinstance(cid, str) and cid.strip():
             if cid in first_seen:
-                problems.add(location, "conversation_id", f"duplicate conversation_id {cid!r} (first on {first_seen[cid]})")
+                problems.add(
+                    location, "conversation_id", f"duplicate conversation_id {cid!r} (first on {first_seen[cid]})"
+                )
                 continue
             first_seen[cid] = location
         if conversation is not None:

@@ -256,9 +256,7 @@ def _check_timestamp(turn: dict, path: str, problems: Problems) -> tuple[str | N
         return None, None
     parsed = parse_timestamp(value)
     if parsed is None:
-        problems.append(
-            (f"{path}.timestamp", f"not an ISO 8601 time (e.g. 2026-11-02T10:15:00Z): {_show(value)}")
-        )
+        problems.append((f"{path}.timestamp", f"not an ISO 8601 time (e.g. 2026-11-02T10:15:00Z): {_show(value)}"))
         return None, None
     return value, parsed
 

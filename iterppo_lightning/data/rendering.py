@@ -12,8 +12,8 @@ Outcome flags are not rendered: in every non-terminal state all o_j are 0
 
 from __future__ import annotations
 
-from iterppo_lightning.data.conversation import Conversation, Turn
 from iterppo_lightning.data.chat_format import ABSTAIN, AGENT, CUSTOMER, EDITED, END, PLAIN_CHAT_TEMPLATE, REJECTED
+from iterppo_lightning.data.conversation import Conversation, Turn
 
 
 def uses_plain_format(tokenizer) -> bool:
@@ -58,7 +58,12 @@ def plain_chat_messages(conversation: Conversation, turn_index: int) -> list[dic
     for turn in conversation.turns[:turn_index]:
         messages.append({"role": "user", "content": turn.customer})
         messages.append(
-            {"role": "assistant", "content": turn.sent or "", "suggestion": turn.suggestion, "business_action": turn.business_action}
+            {
+                "role": "assistant",
+                "content": turn.sent or "",
+                "suggestion": turn.suggestion,
+                "business_action": turn.business_action,
+            }
         )
     messages.append({"role": "user", "content": conversation.turns[turn_index].customer})
     return messages
@@ -79,5 +84,9 @@ def render_chat_messages(conversation: Conversation, turn_index: int) -> list[di
 def render_state(conversation: Conversation, turn_index: int, tokenizer=None) -> str:
     """Model text of state s_i; chat format when the tokenizer has a chat template."""
     if uses_plain_format(tokenizer):
-        return render_plain_state(conversation, turn_index)  # PLAIN_CHAT_TEMPLATE gives the same text, without a Jinja pass
-    return tokenizer.apply_chat_template(render_chat_messages(conversation, turn_index), tokenize=False, add_generation_prompt=True)
+        return render_plain_state(
+            conversation, turn_index
+        )  # PLAIN_CHAT_TEMPLATE gives the same text, without a Jinja pass
+    return tokenizer.apply_chat_template(
+        render_chat_messages(conversation, turn_index), tokenize=False, add_generation_prompt=True
+    )

@@ -77,7 +77,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
     collectives would hang): it is dropped, so a multi-process epoch skips at most world - 1 examples.
     """
 
-    def __init__(self, sampler: Sampler[int] | Sequence[int], batch_size: int, rank_: int | None = None, world: int | None = None):
+    def __init__(
+        self, sampler: Sampler[int] | Sequence[int], batch_size: int, rank_: int | None = None, world: int | None = None
+    ):
         self.sampler = sampler
         self.batch_size = batch_size
         self.rank = rank() if rank_ is None else rank_

@@ -95,9 +95,13 @@ def _deepspeed_conflicts(key: str, spec: Any, strategy, precision: str, phase: s
             )
         for arg, section in (("offload_optimizer", "offload_optimizer"), ("offload_parameters", "offload_param")):
             if init_args.get(arg) and section not in zero:
-                problems.append(f"{key}.init_args.{arg} is true but its config has no zero_optimization.{section} (the config wins)")
+                problems.append(
+                    f"{key}.init_args.{arg} is true but its config has no zero_optimization.{section} (the config wins)"
+                )
     if "gradient_accumulation_steps" in config:
-        problems.append(f"{key}: the DeepSpeed config sets gradient_accumulation_steps; the phases set their own batches")
+        problems.append(
+            f"{key}: the DeepSpeed config sets gradient_accumulation_steps; the phases set their own batches"
+        )
     if phase == "policy" and system is not None and "gradient_clipping" in config:
         if float(config["gradient_clipping"]) != float(system.policy.max_grad_norm):
             problems.append(
@@ -110,7 +114,9 @@ def _deepspeed_conflicts(key: str, spec: Any, strategy, precision: str, phase: s
         if enabled and section != half:
             problems.append(f"{key}: the DeepSpeed config enables {section} but trainer.precision is {precision!r}")
     if int(zero.get("stage", 0)) == 3 and phase == "policy" and system is not None and system.policy.lora is not None:
-        problems.append(f"{key}: ZeRO-3 with model.policy.lora is not supported (the reference swaps the adapter's weights); use stage 2")
+        problems.append(
+            f"{key}: ZeRO-3 with model.policy.lora is not supported (the reference swaps the adapter's weights); use stage 2"
+        )
     return problems
 
 
@@ -134,7 +140,9 @@ def check_phase_strategies(raw_config: Any, system: Any, cli_trainer) -> None:
                     "iterppo_lightning.distributed.cpu_deepspeed.CPUDeepSpeedStrategy (trainer.accelerator is not cuda)"
                 )
             if world > 1 and spec in _SPAWNING + _SINGLE:
-                problems.append(f"{key} is {spec!r}: with {world} processes every phase needs a strategy that runs on all of them (ddp or deepspeed)")
+                problems.append(
+                    f"{key} is {spec!r}: with {world} processes every phase needs a strategy that runs on all of them (ddp or deepspeed)"
+                )
             continue
         strategy = build_phase_strategy(phase, raw_config, system)
         if world > 1 and isinstance(strategy, SingleDeviceStrategy):

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 ZERO_CHECKPOINT_TAG = "phase"
 ZERO_CHECKPOINT_CARD = "iterppo_zero.json"
 
@@ -88,7 +87,12 @@ def partition_report(module: nn.Module) -> dict[str, float]:
         else:
             total += p.numel()
             held += p.numel()
-    return {"param_elements": float(total), "param_elements_held": float(held), "held_fraction": held / max(total, 1), "zero3": float(zero3)}
+    return {
+        "param_elements": float(total),
+        "param_elements_held": float(held),
+        "held_fraction": held / max(total, 1),
+        "zero3": float(zero3),
+    }
 
 
 def optimizer_state_elements(engine) -> float:

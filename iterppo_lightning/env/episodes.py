@@ -13,8 +13,8 @@ from typing import Protocol
 import torch
 
 from iterppo_lightning.data.conversation import Conversation
-from iterppo_lightning.models.generation import sample_responses
 from iterppo_lightning.data.rendering import render_state
+from iterppo_lightning.models.generation import sample_responses
 from iterppo_lightning.utils.seeding import derive_seed
 from iterppo_lightning.utils.stats import summarize_outcomes
 
@@ -66,7 +66,12 @@ def run_episodes(
             chunk = live[start : start + batch_size]
             texts = [render_state(ep.conversation, len(ep.conversation.turns) - 1, tokenizer) for ep in chunk]
             enc = tokenizer(
-                texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
+                texts,
+                add_special_tokens=False,
+                padding=True,
+                truncation=True,
+                max_length=max_prompt_tokens,
+                return_tensors="pt",
             ).to(device)
             response, mask = sample_responses(
                 model,
@@ -94,6 +99,4 @@ def run_episodes(
 def summarize_conversations(conversations: list[Conversation], gamma: float = 1.0) -> dict:
     """Success rate with its Wilson 95% CI, mean agent turns and mean discounted return."""
     returns = [c.returns(gamma)[0] if c.agent_turns else 0.0 for c in conversations]
-    return summarize_outcomes(
-        [c.success for c in conversations], [len(c.agent_turns) for c in conversations], returns
-    )
+    return summarize_outcomes([c.success for c in conversations], [len(c.agent_turns) for c in conversations], returns)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from iterppo_lightning.models.source import load_causal_lm
 from iterppo_lightning.env.sales_simulator import SalesSimulator
+from iterppo_lightning.models.source import load_causal_lm
 
 
 def make_environment(system):
@@ -18,4 +18,6 @@ def make_environment(system):
     if system.judge_model is not None and system.llm_customer.judge == "model":
         judge, judge_tokenizer = load_causal_lm(system.judge_model, require_chat_template=True)
         judge.requires_grad_(False).eval()
-    return LLMCustomerEnvironment(system.llm_customer, model, tokenizer, judge_model=judge, judge_tokenizer=judge_tokenizer)
+    return LLMCustomerEnvironment(
+        system.llm_customer, model, tokenizer, judge_model=judge, judge_tokenizer=judge_tokenizer
+    )

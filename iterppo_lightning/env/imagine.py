@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from iterppo_lightning.data.buffer import save_buffer
-from iterppo_lightning.models.chat_generation import generate_chat
 from iterppo_lightning.data.conversation import Conversation, Turn
+from iterppo_lightning.models.chat_generation import generate_chat
 from iterppo_lightning.utils.atomic_io import atomic_write_json
 
 __all__ = [
@@ -64,7 +64,9 @@ OUTCOME_MISMATCH = "outcome mismatch"
 # ---------------------------------------------------------------------- config / report
 @dataclass
 class ImagineConfig:
-    task: str = "A shop assistant helps an online customer choose a laptop, phone or headphones and tries to make a sale."
+    task: str = (
+        "A shop assistant helps an online customer choose a laptop, phone or headphones and tries to make a sale."
+    )
     """The goal-directed task, in words; every prompt quotes it."""
     personas: int = 8
     """Personas to ask the LLM for (it may return fewer; the report lists those parsed)."""
@@ -177,10 +179,7 @@ _SPEAKER_LINE = re.compile(
     + r"\s*(?:the\s+)?(?P<speaker>customer|user|client|buyer|sales\s*agent|agent|shop\s+assistant|assistant"
     r"|sales\s*person|seller)"
     r"(?:\s*\([^)]*\))?\s*"  # "Customer (Anna):"
-    + _BOLD
-    + r"\s*:\s*"
-    + _BOLD
-    + r"\s*(?P<text>.*)$",
+     + _BOLD + r"\s*:\s*" + _BOLD + r"\s*(?P<text>.*)$",
     re.IGNORECASE,
 )
 _CUSTOMER_WORDS = ("customer", "user", "client", "buyer")
@@ -212,7 +211,7 @@ def _clean(text: str) -> str:
     """Strip markdown emphasis and wrapping quotes an LLM puts around a message."""
     text = text.replace("**", "").replace("__", "").strip().strip("*_").strip()
     text = _LEADING_ASIDE.sub("", text)
-    return text.strip("\"\u201c\u201d").strip()
+    return text.strip('"\u201c\u201d').strip()
 
 
 def parse_personas(text: str, limit: int) -> list[str]:
@@ -441,7 +440,11 @@ def imagine_dialogues(model, tokenizer, config: ImagineConfig, personas: list[st
 
 
 def _apply_critique(
-    model, tokenizer, config: ImagineConfig, kept: list[tuple[Conversation, list[tuple[str, str]]]], report: ImagineReport
+    model,
+    tokenizer,
+    config: ImagineConfig,
+    kept: list[tuple[Conversation, list[tuple[str, str]]]],
+    report: ImagineReport,
 ) -> None:
     """Replace each kept dialogue by its rewrite when the rewrite parses with the same ending."""
     # The rewrite is asked of the normalised dialogue, so model preambles and stage

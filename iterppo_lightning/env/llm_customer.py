@@ -32,10 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from iterppo_lightning.models import chat_generation as chat
 from iterppo_lightning.data.conversation import Conversation, Turn
 from iterppo_lightning.env.reply_parser import CATEGORY_WORDS, TIERS
 from iterppo_lightning.env.sales_simulator import Persona, SalesEpisode, SimulatorConfig
+from iterppo_lightning.models import chat_generation as chat
 
 Messages = list[dict[str, str]]
 
@@ -91,7 +91,9 @@ def _config_problems(cfg: LLMCustomerConfig) -> list[str]:
         if isinstance(cfg.persona_cards, str) or not isinstance(cfg.persona_cards, Sequence):
             out.append(f"llm_customer.persona_cards must be a list of strings or null, got {cfg.persona_cards!r}")
         elif not cfg.persona_cards:
-            out.append("llm_customer.persona_cards must not be empty (use null for cards from the simulator's personas)")
+            out.append(
+                "llm_customer.persona_cards must not be empty (use null for cards from the simulator's personas)"
+            )
         else:
             bad = [i for i, card in enumerate(cfg.persona_cards) if not isinstance(card, str) or not card.strip()]
             if bad:
@@ -236,7 +238,9 @@ class LLMCustomerEpisode:
         if persona is not None:
             metadata["persona"] = persona.to_dict()
         opening = opening_from_card(card, fallback=business.conversation.turns[0].customer)
-        self.conversation = Conversation(conversation_id=conversation_id, turns=[Turn(customer=opening)], metadata=metadata)
+        self.conversation = Conversation(
+            conversation_id=conversation_id, turns=[Turn(customer=opening)], metadata=metadata
+        )
 
     def step(self, suggestion: str | None) -> None:
         """Advance this episode alone (a batch of one); prefer `LLMCustomerEnvironment.step_batch`."""
@@ -325,7 +329,9 @@ class LLMCustomerEnvironment:
             for ep, reply in zip(episodes, replies)
         ]
         batch = cfg.batch_size or len(questions)
-        return [float(p) for p in chat.yes_probability(self.judge_model, self.judge_tokenizer, questions, batch_size=batch)]
+        return [
+            float(p) for p in chat.yes_probability(self.judge_model, self.judge_tokenizer, questions, batch_size=batch)
+        ]
 
     def _bought(self, prob: float) -> bool:
         """The marker judge's probability is already the decision; the model's is thresholded."""

@@ -57,24 +57,18 @@ ASK_NEED_WORDS: frozenset[str] = frozenset(
 )
 ASK_NEED_BIGRAMS: frozenset[tuple[str, str]] = frozenset({("help", "you")})
 
-ASK_BUDGET_WORDS: frozenset[str] = frozenset(
-    {"budget", "spend", "price", "prices", "range", "afford", "cost", "costs"}
-)
+ASK_BUDGET_WORDS: frozenset[str] = frozenset({"budget", "spend", "price", "prices", "range", "afford", "cost", "costs"})
 # "much" alone is too common ("thank you very much"), so only the question form counts.
 ASK_BUDGET_BIGRAMS: frozenset[tuple[str, str]] = frozenset({("how", "much")})
 
-DISCOUNT_WORDS: frozenset[str] = frozenset(
-    {"discount", "discounts", "off", "deal", "coupon", "sale", "percent", "%"}
-)
+DISCOUNT_WORDS: frozenset[str] = frozenset({"discount", "discounts", "off", "deal", "coupon", "sale", "percent", "%"})
 
 PRODUCT_WINDOW = 2
 """How many words before a category word a tier word may sit and still name a product."""
 
 _TOKEN_RE = re.compile(r"[a-z0-9]+|%|[^\sa-z0-9]")
 
-_CATEGORY_OF: dict[str, str] = {
-    word: cat for cat, words in CATEGORY_WORDS.items() for word in words
-}
+_CATEGORY_OF: dict[str, str] = {word: cat for cat, words in CATEGORY_WORDS.items() for word in words}
 # Plurals and the singular "headphone" so "premium laptops" or "a headphone" still parse.
 _CATEGORY_OF.update({word + "s": cat for word, cat in list(_CATEGORY_OF.items()) if not word.endswith("s")})
 _CATEGORY_OF["headphone"] = "headphones"
@@ -176,9 +170,7 @@ def parse_reply(text: str | None) -> ParsedReply:
 
     bigrams = set(zip(free, free[1:]))
     free_set = set(free)
-    parsed.asks_need = not parsed.products and bool(
-        free_set & ASK_NEED_WORDS or bigrams & ASK_NEED_BIGRAMS
-    )
+    parsed.asks_need = not parsed.products and bool(free_set & ASK_NEED_WORDS or bigrams & ASK_NEED_BIGRAMS)
     parsed.asks_budget = bool(free_set & ASK_BUDGET_WORDS or bigrams & ASK_BUDGET_BIGRAMS)
     # "%" is not a word token, so discount keywords are checked on all tokens.
     parsed.offers_discount = bool(set(tokens) & DISCOUNT_WORDS)

@@ -60,7 +60,11 @@ BUDGET_PHRASES: dict[str, tuple[str, ...]] = {
     # Every answer names the tier word in a varied frame: the task is to learn WHEN
     # to ask and recommend, not a paraphrase lexicon (which a 0.5M-parameter model
     # trained for minutes on CPU cannot learn from a few thousand conversations).
-    "basic": ("i am on a tight budget , basic is fine .", "something basic please .", "i can not spend a lot , a basic one ."),
+    "basic": (
+        "i am on a tight budget , basic is fine .",
+        "something basic please .",
+        "i can not spend a lot , a basic one .",
+    ),
     "standard": (
         "something standard , mid range .",
         "a standard price is fine .",
@@ -159,9 +163,7 @@ class SimulatorConfig:
         if self.min_patience < 1:
             raise ValueError(f"min_patience must be >= 1, got {self.min_patience}")
         if self.min_patience > self.max_patience:
-            raise ValueError(
-                f"min_patience ({self.min_patience}) must be <= max_patience ({self.max_patience})"
-            )
+            raise ValueError(f"min_patience ({self.min_patience}) must be <= max_patience ({self.max_patience})")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0.0 <= self.need_synonym_prob <= 1.0:
@@ -362,4 +364,3 @@ class SalesSimulator:
 
     def new_episode(self, seed: int, conversation_id: str) -> SalesEpisode:
         return SalesEpisode(self.config, seed, conversation_id)
-

@@ -42,9 +42,36 @@ __all__ = ["main", "t_quantile_975", "mean_ci", "load_run", "conversation_counts
 
 # Two-sided 95% quantiles of Student's t, df = 1..30.
 _T975 = (
-    12.7062047, 4.3026527, 3.1824463, 2.7764451, 2.5705818, 2.4469119, 2.3646243, 2.3060041, 2.2621572, 2.2281389,
-    2.2009852, 2.1788128, 2.1603687, 2.1447867, 2.1314495, 2.1199053, 2.1098156, 2.1009220, 2.0930241, 2.0859634,
-    2.0796138, 2.0738731, 2.0686576, 2.0638986, 2.0595386, 2.0555294, 2.0518305, 2.0484071, 2.0452296, 2.0422725,
+    12.7062047,
+    4.3026527,
+    3.1824463,
+    2.7764451,
+    2.5705818,
+    2.4469119,
+    2.3646243,
+    2.3060041,
+    2.2621572,
+    2.2281389,
+    2.2009852,
+    2.1788128,
+    2.1603687,
+    2.1447867,
+    2.1314495,
+    2.1199053,
+    2.1098156,
+    2.1009220,
+    2.0930241,
+    2.0859634,
+    2.0796138,
+    2.0738731,
+    2.0686576,
+    2.0638986,
+    2.0595386,
+    2.0555294,
+    2.0518305,
+    2.0484071,
+    2.0452296,
+    2.0422725,
 )
 
 
@@ -181,7 +208,11 @@ def _series(runs: list[Run], points) -> tuple[list[float], list[float], list[flo
     per_run = [points(r) for r in runs]
     xs, ys, lows, highs = [], [], [], []
     for j in range(max((len(p) for p in per_run), default=0)):
-        have = [p[j] for p in per_run if j < len(p) and p[j][1] is not None and p[j][0] is not None and not math.isnan(p[j][0])]
+        have = [
+            p[j]
+            for p in per_run
+            if j < len(p) and p[j][1] is not None and p[j][0] is not None and not math.isnan(p[j][0])
+        ]
         if not have:
             continue
         mean, low, high = mean_ci([y for _, y in have])
@@ -196,7 +227,9 @@ def _band(ax, xs, ys, lows, highs, color, **line) -> None:
     ax.plot(xs, ys, color=color, **line)
     ci = [(x, lo, hi) for x, lo, hi in zip(xs, lows, highs) if lo is not None]
     if len(ci) >= 2:
-        ax.fill_between([c[0] for c in ci], [c[1] for c in ci], [c[2] for c in ci], color=color, alpha=0.15, linewidth=0)
+        ax.fill_between(
+            [c[0] for c in ci], [c[1] for c in ci], [c[2] for c in ci], color=color, alpha=0.15, linewidth=0
+        )
 
 
 def _success_points(run: Run) -> list[tuple[float, float | None]]:
@@ -241,7 +274,9 @@ def plot_reward_hacking(path: Path, experiments: dict[str, list[Run]]) -> None:
             ("ope.q_policy", "critic's estimate (ope.q_policy)", "C3", "--"),
             ("mean_return", "true discounted return", "C0", "-"),
         ):
-            xs, ys, lows, highs = _series(runs, lambda r, key=key: [(float(k), as_number(lookup(rec, key))) for k, rec in enumerate(r.records)])
+            xs, ys, lows, highs = _series(
+                runs, lambda r, key=key: [(float(k), as_number(lookup(rec, key))) for k, rec in enumerate(r.records)]
+            )
             _band(ax, xs, ys, lows, highs, color, linestyle=style, marker="o", markersize=3, label=label)
         ax.set_title(f"{name} (n={len(runs)})", fontsize="medium")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -250,7 +285,7 @@ def plot_reward_hacking(path: Path, experiments: dict[str, list[Run]]) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize="x-small")
-    for ax in axes[len(experiments):]:
+    for ax in axes[len(experiments) :]:
         ax.set_visible(False)
     fig.suptitle("Reward hacking: the critic's value of the new policy vs its true value")
     with atomic_path(path) as tmp:
@@ -267,7 +302,9 @@ def _minutes(values: list[float]) -> str:
 def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None = None) -> dict:
     index = _read_json(sweep_dir / "sweep.json")
     if not isinstance(index, dict) or "runs" not in index:
-        raise FileNotFoundError(f"{str(sweep_dir)!r} holds no sweep ({sweep_dir / 'sweep.json'} is missing or unreadable)")
+        raise FileNotFoundError(
+            f"{str(sweep_dir)!r} holds no sweep ({sweep_dir / 'sweep.json'} is missing or unreadable)"
+        )
     names = [e["name"] for e in index.get("experiments", [])]
     experiments: dict[str, list[Run]] = {name: [] for name in names}
     missing: list[str] = []
@@ -276,7 +313,9 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
         if run.finished and run.records:
             experiments.setdefault(run.experiment, []).append(run)
         else:
-            missing.append(f"{entry['experiment']} seed {entry['seed']} ({entry.get('status', '?')}, {entry['run_dir']})")
+            missing.append(
+                f"{entry['experiment']} seed {entry['seed']} ({entry.get('status', '?')}, {entry['run_dir']})"
+            )
     experiments = {name: runs for name, runs in experiments.items() if runs}
 
     figures = output.with_suffix("")
@@ -360,14 +399,33 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
     if notes is not None:  # conclusions are written by people, from the numbers above; included verbatim
         lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     atomic_write_text(output, "\n".join(lines) + "\n")
-    return {"output": str(output), "figures": str(figures), "experiments": {k: len(v) for k, v in experiments.items()}, "missing": len(missing)}
+    return {
+        "output": str(output),
+        "figures": str(figures),
+        "experiments": {k: len(v) for k, v in experiments.items()},
+        "missing": len(missing),
+    }
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="iterppo report", description="Markdown tables and plots of a sweep (iterppo sweep).", default_env=False)
-    parser.add_argument("--sweep", type=str, required=True, help="the sweep folder (holds sweep.json); OUT/quick for a quick sweep")
-    parser.add_argument("--output", type=str, default="", help="the markdown file (default SWEEP/results.md); plots go to OUTPUT without its suffix/")
-    parser.add_argument("--notes", type=str, default="", help="a markdown file appended verbatim (the conclusions drawn from these numbers)")
+    parser = ArgumentParser(
+        prog="iterppo report", description="Markdown tables and plots of a sweep (iterppo sweep).", default_env=False
+    )
+    parser.add_argument(
+        "--sweep", type=str, required=True, help="the sweep folder (holds sweep.json); OUT/quick for a quick sweep"
+    )
+    parser.add_argument(
+        "--output",
+        type=str,
+        default="",
+        help="the markdown file (default SWEEP/results.md); plots go to OUTPUT without its suffix/",
+    )
+    parser.add_argument(
+        "--notes",
+        type=str,
+        default="",
+        help="a markdown file appended verbatim (the conclusions drawn from these numbers)",
+    )
     return parser
 
 
@@ -379,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     sweep_dir = Path(args.sweep)
     output = Path(args.output) if args.output else sweep_dir / "results.md"
-    command = shlex.join(["iterppo", "report", "--sweep", args.sweep, "--output", str(output)] + (["--notes", args.notes] if args.notes else []))
+    command = shlex.join(
+        ["iterppo", "report", "--sweep", args.sweep, "--output", str(output)]
+        + (["--notes", args.notes] if args.notes else [])
+    )
     try:
         if args.notes and not Path(args.notes).is_file():
             raise FileNotFoundError(f"--notes {args.notes}: no such file")

@@ -64,7 +64,8 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
-from iterppo_lightning.experiments.run_records import read_json as _read_json, read_run_state as _run_state
+from iterppo_lightning.experiments.run_records import read_json as _read_json
+from iterppo_lightning.experiments.run_records import read_run_state as _run_state
 from iterppo_lightning.experiments.run_records import recorded_seconds
 from iterppo_lightning.loop.run_state import config_differences
 from iterppo_lightning.utils.atomic_io import atomic_write_json, is_temp_name
@@ -176,7 +177,7 @@ class Job:
     log: Path
     args: list[str]  # after `python -m iterppo_lightning`
     experiment: str | None = None
-    needs: "Job | None" = None
+    needs: Job | None = None
     action: str = "new"  # new / resumed / skipped (runs); new / existing (pi_0)
     status: str = "pending"  # pending / running / finished / failed / interrupted / blocked
     returncode: int | None = None
@@ -206,9 +207,13 @@ def _experiments(paths: list[str], quick: bool, share_pi0: bool) -> list[Experim
         base = base if base.is_file() else None
         name = path.stem
         if name in (QUICK_DIR, PI0_DIR):
-            raise SweepError(f"experiment {raw!r}: the name {name!r} is reserved for the sweep's own folders; rename the file")
+            raise SweepError(
+                f"experiment {raw!r}: the name {name!r} is reserved for the sweep's own folders; rename the file"
+            )
         if name in names:
-            raise SweepError(f"experiments {names[name]!r} and {raw!r} have the same name {name!r} (the file stem names the run folders)")
+            raise SweepError(
+                f"experiments {names[name]!r} and {raw!r} have the same name {name!r} (the file stem names the run folders)"
+            )
         names[name] = raw
         configs = [path] if base is None else [base, path]
         try:
@@ -241,14 +246,37 @@ def plan(experiments: list[Experiment], seeds: list[int], root: Path) -> tuple[l
                 folder = (root / PI0_DIR / exp.pi0_key / f"seed_{seed}").resolve()
                 pi0 = pi0_jobs.get((exp.pi0_key, seed))
                 if pi0 is None:
-                    pi0 = Job("pi0", seed, folder, folder.parent / f"seed_{seed}.log",
-                              ["bootstrap", *exp.config_args, "--seed_everything", str(seed), "--output", str(folder),
-                               "--trainer.enable_progress_bar", "false", *exp.overrides], experiment=exp.name)
+                    pi0 = Job(
+                        "pi0",
+                        seed,
+                        folder,
+                        folder.parent / f"seed_{seed}.log",
+                        [
+                            "bootstrap",
+                            *exp.config_args,
+                            "--seed_everything",
+                            str(seed),
+                            "--output",
+                            str(folder),
+                            "--trainer.enable_progress_bar",
+                            "false",
+                            *exp.overrides,
+                        ],
+                        experiment=exp.name,
+                    )
                     pi0_jobs[(exp.pi0_key, seed)] = pi0
                 args += ["--model.policy_init", str(folder / "policy")]
-            overrides = args[len(exp.config_args):] + exp.overrides  # what follows the config files
+            overrides = args[len(exp.config_args) :] + exp.overrides  # what follows the config files
             args += exp.overrides
-            job = Job("run", seed, run_dir, run_dir.parent / f"seed_{seed}.log", ["fit", *args], experiment=exp.name, needs=pi0)
+            job = Job(
+                "run",
+                seed,
+                run_dir,
+                run_dir.parent / f"seed_{seed}.log",
+                ["fit", *args],
+                experiment=exp.name,
+                needs=pi0,
+            )
             if not _is_empty_run_dir(run_dir):
                 saved = run_dir / "config.yaml"
                 if saved.exists():
@@ -268,7 +296,8 @@ def plan(experiments: list[Experiment], seeds: list[int], root: Path) -> tuple[l
     if mismatched:
         raise SweepError(
             "these run folders hold runs made with another config than the sweep would run now "
-            "(changed experiment file, --quick or pi_0 sharing); move them away or use another --out:\n  " + "\n  ".join(mismatched)
+            "(changed experiment file, --quick or pi_0 sharing); move them away or use another --out:\n  "
+            + "\n  ".join(mismatched)
         )
     pi0 = []
     needed = {id(job.needs) for job in runs if job.needs is not None and job.status != "finished"}
@@ -329,7 +358,9 @@ def _pi0_entry(job: Job, runs: list[Job]) -> dict:
 class Index:
     """sweep.json: rewritten atomically whenever a job changes state."""
 
-    def __init__(self, root: Path, command: str, quick: bool, experiments: list[Experiment], seeds: list[int], jobs: int):
+    def __init__(
+        self, root: Path, command: str, quick: bool, experiments: list[Experiment], seeds: list[int], jobs: int
+    ):
         self.path = root / INDEX_FILE
         old = _read_json(self.path) or {}
         self.previous = {(r.get("experiment"), r.get("seed")): r for r in old.get("runs", [])}
@@ -342,8 +373,13 @@ class Index:
             "jobs": jobs,
             "seeds": seeds,
             "experiments": [
-                {"name": e.name, "config": str(e.path), "base": None if e.base is None else str(e.base),
-                 "overrides": e.overrides, "pi0_recipe": e.pi0_key}
+                {
+                    "name": e.name,
+                    "config": str(e.path),
+                    "base": None if e.base is None else str(e.base),
+                    "overrides": e.overrides,
+                    "pi0_recipe": e.pi0_key,
+                }
                 for e in experiments
             ],
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -377,7 +413,9 @@ def _start(job: Job) -> None:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         log.write(f"=== {stamp} {job.action}: {shlex.join(command)}\n")
         log.flush()
-        job.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **RUN_ENV}, start_new_session=True)
+        job.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **RUN_ENV}, start_new_session=True
+        )
     job.status, job.started = "running", time.perf_counter()
 
 
@@ -416,7 +454,10 @@ def execute(pi0: list[Job], runs: list[Job], max_jobs: int, index: Index) -> Non
                 running.remove(job)
                 job.returncode, job.process_seconds = code, time.perf_counter() - job.started
                 job.status = "finished" if code == 0 else "failed"
-                _say(f"{job.status:8} {job.label} in {job.process_seconds:.0f} s" + ("" if code == 0 else f" (exit {code}, log {job.log})"))
+                _say(
+                    f"{job.status:8} {job.label} in {job.process_seconds:.0f} s"
+                    + ("" if code == 0 else f" (exit {code}, log {job.log})")
+                )
                 index.write(pi0, runs)
     except KeyboardInterrupt:
         for job in running:  # only the processes this sweep started, each by its own group
@@ -441,15 +482,24 @@ def build_parser() -> ArgumentParser:
         default_env=False,
     )
     parser.add_argument(
-        "--experiments", type=str, nargs="+", required=True,
+        "--experiments",
+        type=str,
+        nargs="+",
+        required=True,
         help=f"experiment configs; the file stem names the experiment. A {BASE_FILE} beside them is applied first "
         "(they state only what differs from it) and is not an experiment itself; without one they are complete configs",
     )
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="seeds (seed_everything), e.g. 0 1 2")
-    parser.add_argument("--out", type=str, required=True, help="the sweep folder: OUT/<experiment>/seed_<seed>, OUT/sweep.json")
+    parser.add_argument(
+        "--out", type=str, required=True, help="the sweep folder: OUT/<experiment>/seed_<seed>, OUT/sweep.json"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each one torch thread)")
-    parser.add_argument("--quick", type=bool, default=False, help="scale every experiment down by QUICK_SCALE, into OUT/quick")
-    parser.add_argument("--share_pi0", type=bool, default=True, help="one pi_0 per seed for experiments with the same pi_0 recipe")
+    parser.add_argument(
+        "--quick", type=bool, default=False, help="scale every experiment down by QUICK_SCALE, into OUT/quick"
+    )
+    parser.add_argument(
+        "--share_pi0", type=bool, default=True, help="one pi_0 per seed for experiments with the same pi_0 recipe"
+    )
     return parser
 
 
@@ -462,7 +512,9 @@ def _lock(root: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise SweepError(f"another `iterppo sweep` is running on {str(root)!r}; wait for it (or stop it) first") from None
+        raise SweepError(
+            f"another `iterppo sweep` is running on {str(root)!r}; wait for it (or stop it) first"
+        ) from None
     return handle
 
 
@@ -511,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [j for j in pi0 + runs if j.status != "finished"]
     if bad:
         print(
-            "iterppo sweep: error: not finished:\n  " + "\n  ".join(f"{j.label}: {j.status} (log {j.log})" for j in bad)
+            "iterppo sweep: error: not finished:\n  "
+            + "\n  ".join(f"{j.label}: {j.status} (log {j.log})" for j in bad)
             + "\nfix the cause, then rerun the same command: finished runs are skipped, the others resume",
             file=sys.stderr,
         )

@@ -12,12 +12,12 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iterppo_lightning.distributed.collectives import is_main
 from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.data.conversation import Conversation
+from iterppo_lightning.distributed.collectives import is_main
 from iterppo_lightning.env.episodes import episode_seeds
-from iterppo_lightning.env.sales_simulator import SalesSimulator
 from iterppo_lightning.env.reply_parser import parse_reply
+from iterppo_lightning.env.sales_simulator import SalesSimulator
 from iterppo_lightning.env.scripted_agents import BehaviourAgent, play_episode, revealed_info
 from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm, train_word_tokenizer
 
@@ -90,13 +90,22 @@ def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, tra
     model = build_tiny_causal_lm(tokenizer, config.model, seed=random.Random(seed).randrange(2**31))
     curriculum = None
     if config.curriculum_steps > 0:
-        curriculum = {(c.conversation_id, i) for c in conversations for i in c.metadata["informed_recommendation_turns"]}
+        curriculum = {
+            (c.conversation_id, i) for c in conversations for i in c.metadata["informed_recommendation_turns"]
+        }
     behaviour_clone(model, tokenizer, conversations, config, datamodule, trainer_factory, out_dir, curriculum)
     return model, tokenizer
 
 
 def behaviour_clone(
-    model, tokenizer, conversations: list[Conversation], config: BootstrapConfig, datamodule, trainer_factory, out_dir: Path, curriculum: set | None = None
+    model,
+    tokenizer,
+    conversations: list[Conversation],
+    config: BootstrapConfig,
+    datamodule,
+    trainer_factory,
+    out_dir: Path,
+    curriculum: set | None = None,
 ) -> dict[str, float]:
     """Fine-tune `model` in place on the suggestions of `conversations` (pi_0 from imagined or logged data,
     or pi_(k+1) in the filtered-BC baseline); returns the last fit's sft/ metrics (train_loss, val_loss).

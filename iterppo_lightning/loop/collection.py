@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 
 from iterppo_lightning.data.buffer import buffer_conversation_ids
 from iterppo_lightning.data.conversation import Conversation
-from iterppo_lightning.data.log_io import LogReport, LogValidationError, logs_fingerprint, read_logs_report, summarize_logs
+from iterppo_lightning.data.log_io import (
+    LogReport,
+    LogValidationError,
+    logs_fingerprint,
+    read_logs_report,
+    summarize_logs,
+)
 from iterppo_lightning.data.log_schema import LogProblem
 from iterppo_lightning.env.episodes import episode_seeds, run_episodes
 from iterppo_lightning.loop.run_state import RunState
@@ -61,7 +67,15 @@ def read_log_batch(path: str | Path, state: RunState, run_dir: Path, k: int, *, 
     used = state.used_log_fingerprints()
     if sha in used:
         raise LogValidationError(
-            str(path), [LogProblem(str(path), "", "", f"these logs were already trained on in iteration {used[sha]} of this run; give the next batch")]
+            str(path),
+            [
+                LogProblem(
+                    str(path),
+                    "",
+                    "",
+                    f"these logs were already trained on in iteration {used[sha]} of this run; give the next batch",
+                )
+            ],
         )
     # Before the first batch nothing is known about the logging policy; afterwards an id
     # that is neither this run's policy nor seen in earlier batches is most likely a mix-up.
@@ -117,8 +131,12 @@ def _other_runs(path: Path, report: LogReport, run_id: str) -> list[LogProblem]:
     for conv in report.conversations:
         other = conv.metadata.get("policy_run_id")
         if other is not None and other != run_id:
-            message = f"made by {conv.policy_id} of run {other!r}, not of this run ({run_id!r}): the logs of another run"
-            problems.append(LogProblem(str(path), report.locations[conv.conversation_id], "metadata.policy_run_id", message))
+            message = (
+                f"made by {conv.policy_id} of run {other!r}, not of this run ({run_id!r}): the logs of another run"
+            )
+            problems.append(
+                LogProblem(str(path), report.locations[conv.conversation_id], "metadata.policy_run_id", message)
+            )
     return problems
 
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 from rich.console import Console
@@ -40,6 +40,7 @@ from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
 from iterppo_lightning.env.episodes import summarize_conversations
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.loop.bootstrap import behaviour_clone, make_pi0
+
 # RESUMABLE_CHANGES, RunDirError and prepare_run_dir stay importable from here (cli.py, earlier code).
 from iterppo_lightning.loop.run_dir import (  # noqa: F401
     RESUMABLE_CHANGES,
@@ -68,8 +69,6 @@ TrainerFactory = Callable[..., L.Trainer]
 
 class NumericalFault(RuntimeError):
     """A loss became NaN or Inf; the phase stopped before touching the weights."""
-
-
 
 
 class OuterLoop:
@@ -204,7 +203,12 @@ class OuterLoop:
                 self.seed_step(-1, "bootstrap")
                 conversations = read_logs(system.bootstrap.buffer)
                 behaviour_clone(
-                    model, tokenizer, conversations, system.bootstrap, self.datamodule, self.trainer_factory,
+                    model,
+                    tokenizer,
+                    conversations,
+                    system.bootstrap,
+                    self.datamodule,
+                    self.trainer_factory,
                     self.run_dir / "pi_0",
                 )
             policy.attach(model, tokenizer)
@@ -222,7 +226,9 @@ class OuterLoop:
         self.seed_step(-1, "bootstrap")
         start = time.perf_counter()
         environment = self.view.environment
-        model, tokenizer = make_pi0(system.bootstrap, environment, self.datamodule, self.trainer_factory, out, self.seed)
+        model, tokenizer = make_pi0(
+            system.bootstrap, environment, self.datamodule, self.trainer_factory, out, self.seed
+        )
         policy.attach(model, tokenizer)
         if self.main:
             card = {"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": "bootstrap"}

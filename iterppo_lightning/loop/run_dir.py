@@ -16,9 +16,9 @@ the algorithm in controller.py:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from rich.console import Console
@@ -36,8 +36,8 @@ from iterppo_lightning.loop.run_state import (
     save_run_state,
 )
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
-from iterppo_lightning.utils.failpoints import failpoint
 from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_text, is_temp_name
+from iterppo_lightning.utils.failpoints import failpoint
 
 # Keys a continued run may change: the next batch of logs, how many iterations to run in total,
 # and trainer settings that do not touch the numbers (display, logging).

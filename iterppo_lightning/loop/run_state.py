@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from iterppo_lightning.utils.failpoints import failpoint
 from iterppo_lightning.utils.atomic_io import atomic_path, is_temp_name, json_default
+from iterppo_lightning.utils.failpoints import failpoint
 
 STATE_FILE = "run_state.json"
 VERSION = 1
@@ -75,7 +75,9 @@ class RunState:
         return known
 
     def used_log_fingerprints(self) -> dict[str, int]:
-        return {e["source"]["sha256"]: e["iteration"] for e in self.lineage if e.get("source", {}).get("kind") == "logs"}
+        return {
+            e["source"]["sha256"]: e["iteration"] for e in self.lineage if e.get("source", {}).get("kind") == "logs"
+        }
 
 
 def save_run_state(run_dir: Path, state: RunState) -> None:
@@ -94,7 +96,9 @@ def load_run_state(run_dir: Path) -> RunState:
     except (OSError, json.JSONDecodeError) as err:
         raise RunStateError(f"{str(path)!r} is unreadable: {err}") from err
     if raw.get("version") != VERSION:
-        raise RunStateError(f"{str(path)!r} has state version {raw.get('version')!r}; this trainer reads version {VERSION}")
+        raise RunStateError(
+            f"{str(path)!r} has state version {raw.get('version')!r}; this trainer reads version {VERSION}"
+        )
     progress = raw.pop("in_progress", None)
     state = RunState(**raw)
     state.in_progress = IterationProgress(**progress) if progress else None

@@ -275,4 +275,3 @@ class FilteredBCImprovement(PolicyImprovement):
 def choose_policy_improvement(algorithm: str) -> PolicyImprovement:
     """model.algorithm -> how pi_(k+1) is made (the names config.ALGORITHMS accepts)."""
     return {"iterative_ppo": PPOImprovement, "filtered_bc": FilteredBCImprovement}[algorithm]()
-

@@ -27,7 +27,12 @@ def _encode_chats(tokenizer, conversations: list[Messages], max_prompt_tokens: i
     """Render with the chat template (ending in the assistant's turn) and left-pad into one batch."""
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
     return tokenizer(
-        texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
+        texts,
+        add_special_tokens=False,
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        return_tensors="pt",
     ).to(device)
 
 
@@ -52,7 +57,14 @@ def generate_chat(
     for start in range(0, len(conversations), batch_size):
         enc = _encode_chats(tokenizer, conversations[start : start + batch_size], max_prompt_tokens, device)
         response, _ = sample_responses(
-            model, enc["input_ids"], enc["attention_mask"], tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens, temperature, greedy
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            max_new_tokens,
+            temperature,
+            greedy,
         )
         replies.extend(text.strip() for text in tokenizer.batch_decode(response, skip_special_tokens=True))
     return replies
@@ -60,7 +72,13 @@ def generate_chat(
 
 @torch.no_grad()
 def yes_probability(
-    model, tokenizer, conversations: list[Messages], batch_size: int = 16, yes: str = "yes", no: str = "no", max_prompt_tokens: int = 1024
+    model,
+    tokenizer,
+    conversations: list[Messages],
+    batch_size: int = 16,
+    yes: str = "yes",
+    no: str = "no",
+    max_prompt_tokens: int = 1024,
 ) -> list[float]:
     """P(yes) / (P(yes) + P(no)) for the first reply token: a judge's answer to a yes/no question."""
     require_chat_template(tokenizer)

@@ -75,7 +75,9 @@ def sample_responses(
     )
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, logits_processor=processors)
+    out = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, logits_processor=processors
+    )
     model.train(was_training)
     response = out[:, prompt_ids.shape[1] :]
     return truncate_after_eos(response, eos_id, pad_id)

@@ -26,7 +26,12 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrai
 PYPACKAGE_PREFIX = "pypackage:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "pytorch_model*.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # transformers >= 4.48 writes the template to its own file; older versions put it in tokenizer_config.json.
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -70,7 +75,9 @@ class ModelSource:
     def __post_init__(self) -> None:
         self.path = os.fspath(self.path)
         if self.dtype not in DTYPES:
-            raise ModelSourceError(f"ModelSource.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r} (model {self.path!r})")
+            raise ModelSourceError(
+                f"ModelSource.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r} (model {self.path!r})"
+            )
         if self.path.endswith(".gguf"):
             name = os.path.basename(self.path)
             if self.gguf_file is None:
@@ -185,7 +192,9 @@ def check_causal_config(config: dict, where: str, trust_remote_code: bool = Fals
     if trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
         return  # custom code declares its own causal-LM class
     if model_type not in causal_lm_model_types():
-        raise ModelSourceError(f"{where} is a {model_type} model, not a causal LM (AutoModelForCausalLM cannot load it)")
+        raise ModelSourceError(
+            f"{where} is a {model_type} model, not a causal LM (AutoModelForCausalLM cannot load it)"
+        )
     architectures = config.get("architectures") or []
     known = _causal_lm_classes()
     if architectures and not any(a in known or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
@@ -268,11 +277,16 @@ def check_gguf(file: Path, where: str, require_chat_template: bool = False) -> N
     if model_type in CONFIG_MAPPING_NAMES and model_type not in causal_lm_model_types():
         raise ModelSourceError(f"{where}: GGUF file {str(file)!r} is a {architecture} model, not a causal LM")
     if require_chat_template and not metadata.get("tokenizer.chat_template"):
-        raise ModelSourceError(f"{where}: GGUF file {str(file)!r} has no tokenizer.chat_template (a chat model is required)")
+        raise ModelSourceError(
+            f"{where}: GGUF file {str(file)!r} has no tokenizer.chat_template (a chat model is required)"
+        )
 
 
 def _folder_has_chat_template(folder: Path) -> bool:
-    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES) or (folder / "additional_chat_templates").is_dir():
+    if (
+        any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES)
+        or (folder / "additional_chat_templates").is_dir()
+    ):
         return True
     config_file = folder / "tokenizer_config.json"
     if config_file.is_file():
@@ -349,7 +363,9 @@ def check_source(source: ModelSource, *, require_chat_template: bool = False) ->
         return
     check_model_folder(Path(folder), where, trust_remote_code=source.trust_remote_code)
     if require_chat_template and not _folder_has_chat_template(Path(folder)):
-        raise ModelSourceError(f"model folder {where} has a tokenizer without a chat template (a chat model is required)")
+        raise ModelSourceError(
+            f"model folder {where} has a tokenizer without a chat template (a chat model is required)"
+        )
 
 
 # -- loading --------------------------------------------------------------------------------------------
@@ -472,7 +488,9 @@ def load_backbone(folder: str | Path, dtype: str = "float32") -> PreTrainedModel
     the critic would not use (it reads hidden states into its own scalar head).
     """
     if dtype not in DTYPES:
-        raise ModelSourceError(f"load_backbone dtype must be one of {sorted(DTYPES)}, got {dtype!r} (model {str(folder)!r})")
+        raise ModelSourceError(
+            f"load_backbone dtype must be one of {sorted(DTYPES)}, got {dtype!r} (model {str(folder)!r})"
+        )
     folder = Path(folder)
     check_model_folder(folder, repr(str(folder)), need_tokenizer=False, causal=False)
     return AutoModel.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)

@@ -17,13 +17,12 @@ from torchmetrics import MeanSquaredError, Metric
 from torchmetrics.classification import BinaryAUROC
 from transformers import AutoConfig, AutoModel
 
-from iterppo_lightning.rl import ppo_math as pm
 from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share, is_distributed
-from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 from iterppo_lightning.models.lora import LoraSettings, add_lora_to_backbone
 from iterppo_lightning.models.modeling import backbone_hidden, last_token_index
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
-
+from iterppo_lightning.rl import ppo_math as pm
+from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 
 CRITIC_TARGETS = ("mc", "td", "fqe", "myopic")
 
@@ -152,7 +151,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         """
         self.backbone, self.head = self._build_member(base_model_dir)
         self.extra_members = nn.ModuleList(
-            nn.ModuleDict(dict(zip(("backbone", "head"), self._build_member(base_model_dir)))) for _ in range(self.ensemble_size - 1)
+            nn.ModuleDict(dict(zip(("backbone", "head"), self._build_member(base_model_dir))))
+            for _ in range(self.ensemble_size - 1)
         )
         self.carried_optimizer_state = None
         self._trainable = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -253,7 +253,9 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         loss = maybe_nan("critic.loss", loss)  # crash tests only; a no-op otherwise
         if any_rank(not bool(torch.isfinite(loss))):  # every process stops together
             # Raised before backward and step, so the weights stay the last good ones.
-            raise FloatingPointError(f"critic phase: non-finite loss ({loss.item()}) at step {self.global_step} (batch {batch_idx})")
+            raise FloatingPointError(
+                f"critic phase: non-finite loss ({loss.item()}) at step {self.global_step} (batch {batch_idx})"
+            )
         n = batch["target"].shape[0]
         self.log("critic/train_loss", loss / self.ensemble_size, prog_bar=True, batch_size=n)  # per member
         failpoint("critic.step")

@@ -307,7 +307,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
     def on_train_end(self) -> None:
         super().on_train_end()
         keys = {k for s in self._step_stats for k in s}
-        self.fit_stats = {k: sum(s[k] for s in self._step_stats if k in s) / len(self._step_stats) for k in sorted(keys)}
+        self.fit_stats = {
+            k: sum(s[k] for s in self._step_stats if k in s) / len(self._step_stats) for k in sorted(keys)
+        }
 
     def configure_optimizers(self):
         # With LoRA only the adapter requires grad; the base weights stay out of the optimizer.
@@ -333,7 +335,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         resp_len = response.shape[1]
         # Position t of the sequence predicts token t+1: the reply's logits are
         # those of positions prompt_len-1 .. end-1, i.e. the last resp_len+1 minus the final one.
-        logits, hidden = causal_lm_forward(self.policy, full_ids, full_mask, want_hidden=True, logits_to_keep=resp_len + 1)
+        logits, hidden = causal_lm_forward(
+            self.policy, full_ids, full_mask, want_hidden=True, logits_to_keep=resp_len + 1
+        )
         resp_logits = self._tempered(logits[:, :-1])
         logprobs = pm.logprobs_from_logits(resp_logits, response)
         values = self.value_head(hidden[:, prompt_len - 1 : -1]).squeeze(-1)
@@ -361,7 +365,14 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         # Under ZeRO-3: gather the policy once and generate without per-layer hooks (zero.py).
         with self._timed("generate"), gathered_for_generation(self, self.policy) as model:
             response, resp_mask = sample_responses(
-                model, prompt_ids, prompt_mask, tok.eos_token_id, tok.pad_token_id, self.max_new_tokens, self.temperature, reply_seeds=seeds
+                model,
+                prompt_ids,
+                prompt_mask,
+                tok.eos_token_id,
+                tok.pad_token_id,
+                self.max_new_tokens,
+                self.temperature,
+                reply_seeds=seeds,
             )
         full_ids = torch.cat([prompt_ids, response], dim=1)
         full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
@@ -377,7 +388,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         if self.missing_eos_penalty is not None:
             score = score - self.missing_eos_penalty * (~ended).float()
         # Batch statistics (score normalisation, advantage whitening) are over the global batch: every rank's rows.
-        score = pm.normalize_scores(score, self.score_norm, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None)
+        score = pm.normalize_scores(
+            score, self.score_norm, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
+        )
         rewards, kl = pm.per_token_rewards(score, old_logprobs, ref_logprobs, resp_mask, self.kl_controller.value)
         if self.advantage == "gae":
             advantages, returns = pm.gae_advantages(rewards, old_values, resp_mask, self.gamma_token, self.gae_lambda)
@@ -385,7 +398,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             advantages = pm.group_token_advantages(score, rewards, resp_mask, self.group_size, self.advantage)
             returns = torch.zeros_like(old_values)
         if self.whiten_advantages:
-            advantages = pm.masked_whiten(advantages, resp_mask, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None)
+            advantages = pm.masked_whiten(
+                advantages, resp_mask, reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
+            )
         return Rollout(
             query_responses=full_ids,
             attention_mask=full_mask,
@@ -415,7 +430,11 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         for _ in range(self.ppo_epochs):
             epochs_run += 1
             for chunk in torch.randperm(global_batch, device=rollout.responses.device).split(mb_size):
-                idx = chunk[(chunk >= offset) & (chunk < offset + batch)] - offset if dist_utils.is_distributed() else chunk
+                idx = (
+                    chunk[(chunk >= offset) & (chunk < offset + batch)] - offset
+                    if dist_utils.is_distributed()
+                    else chunk
+                )
                 # A rank with no row in this minibatch still runs forward/backward (ZeRO's collectives need
                 # every rank) on one row with zero weight.
                 empty = idx.numel() == 0
@@ -481,8 +500,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         if dist_utils.is_distributed():  # rollout statistics over every rank's rows: the KL controller and
             mean = dist_utils.global_mean  # the early stop below must take the same decision on every rank
         else:
+
             def mean(x: torch.Tensor) -> float:
                 return x.mean().item()
+
         mean_kl = mean(rollout.seq_kl)
         stats.update(
             kl=mean_kl,

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from iterppo_lightning.distributed.collectives import any_rank, global_share
-from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 from iterppo_lightning.models.modeling import causal_lm_forward
+from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 
 
 class BehaviourCloningModule(L.LightningModule):
@@ -45,7 +45,9 @@ class BehaviourCloningModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = maybe_nan("sft.loss", self._loss(batch))  # crash tests only; a no-op otherwise
         if any_rank(not bool(torch.isfinite(loss))):  # every process stops together
-            raise FloatingPointError(f"bootstrap phase (behaviour cloning of pi_0): non-finite loss at step {self.global_step}")
+            raise FloatingPointError(
+                f"bootstrap phase (behaviour cloning of pi_0): non-finite loss at step {self.global_step}"
+            )
         failpoint("sft.step")
         self.log("sft/train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss

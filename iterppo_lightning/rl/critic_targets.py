@@ -60,7 +60,9 @@ def myopic_targets(conversations: list[Conversation]) -> dict[TurnKey, float]:
 
 
 @torch.no_grad()
-def score_pairs(critic, prompts: list[list[int]], replies: list[list[int]], pad_id: int, batch_size: int = 128) -> list[float]:
+def score_pairs(
+    critic, prompts: list[list[int]], replies: list[list[int]], pad_id: int, batch_size: int = 128
+) -> list[float]:
     """Q(s, a) in [0, 1] for token-id pairs, read at the last reply token (as in training).
 
     For a critic ensemble, the members' mean (`q_mean`). A critic that was never built (the
@@ -82,7 +84,13 @@ def score_pairs(critic, prompts: list[list[int]], replies: list[list[int]], pad_
 
 @torch.no_grad()
 def sample_replies(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 128, greedy: bool = False, temperature: float = 1.0
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 128,
+    greedy: bool = False,
+    temperature: float = 1.0,
 ) -> list[list[int]]:
     """One reply per prompt from `model` (token ids up to and including the end token)."""
     device = next(model.parameters()).device
@@ -90,7 +98,14 @@ def sample_replies(
     for start in range(0, len(prompts), batch_size):
         ids, mask = pad_left(prompts[start : start + batch_size], tokenizer.pad_token_id)
         response, resp_mask = sample_responses(
-            model, ids.to(device), mask.to(device), tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens, temperature, greedy
+            model,
+            ids.to(device),
+            mask.to(device),
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            max_new_tokens,
+            temperature,
+            greedy,
         )
         for row, row_mask in zip(response.cpu(), resp_mask.cpu()):
             out.append(row[row_mask.bool()].tolist())

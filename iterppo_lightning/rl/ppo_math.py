@@ -75,9 +75,7 @@ def _as_float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.to(device=like.device, dtype=dtype)
 
 
-def masked_sum(
-    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None
-) -> torch.Tensor:
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of ``x * mask`` over ``dim`` (all elements when ``dim`` is None).
 
     Why: padding positions may hold garbage (even ``nan``/``inf`` from
@@ -89,9 +87,7 @@ def masked_sum(
     return xm.sum() if dim is None else xm.sum(dim=dim)
 
 
-def masked_mean(
-    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None
-) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``x`` over the positions where ``mask`` is 1.
 
     ``dim=None`` averages over every real token in the batch (a scalar); an int
@@ -108,9 +104,7 @@ def masked_mean(
     return total / count.clamp_min(torch.finfo(total.dtype).tiny)
 
 
-def masked_var(
-    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True
-) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of ``x`` over all real tokens (scalar).
 
     With ``unbiased=True`` Bessel's correction ``n / (n - 1)`` is applied, ``n``
@@ -131,9 +125,7 @@ def masked_var(
     return var
 
 
-def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None
-) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
     """Standardise ``x`` with masked (real-token) mean and unbiased variance.
 
     Returns ``(x - mean) / sqrt(var + 1e-8)``; with ``shift_mean=False`` the

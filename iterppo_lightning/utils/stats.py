@@ -61,9 +61,7 @@ def summarize_outcomes(
     """
     n = len(successes)
     if len(turns) != n or len(returns) != n:
-        raise ValueError(
-            f"length mismatch: {n} successes, {len(turns)} turns, {len(returns)} returns"
-        )
+        raise ValueError(f"length mismatch: {n} successes, {len(turns)} turns, {len(returns)} returns")
     k = sum(1 for s in successes if s)
     low, high = wilson_interval(k, n)
     return {

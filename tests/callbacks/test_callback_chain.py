@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import SMOKE, run_inprocess
+
 from iterppo_lightning.callbacks import (
     EarlyStoppingCallback,
     EvaluationCallback,
@@ -48,6 +48,7 @@ class RecordingCallback(IterationCallback):
 def parse(tmp_path: Path, yaml_text: str, *args: str):
     """The CLI's parser and instantiation (IterPPOCLI, run=False): the objects `fit` would get."""
     import sys
+
     from iterppo_lightning.commands.lightning_cli import TRAINER_DEFAULTS, IterPPOCLI, IterPPOTrainer
     from iterppo_lightning.data.datamodule import TrajectoryDataModule
     from iterppo_lightning.system import IterativePPO

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from cli_helpers import SMOKE, run_inprocess
+
 from iterppo_lightning.commands.lightning_cli import FitConfigError, resolve_fit_config
 
 
@@ -22,7 +22,10 @@ def test_later_config_files_then_overrides_win(tmp_path):
     base = yaml.safe_load(resolve_fit_config([str(SMOKE)], []))
     assert config["model"]["loop"]["iterations"] == 5 and config["data"]["gamma"] == 0.7
     # Only what the overlay and the override name changed.
-    config["model"]["loop"]["iterations"], config["data"]["gamma"] = base["model"]["loop"]["iterations"], base["data"]["gamma"]
+    config["model"]["loop"]["iterations"], config["data"]["gamma"] = (
+        base["model"]["loop"]["iterations"],
+        base["data"]["gamma"],
+    )
     assert config == base
 
 

@@ -9,10 +9,10 @@ import sys
 import pytest
 from conftest import make_conversations
 
+from iterppo_lightning.commands.validate_data import main
 from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.data.conversation import Conversation, Turn
 from iterppo_lightning.data.log_io import write_logs
-from iterppo_lightning.commands.validate_data import main
 
 
 def _convs(n: int = 4) -> list[Conversation]:
@@ -57,7 +57,16 @@ def test_valid_logs_print_a_summary_and_exit_0(valid_jsonl, capsys):
     out, err = capsys.readouterr()
     assert err == ""
     assert f"valid conversation logs: {valid_jsonl} (jsonl)" in out
-    for text in ("conversations      5", "agent turns", "outcome rate", "accept", "edit", "reject", "abstained", "pi_0 (3), pi_1 (2)"):
+    for text in (
+        "conversations      5",
+        "agent turns",
+        "outcome rate",
+        "accept",
+        "edit",
+        "reject",
+        "abstained",
+        "pi_0 (3), pi_1 (2)",
+    ):
         assert text in out
     assert "2026-11-02T10:15:00Z .. 2026-11-02T10:20:00Z" in out
     assert _listing(valid_jsonl.parent) == before
@@ -120,7 +129,9 @@ def test_unusable_path_exits_1(tmp_path, capsys, name):
     assert str(tmp_path / name) in err and err.strip().endswith("nothing was written")
 
 
-@pytest.mark.parametrize("argv", [[], ["x.jsonl", "--max_problems", "many"], ["x.jsonl", "--max_problems", "-1"], ["x.jsonl", "--nope"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["x.jsonl", "--max_problems", "many"], ["x.jsonl", "--max_problems", "-1"], ["x.jsonl", "--nope"]]
+)
 def test_bad_arguments_exit_2(argv, capsys):
     assert main(argv) == 2
 

@@ -59,7 +59,9 @@ def test_refuses_to_overwrite_an_existing_buffer(tmp_path, mixed_conversations):
 
 
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
-def test_failed_save_leaves_neither_the_buffer_nor_a_temporary_folder(tmp_path, monkeypatch, mixed_conversations, error):
+def test_failed_save_leaves_neither_the_buffer_nor_a_temporary_folder(
+    tmp_path, monkeypatch, mixed_conversations, error
+):
     real_save = datasets.Dataset.save_to_disk
 
     def half_write_then_fail(self, dataset_path, *args, **kwargs):

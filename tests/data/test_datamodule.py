@@ -215,7 +215,9 @@ def _draw(dm, seed: int) -> list[dict]:
 
 
 def _same_batches(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
 
 
 @pytest.mark.parametrize(
@@ -227,7 +229,9 @@ def _same_batches(a: list[dict], b: list[dict]) -> bool:
         ("policy", {}, {}),
     ],
 )
-def test_for_phase_draws_exactly_what_the_switched_datamodule_draws(tokenizer, conversations, phase, settings, attributes):
+def test_for_phase_draws_exactly_what_the_switched_datamodule_draws(
+    tokenizer, conversations, phase, settings, attributes
+):
     first = {(c.conversation_id, c.agent_turns[0]) for c in conversations if c.agent_turns}
     settings = {k: first if v == "first" else v for k, v in settings.items()}
     attributes = {k: first if v == "first" else v for k, v in attributes.items()}

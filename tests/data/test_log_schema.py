@@ -90,12 +90,14 @@ def at_line(*fields: str) -> set[tuple[str, str]]:
 
 def _set(path: str, value):
     """A change that sets record[...path...] = value; path like 'turns.2.outcome'."""
+
     def change(record):
         *parents, last = path.split(".")
         target = record
         for key in parents:
             target = target[int(key)] if key.isdigit() else target[key]
         target[int(last) if last.isdigit() else last] = value
+
     return change
 
 
@@ -106,6 +108,7 @@ def _del(path: str):
         for key in parents:
             target = target[int(key)] if key.isdigit() else target[key]
         del target[last]
+
     return change
 
 
@@ -119,9 +122,27 @@ JSONL_CASES = [
     ("invalid_utf8", around(b'{"conversation_id": "c-\xff\xfe"}\n'), at_line(""), {}, "not valid UTF-8"),
     ("json_array", around(b'[{"conversation_id": "c-x"}]\n'), at_line(""), {}, "got an array"),
     ("json_string", around(b'"hello"\n'), at_line(""), {}, "got a string 'hello'"),
-    ("duplicate_json_key", around(b'{"conversation_id": "a", "conversation_id": "b"}\n'), at_line(""), {}, "duplicate key"),
-    ("missing_conversation_id", around(line(mutated(_del("conversation_id")))), at_line("conversation_id"), {}, "missing"),
-    ("empty_conversation_id", around(line(mutated(_set("conversation_id", "")))), at_line("conversation_id"), {}, "empty"),
+    (
+        "duplicate_json_key",
+        around(b'{"conversation_id": "a", "conversation_id": "b"}\n'),
+        at_line(""),
+        {},
+        "duplicate key",
+    ),
+    (
+        "missing_conversation_id",
+        around(line(mutated(_del("conversation_id")))),
+        at_line("conversation_id"),
+        {},
+        "missing",
+    ),
+    (
+        "empty_conversation_id",
+        around(line(mutated(_set("conversation_id", "")))),
+        at_line("conversation_id"),
+        {},
+        "empty",
+    ),
     ("int_conversation_id", around(line(mutated(_set("conversation_id", 7)))), at_line("conversation_id"), {}, "got 7"),
     (
         "duplicate_conversation_id",
@@ -140,16 +161,40 @@ JSONL_CASES = [
         "unknown policy id 'pi_9'; known: pi_0, pi_1",
     ),
     ("turns_not_a_list", around(line(mutated(_set("turns", "hello")))), at_line("turns"), {}, "list of turns"),
-    ("turns_columnar_in_jsonl", around(line(mutated(_set("turns", {"customer": ["a"]})))), at_line("turns"), {}, "got an object"),
+    (
+        "turns_columnar_in_jsonl",
+        around(line(mutated(_set("turns", {"customer": ["a"]})))),
+        at_line("turns"),
+        {},
+        "got an object",
+    ),
     ("empty_turns", around(line(mutated(_set("turns", [])))), at_line("turns"), {}, "must not be empty"),
     ("missing_turns", around(line(mutated(_del("turns")))), at_line("turns"), {}, "missing"),
     ("turn_not_an_object", around(line(mutated(_set("turns.1", "a laptop")))), at_line("turns[1]"), {}, "one turn"),
     ("missing_customer", around(line(mutated(_del("turns.0.customer")))), at_line("turns[0].customer"), {}, "missing"),
-    ("customer_not_string", around(line(mutated(_set("turns.0.customer", 42)))), at_line("turns[0].customer"), {}, "got 42"),
-    ("outcome_yes", around(line(mutated(_set("turns.2.outcome", "yes")))), at_line("turns[2].outcome"), {}, "got 'yes'"),
+    (
+        "customer_not_string",
+        around(line(mutated(_set("turns.0.customer", 42)))),
+        at_line("turns[0].customer"),
+        {},
+        "got 42",
+    ),
+    (
+        "outcome_yes",
+        around(line(mutated(_set("turns.2.outcome", "yes")))),
+        at_line("turns[2].outcome"),
+        {},
+        "got 'yes'",
+    ),
     ("outcome_half", around(line(mutated(_set("turns.2.outcome", 0.5)))), at_line("turns[2].outcome"), {}, "got 0.5"),
     ("outcome_null", around(line(mutated(_set("turns.2.outcome", None)))), at_line("turns[2].outcome"), {}, "got null"),
-    ("outcome_two", around(line(mutated(_set("turns.2.outcome", 2)))), at_line("turns[2].outcome"), {}, "expected 0 or 1"),
+    (
+        "outcome_two",
+        around(line(mutated(_set("turns.2.outcome", 2)))),
+        at_line("turns[2].outcome"),
+        {},
+        "expected 0 or 1",
+    ),
     ("outcome_missing", around(line(mutated(_del("turns.2.outcome")))), at_line("turns[2].outcome"), {}, "missing"),
     (
         "outcome_before_last_turn",
@@ -188,9 +233,27 @@ JSONL_CASES = [
     ),
     ("missing_sent", around(line(mutated(_del("turns.0.sent")))), at_line("turns[0].sent"), {}, "missing"),
     ("empty_sent", around(line(mutated(_set("turns.1.sent", "")))), at_line("turns[1].sent"), {}, "must not be empty"),
-    ("missing_suggestion_key", around(line(mutated(_del("turns.1.suggestion")))), at_line("turns[1].suggestion"), {}, "abstained"),
-    ("suggestion_not_string", around(line(mutated(_set("turns.1.suggestion", 5)))), at_line("turns[1].suggestion"), {}, "got 5"),
-    ("terminal_with_sent", around(line(mutated(_set("turns.2.sent", "thanks !")))), at_line("turns[2].sent"), {}, "terminal"),
+    (
+        "missing_suggestion_key",
+        around(line(mutated(_del("turns.1.suggestion")))),
+        at_line("turns[1].suggestion"),
+        {},
+        "abstained",
+    ),
+    (
+        "suggestion_not_string",
+        around(line(mutated(_set("turns.1.suggestion", 5)))),
+        at_line("turns[1].suggestion"),
+        {},
+        "got 5",
+    ),
+    (
+        "terminal_with_sent",
+        around(line(mutated(_set("turns.2.sent", "thanks !")))),
+        at_line("turns[2].sent"),
+        {},
+        "terminal",
+    ),
     (
         "terminal_with_action",
         around(line(mutated(_set("turns.2.business_action", "accept")))),
@@ -199,8 +262,20 @@ JSONL_CASES = [
         "terminal",
     ),
     ("lone_terminal_turn", around(line(mutated(_lone_terminal))), at_line("turns"), {}, "at least one agent turn"),
-    ("bad_timestamp", around(line(mutated(_set("turns.1.timestamp", "yesterday")))), at_line("turns[1].timestamp"), {}, "ISO 8601"),
-    ("numeric_timestamp", around(line(mutated(_set("turns.1.timestamp", 1700000000)))), at_line("turns[1].timestamp"), {}, "ISO 8601"),
+    (
+        "bad_timestamp",
+        around(line(mutated(_set("turns.1.timestamp", "yesterday")))),
+        at_line("turns[1].timestamp"),
+        {},
+        "ISO 8601",
+    ),
+    (
+        "numeric_timestamp",
+        around(line(mutated(_set("turns.1.timestamp", 1700000000)))),
+        at_line("turns[1].timestamp"),
+        {},
+        "ISO 8601",
+    ),
     (
         "decreasing_timestamps",
         around(line(mutated(_set("turns.2.timestamp", "2026-11-02T09:00:00Z")))),
@@ -215,9 +290,27 @@ JSONL_CASES = [
         {},
         "time zone",
     ),
-    ("unknown_field_typo", around(line(mutated(_set("outcomes", 1)))), at_line("outcomes"), {}, "'outcome' is a field of each turn"),
-    ("unknown_field_close", around(line(mutated(_set("policy", "pi_0")))), at_line("policy"), {}, "did you mean 'policy_id'"),
-    ("unknown_turn_field", around(line(mutated(_set("turns.0.role", "user")))), at_line("turns[0].role"), {}, "chat-format"),
+    (
+        "unknown_field_typo",
+        around(line(mutated(_set("outcomes", 1)))),
+        at_line("outcomes"),
+        {},
+        "'outcome' is a field of each turn",
+    ),
+    (
+        "unknown_field_close",
+        around(line(mutated(_set("policy", "pi_0")))),
+        at_line("policy"),
+        {},
+        "did you mean 'policy_id'",
+    ),
+    (
+        "unknown_turn_field",
+        around(line(mutated(_set("turns.0.role", "user")))),
+        at_line("turns[0].role"),
+        {},
+        "chat-format",
+    ),
     (
         "chat_format_record",
         around(line({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})),
@@ -229,7 +322,13 @@ JSONL_CASES = [
     ("iteration_string", around(line(mutated(_set("iteration", "3")))), at_line("iteration"), {}, "got '3'"),
     ("iteration_bool", around(line(mutated(_set("iteration", True)))), at_line("iteration"), {}, "got true"),
     ("metadata_list", around(line(mutated(_set("metadata", ["a"])))), at_line("metadata"), {}, "expected an object"),
-    ("metadata_json_string_in_jsonl", around(line(mutated(_set("metadata", "{}")))), at_line("metadata"), {}, "expected an object"),
+    (
+        "metadata_json_string_in_jsonl",
+        around(line(mutated(_set("metadata", "{}")))),
+        at_line("metadata"),
+        {},
+        "expected an object",
+    ),
 ]
 
 
@@ -250,7 +349,11 @@ def test_malformed_jsonl_is_reported_at_its_line_and_field(tmp_path, lines, expe
         assert str(p).startswith(prefix)
     assert any(text in p.message for p in report.problems), [str(p) for p in report.problems]
     # The valid lines around the bad one are read all the same.
-    assert [c.conversation_id for c in report.conversations] == [SIM[0]["conversation_id"], SIM[1]["conversation_id"], SIM[2]["conversation_id"]]
+    assert [c.conversation_id for c in report.conversations] == [
+        SIM[0]["conversation_id"],
+        SIM[1]["conversation_id"],
+        SIM[2]["conversation_id"],
+    ]
     with pytest.raises(LogValidationError) as err:
         read_logs(path, **kwargs)
     assert f"{path}:line {BAD_LINE}" in str(err.value)
@@ -302,7 +405,13 @@ def test_mixed_schemas_in_one_file(tmp_path):
     _write_lines(path, [line(SIM[0]), line(other), line(SIM[1]), line(chat), line(SIM[2])])
     report = validate_logs(path)
     assert {p.location for p in report.problems} == {"line 2", "line 4"}
-    assert {p.field for p in report.problems if p.location == "line 2"} == {"id", "dialog", "conversation_id", "policy_id", "turns"}
+    assert {p.field for p in report.problems if p.location == "line 2"} == {
+        "id",
+        "dialog",
+        "conversation_id",
+        "policy_id",
+        "turns",
+    }
     assert any("chat-format" in p.message for p in report.problems if p.field == "dialog")
     assert len(report.conversations) == 3
 
@@ -362,11 +471,14 @@ def test_problem_limit_keeps_the_first_and_counts_all(tmp_path):
 
 
 def test_log_problem_str():
-    assert str(LogProblem("logs.jsonl", "line 3", "turns[2].outcome", "expected 0 or 1 (int or true/false), got 'yes'")) == (
-        "logs.jsonl:line 3: turns[2].outcome: expected 0 or 1 (int or true/false), got 'yes'"
-    )
+    assert str(
+        LogProblem("logs.jsonl", "line 3", "turns[2].outcome", "expected 0 or 1 (int or true/false), got 'yes'")
+    ) == ("logs.jsonl:line 3: turns[2].outcome: expected 0 or 1 (int or true/false), got 'yes'")
     assert str(LogProblem("logs.jsonl", "line 3", "", "not valid JSON")) == "logs.jsonl:line 3: not valid JSON"
-    assert str(LogProblem("logs.parquet", "", "", "not a readable Parquet file")) == "logs.parquet: not a readable Parquet file"
+    assert (
+        str(LogProblem("logs.parquet", "", "", "not a readable Parquet file"))
+        == "logs.parquet: not a readable Parquet file"
+    )
     p = check_record(mutated(_set("turns.2.outcome", "yes")))[0]
     assert p == [("turns[2].outcome", "expected 0 or 1 (int or true/false), got 'yes'")]
 
@@ -438,7 +550,9 @@ def test_parquet_columnar_turns_and_datetime_timestamps(tmp_path):
 
     utc = dt.timezone.utc
     turns = base()["turns"]
-    columnar = {key: [t.get(key) for t in turns] for key in ("customer", "outcome", "suggestion", "sent", "business_action")}
+    columnar = {
+        key: [t.get(key) for t in turns] for key in ("customer", "outcome", "suggestion", "sent", "business_action")
+    }
     columnar["timestamp"] = [dt.datetime(2026, 11, 2, 10, m, tzinfo=utc) for m in (15, 16, 17)]
     unequal = dict(columnar, outcome=[0, 1])
     rows = [
@@ -451,7 +565,11 @@ def test_parquet_columnar_turns_and_datetime_timestamps(tmp_path):
     assert [(p.location, p.field) for p in report.problems] == [("row 2", "turns")]
     assert "unequal lengths" in report.problems[0].message
     (conv,) = report.conversations
-    assert [t.timestamp for t in conv.turns] == ["2026-11-02T10:15:00+00:00", "2026-11-02T10:16:00+00:00", "2026-11-02T10:17:00+00:00"]
+    assert [t.timestamp for t in conv.turns] == [
+        "2026-11-02T10:15:00+00:00",
+        "2026-11-02T10:16:00+00:00",
+        "2026-11-02T10:17:00+00:00",
+    ]
     assert conv.turns[1].suggestion is None and conv.turns[-1].terminal
 
 
@@ -502,8 +620,16 @@ def _with_edge_cases(convs: list[Conversation]) -> list[Conversation]:
         Conversation(
             "edge-ünïcode",
             [
-                Turn("héllo — ok?", suggestion=None, sent="our own message", business_action="reject", timestamp="2026-11-02T10:15:00Z"),
-                Turn("hm", suggestion="", sent="edited 🙂", business_action="edit", timestamp="2026-11-02T11:16:00+01:00"),
+                Turn(
+                    "héllo — ok?",
+                    suggestion=None,
+                    sent="our own message",
+                    business_action="reject",
+                    timestamp="2026-11-02T10:15:00Z",
+                ),
+                Turn(
+                    "hm", suggestion="", sent="edited 🙂", business_action="edit", timestamp="2026-11-02T11:16:00+01:00"
+                ),
                 Turn("bought", outcome=1, timestamp=None),
             ],
             iteration=3,
@@ -574,9 +700,27 @@ def test_summarize_logs_hand_computed():
     success = Conversation(
         "s",
         [
-            Turn("hi", suggestion="what do you need ?", sent="what do you need ?", business_action="accept", timestamp="2026-11-02T10:00:00Z"),
-            Turn("a laptop", suggestion="the mid laptop ?", sent="the mid laptop , sir ?", business_action="edit", timestamp="2026-11-02T10:05:00Z"),
-            Turn("too pricey", suggestion=None, sent="there is a discount", business_action="reject", timestamp="2026-11-02T10:10:00Z"),
+            Turn(
+                "hi",
+                suggestion="what do you need ?",
+                sent="what do you need ?",
+                business_action="accept",
+                timestamp="2026-11-02T10:00:00Z",
+            ),
+            Turn(
+                "a laptop",
+                suggestion="the mid laptop ?",
+                sent="the mid laptop , sir ?",
+                business_action="edit",
+                timestamp="2026-11-02T10:05:00Z",
+            ),
+            Turn(
+                "too pricey",
+                suggestion=None,
+                sent="there is a discount",
+                business_action="reject",
+                timestamp="2026-11-02T10:10:00Z",
+            ),
             Turn("ok i will buy it", outcome=1, timestamp="2026-11-02T10:12:00Z"),
         ],
         policy_id="pi_0",

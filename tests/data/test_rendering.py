@@ -13,7 +13,9 @@ def _conversation() -> Conversation:
         "r",
         [
             Turn("hi", suggestion="what do you need ?", sent="what do you need ?", business_action="accept"),
-            Turn("a phone", suggestion="what is your budget ?", sent="so , what is your budget ?", business_action="edit"),
+            Turn(
+                "a phone", suggestion="what is your budget ?", sent="so , what is your budget ?", business_action="edit"
+            ),
             Turn("cheap please", suggestion=None, sent="thanks for stopping by .", business_action="reject"),
             Turn("ok", suggestion="the top laptop", sent="we have many products .", business_action="reject"),
             Turn("anything else ?"),
@@ -51,7 +53,12 @@ def test_a_state_is_a_prefix_of_the_next_state():
 
 @pytest.mark.parametrize(
     "suggestion, expected",
-    [("  buy the phone  ", "buy the phone <end>"), (None, "<abstain> <end>"), ("", "<abstain> <end>"), ("   ", "<abstain> <end>")],
+    [
+        ("  buy the phone  ", "buy the phone <end>"),
+        (None, "<abstain> <end>"),
+        ("", "<abstain> <end>"),
+        ("   ", "<abstain> <end>"),
+    ],
 )
 def test_render_suggestion(suggestion, expected):
     assert render_suggestion(suggestion) == expected
@@ -65,9 +72,12 @@ def test_word_tokenizer_gets_the_plain_format(tokenizer):
     assert render_state(conv, 3, tokenizer) == render_plain_state(conv, 3)
     # Every marker is one token of the word-level tokenizer (none becomes <unk>).
     ids = tokenizer(render_state(conv, 3, tokenizer), add_special_tokens=False)["input_ids"]
-    assert tokenizer.unk_token_id not in tokenizer(
-        "<customer> <agent> <end> <edited> <rejected> <abstain>", add_special_tokens=False
-    )["input_ids"]
+    assert (
+        tokenizer.unk_token_id
+        not in tokenizer("<customer> <agent> <end> <edited> <rejected> <abstain>", add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<agent>")
 
 
@@ -127,7 +137,9 @@ def test_the_chat_template_survives_save_and_reload(tmp_path, tokenizer, convers
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     conv = next(c for c in conversations if len(c.agent_turns) > 2)
     assert reloaded.chat_template == tokenizer.chat_template
-    assert reloaded.apply_chat_template(plain_chat_messages(conv, 2), tokenize=False, add_generation_prompt=True) == render_state(conv, 2, tokenizer)
+    assert reloaded.apply_chat_template(
+        plain_chat_messages(conv, 2), tokenize=False, add_generation_prompt=True
+    ) == render_state(conv, 2, tokenizer)
 
 
 def test_the_tiny_tokenizer_uses_the_plain_format_tokens():

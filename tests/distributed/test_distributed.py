@@ -56,7 +56,10 @@ def test_per_reply_seeds_make_a_reply_independent_of_its_batch():
     seeds = [11, 12, 13, 14]
     together, _ = sample_responses(model, prompts, mask, 1, 0, 8, reply_seeds=seeds)
     torch.manual_seed(123)  # the global stream plays no part
-    halves = [sample_responses(model, prompts[i : i + 2], mask[i : i + 2], 1, 0, 8, reply_seeds=seeds[i : i + 2])[0] for i in (0, 2)]
+    halves = [
+        sample_responses(model, prompts[i : i + 2], mask[i : i + 2], 1, 0, 8, reply_seeds=seeds[i : i + 2])[0]
+        for i in (0, 2)
+    ]
     for i, half in enumerate(halves):
         length = min(half.shape[1], together.shape[1])
         assert torch.equal(half[:, :length], together[2 * i : 2 * i + 2, :length])

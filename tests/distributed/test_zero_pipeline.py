@@ -23,9 +23,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from cli_helpers import REPO, run_cli
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +93,10 @@ def test_two_zero3_processes_match_one_process(single, zero3):
     for k in range(2):
         it_a, it_b = single / f"iteration_{k}", zero3 / f"iteration_{k}"
         # Rank 0 collects with the same pi_k and the same seeds: the very same conversations.
-        assert datasets.load_from_disk(str(it_a / "buffer")).to_list() == datasets.load_from_disk(str(it_b / "buffer")).to_list()
+        assert (
+            datasets.load_from_disk(str(it_a / "buffer")).to_list()
+            == datasets.load_from_disk(str(it_b / "buffer")).to_list()
+        )
         assert critic_diff(it_a / "critic.pt", it_b / "critic.pt") < WEIGHT_TOL
         assert max_weight_diff(it_a / "policy", it_b / "policy") < WEIGHT_TOL
     for a, b in zip(metrics(single), metrics(zero3)):
@@ -156,7 +158,9 @@ def test_bad_strategy_settings_fail_before_any_work(tmp_path):
 
 
 def test_more_devices_than_exist_is_refused(tmp_path):
-    result = run_cli("fit", "--config", CONFIG, "--run_dir", str(tmp_path / "run"), "--trainer.accelerator", "cuda", timeout=300)
+    result = run_cli(
+        "fit", "--config", CONFIG, "--run_dir", str(tmp_path / "run"), "--trainer.accelerator", "cuda", timeout=300
+    )
     assert result.returncode == 2
     assert "iterppo: error:" in result.stderr and "cuda" in result.stderr.lower()
     assert not (tmp_path / "run").exists()

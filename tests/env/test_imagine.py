@@ -16,8 +16,9 @@ import time
 import pytest
 import torch
 
-from iterppo_lightning.env import imagine
 from iterppo_lightning.data.buffer import load_buffer
+from iterppo_lightning.data.log_schema import check_record
+from iterppo_lightning.env import imagine
 from iterppo_lightning.env.imagine import (
     REPORT_FILE,
     ImagineConfig,
@@ -29,7 +30,6 @@ from iterppo_lightning.env.imagine import (
     sample_outcomes,
     write_imagined_buffer,
 )
-from iterppo_lightning.data.log_schema import check_record
 
 
 def assert_valid(conv) -> None:
@@ -101,7 +101,7 @@ def test_parse_dialogue_tolerates_tags_numbers_and_markdown():
     text = (
         "Here is the conversation:\n"
         "1. **Customer:** Hello there.\n"
-        "2) **Agent**: \"Hi! What can I do for you?\"\n"
+        '2) **Agent**: "Hi! What can I do for you?"\n'
         "- user: A laptop please.\n"
         "ASSISTANT: We have the Air.\n"
         "(The customer smiles.)\n"
@@ -132,7 +132,9 @@ def test_parse_dialogue_ignores_other_speakers_and_stage_directions():
 
 
 def test_parse_dialogue_merges_consecutive_lines_of_one_speaker():
-    text = "Customer: Hi.\nCustomer: I need a phone.\nAgent: Sure.\nAgent: Budget?\nCustomer: $300.\nAgent: Try the Mid."
+    text = (
+        "Customer: Hi.\nCustomer: I need a phone.\nAgent: Sure.\nAgent: Budget?\nCustomer: $300.\nAgent: Try the Mid."
+    )
     conv = parse(text)
     assert conv.turns[0].customer == "Hi. I need a phone."
     assert conv.turns[0].sent == "Sure. Budget?"
@@ -219,7 +221,9 @@ def test_config_validation_names_the_field(kwargs, field):
 
 
 # ---------------------------------------------------------------------- pipeline with a stub LLM
-SUCCESS = "Customer: Hi, I need headphones.\nAgent: What budget?\nCustomer: $50.\nAgent: The Basic.\nCustomer: I'll take it."
+SUCCESS = (
+    "Customer: Hi, I need headphones.\nAgent: What budget?\nCustomer: $50.\nAgent: The Basic.\nCustomer: I'll take it."
+)
 FAILURE = "Customer: Hi, a phone?\nAgent: The Pro, $999.\nCustomer: Too expensive, no thanks."
 
 
@@ -242,9 +246,13 @@ class StubLLM:
     """Stands in for generate_chat: canned text per prompt kind; records every call."""
 
     def __init__(self, n_personas: int = 3, dialogue=None, critique=None):
-        self.personas = "Customers:\n" + "\n".join(f"{i + 1}. Persona {i}, budget ${100 * (i + 1)}" for i in range(n_personas))
+        self.personas = "Customers:\n" + "\n".join(
+            f"{i + 1}. Persona {i}, budget ${100 * (i + 1)}" for i in range(n_personas)
+        )
         self.dialogue = dialogue or (lambda i, prompt: SUCCESS if _wants_success(prompt) else FAILURE)
-        self.critique = critique or (lambda i, prompt: "Customer: Hello.\nAgent: What do you need?\n" + prompt.split("\n\n", 1)[1])
+        self.critique = critique or (
+            lambda i, prompt: "Customer: Hello.\nAgent: What do you need?\n" + prompt.split("\n\n", 1)[1]
+        )
         self.calls: list[tuple[str, int]] = []
         self.counts = {"dialogue": 0, "critique": 0}
 
@@ -304,7 +312,9 @@ def test_pipeline_keeps_the_original_when_the_rewrite_does_not_parse(monkeypatch
         if i % 3 == 0:
             return "I rewrote it but forgot the format."
         if i % 3 == 1:  # flips the ending: must not replace a correctly labelled original
-            return "Customer: Hi.\nAgent: Hello.\n" + ("Customer: No thanks, bye." if "I'll take it" in prompt else "Customer: I'll buy it.")
+            return "Customer: Hi.\nAgent: Hello.\n" + (
+                "Customer: No thanks, bye." if "I'll take it" in prompt else "Customer: I'll buy it."
+            )
         return "Customer: Rewritten.\nAgent: Fine.\n" + prompt.split("\n\n", 1)[1]
 
     stub = StubLLM(n_personas=2, critique=critique)
@@ -348,7 +358,9 @@ def test_pipeline_uses_the_personas_it_got(monkeypatch):
 def test_pipeline_leaves_out_personas_that_echo_the_task(monkeypatch):
     stub = StubLLM()
     task = ImagineConfig().task
-    stub.personas = f"1. {task}\n2. A shop assistant helps a customer choose a laptop, phone, or headphones\n3. Ivy, wants a phone"
+    stub.personas = (
+        f"1. {task}\n2. A shop assistant helps a customer choose a laptop, phone, or headphones\n3. Ivy, wants a phone"
+    )
     report = run_stub(monkeypatch, stub, personas=3, dialogues_per_persona=1)
     assert report.personas == ["Ivy, wants a phone"] and report.requested == 1
     stub.personas = task
@@ -358,7 +370,9 @@ def test_pipeline_leaves_out_personas_that_echo_the_task(monkeypatch):
 
 def test_outcome_balance_follows_success_prob(monkeypatch):
     stub = StubLLM(n_personas=10)
-    report = run_stub(monkeypatch, stub, personas=10, dialogues_per_persona=20, success_prob=0.25, critique=False, batch_size=64)
+    report = run_stub(
+        monkeypatch, stub, personas=10, dialogues_per_persona=20, success_prob=0.25, critique=False, batch_size=64
+    )
     outcomes = [c.metadata["sampled_outcome"] for c in report.conversations]
     assert report.parsed == 200
     assert outcomes == sample_outcomes(ImagineConfig(success_prob=0.25), 200)
@@ -467,7 +481,10 @@ def test_smollm2_imagines_conversations(tmp_path):
     print("parsed personas:", report.personas)
     _check_and_show(report, config)
     if not report.personas:  # a 135M model often just echoes the task: try the dialogue stage on its own
-        personas = ["a student who wants cheap headphones, budget $50, impatient", "a lawyer who needs a laptop, budget $1500, demanding"]
+        personas = [
+            "a student who wants cheap headphones, budget $50, impatient",
+            "a lawyer who needs a laptop, budget $1500, demanding",
+        ]
         start = time.perf_counter()
         report = imagine_dialogues(model, tokenizer, config, personas)
         print(f"--- dialogues for given personas ({time.perf_counter() - start:.0f} s)")

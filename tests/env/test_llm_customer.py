@@ -14,8 +14,8 @@ import os
 
 import pytest
 import torch
+from tiny_chat import build_tiny_llama, train_chat_tokenizer
 
-from iterppo_lightning.models import chat_generation
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.env.llm_customer import (
     JUDGE_QUESTION,
@@ -24,7 +24,7 @@ from iterppo_lightning.env.llm_customer import (
     customer_messages,
 )
 from iterppo_lightning.env.sales_simulator import BUSINESS_MESSAGES, SalesSimulator, SimulatorConfig
-from tiny_chat import build_tiny_llama, train_chat_tokenizer
+from iterppo_lightning.models import chat_generation
 
 ASK = "what are you looking for ?"
 
@@ -71,7 +71,8 @@ def count_generate(monkeypatch, model) -> list[int]:
 def assert_valid_log(conversation: Conversation) -> None:
     """The repo's log validator accepts the record, and it survives JSON."""
     log_schema = pytest.importorskip(
-        "iterppo_lightning.data.log_schema", reason="iterppo_lightning.data.log_schema is missing: log validation not checked"
+        "iterppo_lightning.data.log_schema",
+        reason="iterppo_lightning.data.log_schema is missing: log validation not checked",
     )
     record = json.loads(json.dumps(conversation.to_dict()))
     problems, parsed = log_schema.check_record(record)
@@ -202,7 +203,9 @@ def test_separate_judge_model_is_used(monkeypatch, chat_model, chat_tokenizer):
     stub_replies(monkeypatch, lambda rnd, convs: ["fine ."] * len(convs))
     used = []
     monkeypatch.setattr(
-        chat_generation, "yes_probability", lambda model, tok, convs, **kw: used.append((model, tok)) or [0.2] * len(convs)
+        chat_generation,
+        "yes_probability",
+        lambda model, tok, convs, **kw: used.append((model, tok)) or [0.2] * len(convs),
     )
     judge = object()
     env = LLMCustomerEnvironment(LLMCustomerConfig(judge="model"), chat_model, chat_tokenizer, judge_model=judge)
@@ -260,7 +263,10 @@ def test_same_torch_seed_same_replies(chat_model, chat_tokenizer):
 
 def test_explicit_persona_cards(monkeypatch, chat_model, chat_tokenizer):
     calls = stub_replies(monkeypatch, lambda rnd, convs: ["ok ."] * len(convs))
-    cards = ["A retired teacher who wants a tablet.\nOpening: Hello, I need something for reading.", "A student on a budget."]
+    cards = [
+        "A retired teacher who wants a tablet.\nOpening: Hello, I need something for reading.",
+        "A student on a budget.",
+    ]
     env = make_env(chat_model, chat_tokenizer, persona_cards=cards)
     first, second = env.new_episode(4, "a"), env.new_episode(7, "b")
     assert first.persona_card == cards[0] and second.persona_card == cards[1]

@@ -536,8 +536,16 @@ def test_behaviour_agent_skip_known_questions_never_reasks_revealed_facts():
     """With skip_known_questions the explorer never asks again what the customer told it,
     and recommends the revealed need (informed_prob=1)."""
     sim = SalesSimulator(SimulatorConfig(mode="agent"))
-    agent = BehaviourAgent(ask_need_prob=0.9, ask_budget_prob=0.0, recommend_prob=0.1, small_talk_prob=0.0,
-                           discount_only_prob=0.0, informed_prob=1.0, synonym_prob=0.0, skip_known_questions=True)
+    agent = BehaviourAgent(
+        ask_need_prob=0.9,
+        ask_budget_prob=0.0,
+        recommend_prob=0.1,
+        small_talk_prob=0.0,
+        discount_only_prob=0.0,
+        informed_prob=1.0,
+        synonym_prob=0.0,
+        skip_known_questions=True,
+    )
     reasked = recommended_wrong_need = 0
     for seed in range(200):
         episode = sim.new_episode(seed, str(seed))

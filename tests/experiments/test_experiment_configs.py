@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cli_helpers import REPO
+
 from iterppo_lightning.commands.lightning_cli import resolve_fit_config
 from iterppo_lightning.experiments.sweep import BASE_FILE, SweepError, _experiments, plan
 
@@ -42,7 +42,9 @@ def test_an_experiment_names_only_what_it_changes(overlay):
     assert text.startswith("# Experiment: "), "a header says what the experiment tests"
     assert f"--config configs/experiment/base.yaml --config configs/experiment/{overlay.name}" in text
     named = leaves(yaml.safe_load(text) or {})
-    assert all(not key.startswith(("seed_everything", "trainer.")) for key in named), "shared settings live in base.yaml"
+    assert all(not key.startswith(("seed_everything", "trainer.")) for key in named), (
+        "shared settings live in base.yaml"
+    )
     base = leaves(yaml.safe_load(resolve_fit_config([str(BASE)], [])))
     both = leaves(yaml.safe_load(resolve_fit_config([str(BASE), str(overlay)], [])))
     # A resolved config spells a class's settings under init_args: model.policy.init_args.kl_anchor is the

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-
 from cli_helpers import run_cli, run_inprocess, tree_fingerprint
 
 TINY = """\
@@ -95,7 +94,9 @@ def sweep(tmp_path_factory):
     out = root / "out"
     args = ["--experiments", *configs, "--seeds", *map(str, SEEDS), "--out", str(out), "--jobs", "2"]
 
-    killed = sweep_cmd("--experiments", configs[0], "--seeds", "0", "--out", str(out), env={"ITERPPO_FAILPOINT": "policy.step@2"})
+    killed = sweep_cmd(
+        "--experiments", configs[0], "--seeds", "0", "--out", str(out), env={"ITERPPO_FAILPOINT": "policy.step@2"}
+    )
     killed_index = index(out)
     done = sweep_cmd(*args)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -104,8 +105,17 @@ def sweep(tmp_path_factory):
     runs = {f"{e}/seed_{s}": tree_fingerprint(out / e / f"seed_{s}") for e in EXPERIMENTS for s in SEEDS}
     again = sweep_cmd(*args)
     return SimpleNamespace(
-        root=root, out=out, args=args, configs=configs, killed=killed, killed_index=killed_index,
-        done=done, done_index=done_index, logs=logs, runs=runs, again=again,
+        root=root,
+        out=out,
+        args=args,
+        configs=configs,
+        killed=killed,
+        killed_index=killed_index,
+        done=done,
+        done_index=done_index,
+        logs=logs,
+        runs=runs,
+        again=again,
     )
 
 
@@ -114,7 +124,11 @@ def test_a_killed_run_is_reported_with_its_log(sweep):
     [run] = sweep.killed_index["runs"]
     assert (run["experiment"], run["seed"], run["status"], run["returncode"]) == ("mc", 0, "failed", -9)
     assert run["iterations"] == 1  # killed in iteration 1: iteration 0 is committed
-    assert "not finished" in sweep.killed.stderr and "mc seed 0" in sweep.killed.stderr and run["log"] in sweep.killed.stderr
+    assert (
+        "not finished" in sweep.killed.stderr
+        and "mc seed 0" in sweep.killed.stderr
+        and run["log"] in sweep.killed.stderr
+    )
     [pi0] = sweep.killed_index["pi0"]
     assert pi0["status"] == "finished" and pi0["seconds"] > 0
 
@@ -124,7 +138,10 @@ def test_the_full_sweep_resumes_the_killed_run_and_finishes(sweep):
     assert len(runs) == len(EXPERIMENTS) * len(SEEDS)
     assert {r["status"] for r in runs} == {"finished"}
     assert {(r["experiment"], r["seed"]): r["action"] for r in runs} == {
-        ("mc", 0): "resumed", ("td", 0): "new", ("mc", 1): "new", ("td", 1): "new",
+        ("mc", 0): "resumed",
+        ("td", 0): "new",
+        ("mc", 1): "new",
+        ("td", 1): "new",
     }
     assert sweep.done_index["seeds"] == list(SEEDS)
     assert [e["name"] for e in sweep.done_index["experiments"]] == list(EXPERIMENTS)
@@ -152,7 +169,9 @@ def test_the_full_sweep_resumes_the_killed_run_and_finishes(sweep):
         assert r["pi0"] and (Path(r["pi0"]) / "policy").is_dir() and r["pi0_seconds"] > 0
         assert r["process_seconds"] > 0
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        assert config["seed_everything"] == r["seed"] and config["model"]["policy_init"] == str(Path(r["pi0"]) / "policy")
+        assert config["seed_everything"] == r["seed"] and config["model"]["policy_init"] == str(
+            Path(r["pi0"]) / "policy"
+        )
 
 
 def test_a_finished_sweep_runs_nothing_again(sweep):
@@ -168,7 +187,9 @@ def test_a_finished_sweep_runs_nothing_again(sweep):
 
 def test_a_shared_pi0_and_a_resumed_kill_give_the_plain_fit(sweep):
     run_dir = sweep.root / "plain"
-    proc = run_cli("fit", "--config", sweep.configs[0], "--seed_everything", "0", "--run_dir", str(run_dir), timeout=600)
+    proc = run_cli(
+        "fit", "--config", sweep.configs[0], "--seed_everything", "0", "--run_dir", str(run_dir), timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert metrics_without_times(run_dir) == metrics_without_times(sweep.out / "mc" / "seed_0")
 
@@ -211,7 +232,16 @@ def test_report_appends_the_conclusions_verbatim_and_names_a_missing_notes_file(
     assert res.returncode == 0, res.stderr
     text = output.read_text()
     assert text.rstrip().endswith("## Conclusions\n\nWritten by a person.") and f"--notes {notes}" in text
-    missing = run_inprocess(capsys, "report", "--sweep", str(sweep.out), "--output", str(tmp_path / "x.md"), "--notes", str(tmp_path / "nope.md"))
+    missing = run_inprocess(
+        capsys,
+        "report",
+        "--sweep",
+        str(sweep.out),
+        "--output",
+        str(tmp_path / "x.md"),
+        "--notes",
+        str(tmp_path / "nope.md"),
+    )
     assert missing.returncode == 2 and "nope.md" in missing.stderr and not (tmp_path / "x.md").exists()
 
 
@@ -237,9 +267,22 @@ def test_a_changed_experiment_is_refused_naming_the_run(sweep, capsys):
 def test_quick_scales_every_experiment_alike_into_its_own_folder(sweep):
     from iterppo_lightning.experiments.sweep import QUICK_SCALE, _experiments, plan, quick_overrides
 
-    config = {"model": {"loop": {"iterations": 4, "episodes_per_iteration": 512, "eval_episodes": 0}, "bootstrap": {"episodes": 3000, "curriculum_steps": 0}}, "data": {"policy_batches": 16}}
+    config = {
+        "model": {
+            "loop": {"iterations": 4, "episodes_per_iteration": 512, "eval_episodes": 0},
+            "bootstrap": {"episodes": 3000, "curriculum_steps": 0},
+        },
+        "data": {"policy_batches": 16},
+    }
     assert quick_overrides(config) == [
-        "--model.loop.iterations", "2", "--model.loop.episodes_per_iteration", "128", "--data.policy_batches", "4", "--model.bootstrap.episodes", "750",
+        "--model.loop.iterations",
+        "2",
+        "--model.loop.episodes_per_iteration",
+        "128",
+        "--data.policy_batches",
+        "4",
+        "--model.bootstrap.episodes",
+        "750",
     ]
     assert set(QUICK_SCALE) >= {"model.loop.iterations", "model.loop.episodes_per_iteration", "data.policy_batches"}
     experiments = _experiments(sweep.configs, quick=True, share_pi0=True)
@@ -292,7 +335,16 @@ def test_bootstrap_refuses_an_existing_folder_and_a_given_pi0(tmp_path, capsys):
     taken.mkdir()
     res = run_inprocess(capsys, "bootstrap", "--config", str(SMOKE), "--output", str(taken))
     assert res.returncode == 2 and str(taken) in res.stderr and "never overwritten" in res.stderr
-    res = run_inprocess(capsys, "bootstrap", "--config", str(SMOKE), "--output", str(tmp_path / "new"), "--model.policy_init", str(taken))
+    res = run_inprocess(
+        capsys,
+        "bootstrap",
+        "--config",
+        str(SMOKE),
+        "--output",
+        str(tmp_path / "new"),
+        "--model.policy_init",
+        str(taken),
+    )
     assert res.returncode == 2 and "policy_init" in res.stderr and not (tmp_path / "new").exists()
     res = run_inprocess(capsys, "bootstrap", "--config", str(SMOKE))
     assert res.returncode == 2 and "--output" in res.stderr

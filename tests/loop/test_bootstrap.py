@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from iterppo_lightning.loop.bootstrap import imagine_conversations, informed_recommendation_turns
 from iterppo_lightning.data.conversation import Conversation, Turn
 from iterppo_lightning.data.datamodule import TrajectoryDataModule
 from iterppo_lightning.env.sales_simulator import SalesSimulator, SimulatorConfig
 from iterppo_lightning.env.scripted_agents import BehaviourAgent
+from iterppo_lightning.loop.bootstrap import imagine_conversations, informed_recommendation_turns
 
 
 def _turn(customer: str, suggestion: str) -> Turn:

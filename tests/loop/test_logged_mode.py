@@ -12,12 +12,12 @@ import signal
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import SMOKE, run_cli, tree_fingerprint
+
 from iterppo_lightning.data.buffer import buffer_conversation_ids
 from iterppo_lightning.data.log_io import logs_fingerprint, read_logs, write_logs
-from iterppo_lightning.models.policy_folder import load_policy
 from iterppo_lightning.data.rendering import plain_chat_messages
+from iterppo_lightning.models.policy_folder import load_policy
 
 EPISODES = 48
 
@@ -27,7 +27,17 @@ def fit_on(run_dir: Path, logs: Path, *extra: str, env=None):
 
 
 def collect(output: Path, seed: int, policy: Path | None = None):
-    args = ["collect", "--config", str(SMOKE), "--episodes", str(EPISODES), "--seed", str(seed), "--output", str(output)]
+    args = [
+        "collect",
+        "--config",
+        str(SMOKE),
+        "--episodes",
+        str(EPISODES),
+        "--seed",
+        str(seed),
+        "--output",
+        str(output),
+    ]
     if policy is not None:
         args += ["--policy", str(policy)]
     proc = run_cli(*args)
@@ -52,7 +62,16 @@ def logged_run(tmp_path_factory):
     collected1 = collect(batch1, seed=1, policy=run_dir / "final_policy")
     second = fit_on(run_dir, batch1)
     assert second.returncode == 0, second.stderr[-3000:]
-    return dict(root=root, run_dir=run_dir, batch0=batch0, batch1=batch1, collected0=collected0, collected1=collected1, first=first, second=second)
+    return dict(
+        root=root,
+        run_dir=run_dir,
+        batch0=batch0,
+        batch1=batch1,
+        collected0=collected0,
+        collected1=collected1,
+        first=first,
+        second=second,
+    )
 
 
 def test_collect_writes_valid_logs_in_the_schema(logged_run):
@@ -68,7 +87,10 @@ def test_each_batch_of_logs_is_one_iteration_with_its_lineage(logged_run):
     state = state_of(run_dir)
     assert state["completed_iterations"] == 2
     sources = [entry["source"] for entry in state["lineage"]]
-    assert [s["sha256"] for s in sources] == [logs_fingerprint(logged_run["batch0"]), logs_fingerprint(logged_run["batch1"])]
+    assert [s["sha256"] for s in sources] == [
+        logs_fingerprint(logged_run["batch0"]),
+        logs_fingerprint(logged_run["batch1"]),
+    ]
     assert sources[0]["policy_ids"] == {"behaviour": EPISODES}
     assert sources[1]["policy_ids"] == {"pi_1": EPISODES}
     # The buffers hold exactly the logged conversations: none lost, none twice.
@@ -93,7 +115,9 @@ def test_the_exported_policy_is_a_deployable_hf_folder_with_its_lineage(logged_r
     assert card["trained_on"]["sha256"] == logs_fingerprint(logged_run["batch1"])
     model, tokenizer = load_policy(policy_dir)
     conversation = read_logs(logged_run["batch1"])[0]
-    prompt = tokenizer.apply_chat_template(plain_chat_messages(conversation, 0), add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        plain_chat_messages(conversation, 0), add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
@@ -103,7 +127,9 @@ def test_the_off_policy_estimate_is_recorded_next_to_the_true_rate(logged_run):
     ope = record["ope"]
     assert 0.0 <= ope["q_policy"] <= 1.0 and 0.0 <= ope["q_logged"] <= 1.0
     assert ope["states"] == EPISODES
-    assert ope["logged_return"] == pytest.approx(sum(c.returns(0.9)[0] for c in read_logs(logged_run["batch1"])) / EPISODES)
+    assert ope["logged_return"] == pytest.approx(
+        sum(c.returns(0.9)[0] for c in read_logs(logged_run["batch1"])) / EPISODES
+    )
     assert "mean_return" in record and "success_rate" in record
 
 

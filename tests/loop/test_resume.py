@@ -19,8 +19,8 @@ import signal
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import SMOKE, run_cli, run_inprocess
+
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.utils.atomic_io import is_temp_name
 
@@ -81,7 +81,9 @@ KILL_POINTS = [
 def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, reference, point, where):
     run_dir = tmp_path / "run"
     killed = run_cli("fit", "--config", str(SMOKE), "--run_dir", str(run_dir), env={"ITERPPO_FAILPOINT": point})
-    assert killed.returncode == -signal.SIGKILL, f"not killed at {point} ({where}): rc {killed.returncode}\n{killed.stderr[-2000:]}"
+    assert killed.returncode == -signal.SIGKILL, (
+        f"not killed at {point} ({where}): rc {killed.returncode}\n{killed.stderr[-2000:]}"
+    )
     state_file = run_dir / "run_state.json"
     if state_file.exists():  # absent only when killed in the very first commit
         state = json.loads(state_file.read_text())
@@ -104,7 +106,9 @@ def test_resume_refuses_a_changed_config_and_names_the_key(tmp_path):
     run_dir = tmp_path / "run"
     run_cli("fit", "--config", str(SMOKE), "--run_dir", str(run_dir), env={"ITERPPO_FAILPOINT": "critic.step@2"})
     before = (run_dir / "run_state.json").read_text()
-    changed = run_cli("fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--resume", "true", "--model.policy.lr", "0.5")
+    changed = run_cli(
+        "fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--resume", "true", "--model.policy.lr", "0.5"
+    )
     assert changed.returncode == 2
     assert "model.policy.init_args.lr" in changed.stderr and "--allow_config_change" in changed.stderr
     assert (run_dir / "run_state.json").read_text() == before
@@ -130,9 +134,15 @@ def test_resume_on_an_empty_run_dir_starts_the_run(tmp_path, reference):
 
 @pytest.mark.parametrize(
     "point, phase, iteration",
-    [("critic.loss@2", "critic phase", "iteration 0"), ("policy.loss@10", "policy phase", "iteration 1"), ("sft.loss@3", "bootstrap phase", "before iteration 0")],
+    [
+        ("critic.loss@2", "critic phase", "iteration 0"),
+        ("policy.loss@10", "policy phase", "iteration 1"),
+        ("sft.loss@3", "bootstrap phase", "before iteration 0"),
+    ],
 )
-def test_a_nan_loss_stops_the_phase_names_it_and_keeps_the_last_good_state(tmp_path, reference, point, phase, iteration):
+def test_a_nan_loss_stops_the_phase_names_it_and_keeps_the_last_good_state(
+    tmp_path, reference, point, phase, iteration
+):
     run_dir = tmp_path / "run"
     proc = run_cli("fit", "--config", str(SMOKE), "--run_dir", str(run_dir), env={"ITERPPO_INJECT_NAN": point})
     assert proc.returncode == 3, proc.stderr[-2000:]
@@ -171,7 +181,11 @@ def test_a_full_disk_gives_a_clear_error_and_leaves_the_last_state_intact(tmp_pa
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "No space left on device" in proc.stderr and "--resume" in proc.stderr
     state = json.loads((run_dir / "run_state.json").read_text())
-    assert state["completed_iterations"] == 1 and state["in_progress"]["collected"] and not state["in_progress"]["critic_fitted"]
+    assert (
+        state["completed_iterations"] == 1
+        and state["in_progress"]["collected"]
+        and not state["in_progress"]["critic_fitted"]
+    )
     assert not (run_dir / "iteration_1" / "critic.pt").exists()
     assert temporaries(run_dir) == []
     monkeypatch.undo()
@@ -185,7 +199,9 @@ def test_a_finished_run_is_extended_by_raising_iterations(tmp_path, reference):
 
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir, symlinks=True)
-    proc = run_cli("fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--resume", "true", "--model.loop.iterations", "3")
+    proc = run_cli(
+        "fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--resume", "true", "--model.loop.iterations", "3"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = metrics_without_times(run_dir)
     assert [r["iteration"] for r in records] == [0, 1, 2]

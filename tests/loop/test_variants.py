@@ -20,15 +20,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import REPO, SMOKE, run_cli, run_inprocess
+
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.data.datamodule import _in_validation
 from iterppo_lightning.utils.atomic_io import is_temp_name
 
 pytestmark = pytest.mark.slow
 
-EPISODES, ITERATIONS, GAMMA, VAL_FRACTION = 32, 2, 0.9, 0.1  # configs/smoke.yaml (data defaults for gamma, val_fraction)
+EPISODES, ITERATIONS, GAMMA, VAL_FRACTION = (
+    32,
+    2,
+    0.9,
+    0.1,
+)  # configs/smoke.yaml (data defaults for gamma, val_fraction)
 
 VARIANTS = {
     "default": [],
@@ -76,7 +81,9 @@ def digest(path: Path) -> str:
 def logs(tmp_path_factory) -> Path:
     """64 conversations of the scripted behaviour agent (it succeeds sometimes; the smoke pi_0 never does)."""
     out = tmp_path_factory.mktemp("logs") / "batch_0.jsonl"
-    assert cli_inprocess("collect", "--config", str(SMOKE), "--episodes", "64", "--seed", "0", "--output", str(out)) == 0
+    assert (
+        cli_inprocess("collect", "--config", str(SMOKE), "--episodes", "64", "--seed", "0", "--output", str(out)) == 0
+    )
     return out
 
 
@@ -93,7 +100,9 @@ def runs(tmp_path_factory, logs):
     def get(name: str) -> Path:
         if name not in made:
             run_dir = root / name
-            assert cli_inprocess(*fit_args(run_dir, all_variants[name])) == 0, f"{name}: fit failed (its output is above)"
+            assert cli_inprocess(*fit_args(run_dir, all_variants[name])) == 0, (
+                f"{name}: fit failed (its output is above)"
+            )
             made[name] = run_dir
         return made[name]
 
@@ -127,9 +136,14 @@ def test_group_solvers_train_the_policy_but_never_the_value_head(runs, name):
         assert "value_loss" not in r["ppo"] and r["ppo"]["policy_loss"] == r["ppo"]["policy_loss"]
         assert 0 <= r["success_rate"] <= 1
     # pi_0's value head is fresh (zeros); grpo/rloo export it untouched.
-    heads = [torch.load(run_dir / p / "value_head.pt", weights_only=True) for p in ("pi_0/policy", "iteration_0/policy", "iteration_1/policy")]
+    heads = [
+        torch.load(run_dir / p / "value_head.pt", weights_only=True)
+        for p in ("pi_0/policy", "iteration_0/policy", "iteration_1/policy")
+    ]
     assert all(torch.equal(h["weight"], heads[0]["weight"]) and torch.equal(h["bias"], heads[0]["bias"]) for h in heads)
-    assert digest(run_dir / "iteration_1" / "policy" / "model.safetensors") != digest(run_dir / "pi_0" / "policy" / "model.safetensors")
+    assert digest(run_dir / "iteration_1" / "policy" / "model.safetensors") != digest(
+        run_dir / "pi_0" / "policy" / "model.safetensors"
+    )
     default = torch.load(runs("default") / "iteration_1" / "policy" / "value_head.pt", weights_only=True)
     assert default["weight"].abs().sum() > 0, "the gae run trains its value head (the contrast)"
 
@@ -171,7 +185,9 @@ def test_the_myopic_critic_trains_on_the_current_turns_reward_and_validates_on_m
     train, val, mc_only = [], [], []
     for c in conversations:
         for t, g_mc, g_now in zip(c.agent_turns, c.returns(GAMMA), c.returns(0.0)):
-            (val if _in_validation(c.conversation_id, VAL_FRACTION, 0) else train).append(g_mc if _in_validation(c.conversation_id, VAL_FRACTION, 0) else g_now)
+            (val if _in_validation(c.conversation_id, VAL_FRACTION, 0) else train).append(
+                g_mc if _in_validation(c.conversation_id, VAL_FRACTION, 0) else g_now
+            )
             mc_only.append(g_mc)
     expected = sum(train + val) / len(train + val)
     assert record["critic"]["target"] == "myopic" and record["critic"]["fits"] == 1
@@ -206,7 +222,9 @@ def test_filtered_bc_without_a_success_keeps_pi_k_and_says_so(runs):
     for k, r in enumerate(records(run_dir)):
         assert r["collect"]["success_rate"] == 0 and r["bc"]["examples"] == 0
         assert any("no successful conversation" in w for w in r["warnings"])
-        assert digest(run_dir / f"iteration_{k}" / "policy" / "model.safetensors") == digest(run_dir / "pi_0" / "policy" / "model.safetensors")
+        assert digest(run_dir / f"iteration_{k}" / "policy" / "model.safetensors") == digest(
+            run_dir / "pi_0" / "policy" / "model.safetensors"
+        )
 
 
 # -- fully offline -------------------------------------------------------------------------------------------------
@@ -222,7 +240,9 @@ def test_offline_collects_the_whole_budget_once_and_reuses_buffer_0_and_q0(runs)
     assert {k: v for k, v in second["critic"].items() if k != "reused_from_iteration"} == {**first["critic"], "fits": 0}
     # The same PPO phase every iteration (policy_batches rollouts), from pi_k, evaluated every iteration.
     assert "ppo" in first and "ppo" in second and "success_rate" in first and "success_rate" in second
-    pi = [digest(run_dir / p / "model.safetensors") for p in ("pi_0/policy", "iteration_0/policy", "iteration_1/policy")]
+    pi = [
+        digest(run_dir / p / "model.safetensors") for p in ("pi_0/policy", "iteration_0/policy", "iteration_1/policy")
+    ]
     assert len(set(pi)) == 3
 
 
@@ -231,7 +251,22 @@ def test_offline_collects_the_whole_budget_once_and_reuses_buffer_0_and_q0(runs)
 
 def test_fully_online_is_many_small_iterations(tmp_path):
     run_dir = tmp_path / "online"
-    assert cli_inprocess(*fit_args(run_dir, ["--model.loop.iterations", "3", "--model.loop.episodes_per_iteration", "8", "--data.policy_batches", "1"])) == 0
+    assert (
+        cli_inprocess(
+            *fit_args(
+                run_dir,
+                [
+                    "--model.loop.iterations",
+                    "3",
+                    "--model.loop.episodes_per_iteration",
+                    "8",
+                    "--data.policy_batches",
+                    "1",
+                ],
+            )
+        )
+        == 0
+    )
     assert [r["conversations_collected"] for r in records(run_dir)] == [8, 16, 24]
 
 
@@ -244,7 +279,9 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     for buffer in sorted(reference.glob("iteration_*/buffer")):
         rel = buffer.relative_to(reference)
         assert [c.to_dict() for c in load_buffer(run_dir / rel)] == [c.to_dict() for c in load_buffer(buffer)]
-    assert digest(run_dir / "final_policy" / "model.safetensors") == digest(reference / "final_policy" / "model.safetensors")
+    assert digest(run_dir / "final_policy" / "model.safetensors") == digest(
+        reference / "final_policy" / "model.safetensors"
+    )
     assert [str(p) for p in run_dir.rglob("*") if is_temp_name(p.name)] == []
     assert json.loads((run_dir / "run_state.json").read_text())["in_progress"] is None
 
@@ -263,7 +300,9 @@ def test_a_killed_variant_resumes_to_the_uninterrupted_run(tmp_path, runs, name,
     run_dir = tmp_path / "run"
     args = fit_args(run_dir, runs.overrides[name])
     killed = cli(*args, env={"ITERPPO_FAILPOINT": point})
-    assert killed.returncode == -signal.SIGKILL, f"not killed at {point}: rc {killed.returncode}\n{killed.stderr[-2000:]}"
+    assert killed.returncode == -signal.SIGKILL, (
+        f"not killed at {point}: rc {killed.returncode}\n{killed.stderr[-2000:]}"
+    )
     resumed = cli(*args, "--resume", "true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run_dir, reference)
@@ -274,11 +313,20 @@ def test_kl_anchor_pi0_with_lora_resumes_to_the_uninterrupted_run(tmp_path):
     from tiny_chat import save_tiny_chat_model
 
     base = save_tiny_chat_model(tmp_path / "tiny_llama")
-    overrides = ["--model.base_model.path", str(base), "--model.loop.iterations", "2", "--model.policy.kl_anchor", "pi_0"]
+    overrides = [
+        "--model.base_model.path",
+        str(base),
+        "--model.loop.iterations",
+        "2",
+        "--model.policy.kl_anchor",
+        "pi_0",
+    ]
     chat = ["fit", "--config", str(REPO / "configs" / "smoke_chat.yaml")]
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     assert cli_inprocess(*chat, "--run_dir", str(reference), *overrides) == 0
-    killed = cli(*chat, "--run_dir", str(run_dir), *overrides, env={"ITERPPO_FAILPOINT": "policy.step@3"})  # iteration 1's PPO
+    killed = cli(
+        *chat, "--run_dir", str(run_dir), *overrides, env={"ITERPPO_FAILPOINT": "policy.step@3"}
+    )  # iteration 1's PPO
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = cli(*chat, "--run_dir", str(run_dir), *overrides, "--resume", "true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from cli_helpers import REPO, run_cli
-from iterppo_lightning.models.policy_folder import load_policy
+from safetensors.torch import load_file
 from tiny_chat import save_tiny_chat_model
+
+from iterppo_lightning.models.policy_folder import load_policy
 
 SMOKE_CHAT = REPO / "configs" / "smoke_chat.yaml"
 
@@ -45,7 +45,12 @@ def test_lora_changed_the_policy_and_the_export_is_a_plain_hf_folder(chat_run):
     assert changed, "PPO with LoRA left the merged weights unchanged"
     model, tokenizer = load_policy(exported)
     assert tokenizer.chat_template
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi , i need a phone ."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi , i need a phone ."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
@@ -98,16 +103,27 @@ def test_imagined_conversations_clone_pi0_and_train_iteration_0(tmp_path, chat_r
     """`iterppo imagine` -> DIR/buffer; then `bootstrap.buffer` clones the base model on it and
     `--data.logs` trains iteration 0 on it. The LLM is stubbed for imagine (a random tiny model
     writes nothing parseable); everything after it is real."""
-    import iterppo_lightning.env.imagine as imagine
     from cli_helpers import run_inprocess
     from env.test_imagine import StubLLM
+
+    import iterppo_lightning.env.imagine as imagine
 
     base = json.loads((chat_run / "pi_0" / "policy" / "iterppo_policy.json").read_text())["source"]
     monkeypatch.setattr(imagine, "generate_chat", StubLLM(n_personas=3))
     out = tmp_path / "imagined"
     proc = run_inprocess(
-        capsys, "imagine", "--config", str(SMOKE_CHAT), "--model.base_model.path", base, "--output", str(out),
-        "--personas", "3", "--dialogues_per_persona", "4",
+        capsys,
+        "imagine",
+        "--config",
+        str(SMOKE_CHAT),
+        "--model.base_model.path",
+        base,
+        "--output",
+        str(out),
+        "--personas",
+        "3",
+        "--dialogues_per_persona",
+        "4",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -117,8 +133,19 @@ def test_imagined_conversations_clone_pi0_and_train_iteration_0(tmp_path, chat_r
 
     run_dir = tmp_path / "run"
     fit = run_cli(
-        "fit", "--config", str(SMOKE_CHAT), "--run_dir", str(run_dir), "--model.base_model.path", base,
-        "--model.bootstrap.buffer", str(out / "buffer"), "--model.bootstrap.epochs", "1", "--data.logs", str(out / "buffer"),
+        "fit",
+        "--config",
+        str(SMOKE_CHAT),
+        "--run_dir",
+        str(run_dir),
+        "--model.base_model.path",
+        base,
+        "--model.bootstrap.buffer",
+        str(out / "buffer"),
+        "--model.bootstrap.epochs",
+        "1",
+        "--data.logs",
+        str(out / "buffer"),
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
     state = json.loads((run_dir / "run_state.json").read_text())
@@ -132,7 +159,19 @@ def test_imagined_conversations_clone_pi0_and_train_iteration_0(tmp_path, chat_r
 def test_imagine_with_a_model_that_writes_nothing_usable_says_so(tmp_path, chat_run):
     base = json.loads((chat_run / "pi_0" / "policy" / "iterppo_policy.json").read_text())["source"]
     out = tmp_path / "imagined"
-    proc = run_cli("imagine", "--config", str(SMOKE_CHAT), "--model.base_model.path", base, "--output", str(out), "--personas", "2", "--dialogues_per_persona", "1")
+    proc = run_cli(
+        "imagine",
+        "--config",
+        str(SMOKE_CHAT),
+        "--model.base_model.path",
+        base,
+        "--output",
+        str(out),
+        "--personas",
+        "2",
+        "--dialogues_per_persona",
+        "1",
+    )
     assert proc.returncode == 2
     assert "iterppo: error:" in proc.stderr
     assert not (out / "buffer").exists()
@@ -141,13 +180,33 @@ def test_imagine_with_a_model_that_writes_nothing_usable_says_so(tmp_path, chat_
 def test_an_adapter_export_is_evaluated_on_its_recorded_base(tmp_path, chat_run):
     base = json.loads((chat_run / "pi_0" / "policy" / "iterppo_policy.json").read_text())["source"]
     run_dir = tmp_path / "run"
-    proc = run_cli("fit", "--config", str(SMOKE_CHAT), "--run_dir", str(run_dir), "--model.base_model.path", base, "--model.policy.lora.merge_on_export", "false")
+    proc = run_cli(
+        "fit",
+        "--config",
+        str(SMOKE_CHAT),
+        "--run_dir",
+        str(run_dir),
+        "--model.base_model.path",
+        base,
+        "--model.policy.lora.merge_on_export",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = run_dir / "iteration_0" / "policy"
     assert (exported / "adapter_config.json").exists() and not (exported / "model.safetensors").exists()
     assert (run_dir / "pi_0" / "policy" / "model.safetensors").exists()  # pi_0 is always a full folder
     card = json.loads((exported / "iterppo_policy.json").read_text())
     assert card["lora_base"] == str((run_dir / "pi_0" / "policy").resolve())
-    ev = run_cli("evaluate", "--config", str(SMOKE_CHAT), "--model.base_model.path", base, "--policy", str(exported), "--episodes", "2")
+    ev = run_cli(
+        "evaluate",
+        "--config",
+        str(SMOKE_CHAT),
+        "--model.base_model.path",
+        base,
+        "--policy",
+        str(exported),
+        "--episodes",
+        "2",
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads(ev.stdout.strip().splitlines()[-1])["episodes"] == 2

@@ -6,21 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_chat import save_tiny_chat_model
 
 from iterppo_lightning.models.lora import (
     LoraSettings,
-    add_lora,
-    add_lora_to_backbone,
     adapter_parameters,
     adapter_state,
     adapter_weights,
+    add_lora,
+    add_lora_to_backbone,
     is_lora,
     train_only_adapter,
 )
-from iterppo_lightning.models.source import ModelSource, load_backbone, load_causal_lm
 from iterppo_lightning.models.modeling import backbone_hidden, causal_lm_forward
 from iterppo_lightning.models.policy_folder import export_policy, saved_adapter_state
-from tiny_chat import save_tiny_chat_model
+from iterppo_lightning.models.source import ModelSource, load_backbone, load_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_chat import build_tiny_llama, save_tiny_chat_model, train_chat_tokenizer
 
 from iterppo_lightning.models.source import (
     ModelSource,
@@ -23,7 +24,6 @@ from iterppo_lightning.models.source import (
     load_causal_lm,
     resolve,
 )
-from tiny_chat import build_tiny_llama, save_tiny_chat_model, train_chat_tokenizer
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -71,7 +71,9 @@ def test_load_folder_gives_a_chat_ready_model_and_tokenizer(tiny_dir):
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
-    assert model.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (
+        model.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    )
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not is_checkpointing(model)
 
@@ -119,7 +121,10 @@ def test_pypackage_resolves_to_the_package_folder_without_importing_it():
 
 
 def test_gguf_of_a_supported_architecture_passes_the_cheap_check(tmp_path):
-    check_source(ModelSource(str(write_gguf(tmp_path / "tiny.gguf", "llama", chat_template="{{ x }}"))), require_chat_template=True)
+    check_source(
+        ModelSource(str(write_gguf(tmp_path / "tiny.gguf", "llama", chat_template="{{ x }}"))),
+        require_chat_template=True,
+    )
 
 
 def test_hub_id_in_the_local_cache_loads_offline(tiny_dir, tmp_path, monkeypatch):
@@ -269,7 +274,9 @@ def test_smollm2_from_its_package_loads_as_a_trainable_chat_model(tmp_path):
     # The dequantised GGUF model is no longer marked as quantised (it could not be saved otherwise).
     assert getattr(model, "hf_quantizer", None) is None and "quantization_config" not in model.config.to_dict()
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.padding_side == "left"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.rstrip().endswith("<|im_start|>assistant")
 
     base_params = sum(p.numel() for p in model.parameters())

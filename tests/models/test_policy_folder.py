@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_chat import save_tiny_chat_model
 from torch import nn
 
 from iterppo_lightning.models.lora import LoraSettings, adapter_parameters, adapter_state, add_lora, is_lora
@@ -22,7 +23,6 @@ from iterppo_lightning.models.policy_folder import (
     write_policy_folder,
 )
 from iterppo_lightning.models.source import ModelSource, load_causal_lm
-from tiny_chat import save_tiny_chat_model
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

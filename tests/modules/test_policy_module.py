@@ -7,9 +7,9 @@ import inspect
 import lightning as L
 import pytest
 import torch
+from conftest import make_trainer
 from torch import nn
 
-from conftest import make_trainer
 from iterppo_lightning.data.datamodule import TrajectoryDataModule, pad_left
 from iterppo_lightning.models.generation import sample_responses, truncate_after_eos
 from iterppo_lightning.models.modeling import causal_lm_forward
@@ -41,7 +41,9 @@ class ConstantCritic(nn.Module):
 
 
 def _policy_dm(tokenizer, conversations, batch_size=8, batches=2) -> TrajectoryDataModule:
-    dm = TrajectoryDataModule(val_fraction=0.0, policy_batch_size=batch_size, policy_batches=batches, max_prompt_tokens=64)
+    dm = TrajectoryDataModule(
+        val_fraction=0.0, policy_batch_size=batch_size, policy_batches=batches, max_prompt_tokens=64
+    )
     dm.connect(tokenizer)
     dm.set_conversations(conversations)
     dm.use_phase("policy")
@@ -191,12 +193,17 @@ def test_attach_critic_freezes_it(tokenizer):
 def _rewarded_rate(model, tokenizer, prompts, mask, max_new_tokens, seed=123) -> float:
     token = tokenizer.convert_tokens_to_ids(REWARDED_WORD)
     torch.manual_seed(seed)
-    response, resp_mask = sample_responses(model, prompts, mask, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens)
+    response, resp_mask = sample_responses(
+        model, prompts, mask, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens
+    )
     return ((response == token) & resp_mask.bool()).any(dim=1).float().mean().item()
 
 
-def _ppo_run(tokenizer, conversations, kl_coef: float, states: int = 32, **policy_kwargs) -> tuple[float, float, PolicyModule]:
+def _ppo_run(
+    tokenizer, conversations, kl_coef: float, states: int = 32, **policy_kwargs
+) -> tuple[float, float, PolicyModule]:
     from conftest import TINY_SHAPE
+
     from iterppo_lightning.models.tiny_lm import build_tiny_causal_lm
 
     model = build_tiny_causal_lm(tokenizer, TINY_SHAPE, seed=0)
@@ -255,7 +262,9 @@ def test_log_probs_match_the_distribution_generate_samples_from(tiny_model, toke
         pad_token_id=tokenizer.pad_token_id,
     )
     response = out.sequences[:, prompt_ids.shape[1] :]
-    gen_logprobs = torch.stack([torch.log_softmax(s, -1) for s in out.logits], 1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    gen_logprobs = (
+        torch.stack([torch.log_softmax(s, -1) for s in out.logits], 1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    )
     full = torch.cat([prompt_ids, response], 1)
     full_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)
     module = _module(tiny_model, tokenizer)
@@ -320,7 +329,11 @@ def test_save_then_load_round_trips_weights_tokenizer_and_value_head(tmp_path, t
     model, tok = load_policy(path)
     assert _same(_state(model), _state(tiny_model))
     assert tok.get_vocab() == tokenizer.get_vocab()
-    assert (tok.eos_token_id, tok.pad_token_id, tok.padding_side) == (tokenizer.eos_token_id, tokenizer.pad_token_id, "left")
+    assert (tok.eos_token_id, tok.pad_token_id, tok.padding_side) == (
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        "left",
+    )
 
     again = PolicyModule()
     again.load(path)
@@ -403,10 +416,20 @@ def test_max_iteration_kl_ends_the_policy_phase_once_the_drift_passes_it(tokeniz
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])
-def test_group_rollouts_sample_group_size_replies_per_state_and_use_the_group_baseline(tiny_model, tokenizer, conversations, advantage):
+def test_group_rollouts_sample_group_size_replies_per_state_and_use_the_group_baseline(
+    tiny_model, tokenizer, conversations, advantage
+):
     torch.manual_seed(0)
     kl_coef, group = 0.1, 4
-    module = _module(tiny_model, tokenizer, advantage=advantage, group_size=group, kl_coef=kl_coef, whiten_advantages=False, max_new_tokens=8)
+    module = _module(
+        tiny_model,
+        tokenizer,
+        advantage=advantage,
+        group_size=group,
+        kl_coef=kl_coef,
+        whiten_advantages=False,
+        max_new_tokens=8,
+    )
     batch = next(iter(_policy_dm(tokenizer, conversations, batch_size=6).train_dataloader()))
     with torch.no_grad():  # move the policy off the reference so the KL term is not 0
         for p in module.policy.parameters():
@@ -421,7 +444,11 @@ def test_group_rollouts_sample_group_size_replies_per_state_and_use_the_group_ba
     penalty = (-kl_coef * rollout.seq_kl).reshape(6, group)
     assert rollout.seq_kl.abs().max() > 1e-3
     if advantage == "grpo":
-        expected = (score - score.mean(1, keepdim=True)) / (score.std(1, keepdim=True) + 1e-4) + penalty - penalty.mean(1, keepdim=True)
+        expected = (
+            (score - score.mean(1, keepdim=True)) / (score.std(1, keepdim=True) + 1e-4)
+            + penalty
+            - penalty.mean(1, keepdim=True)
+        )
     else:
         returns = score + penalty
         expected = returns - (returns.sum(1, keepdim=True) - returns) / (group - 1)
@@ -446,7 +473,9 @@ def test_group_solvers_never_train_the_value_head(tiny_model, tokenizer, convers
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])
 def test_group_solvers_increase_the_frequency_of_the_rewarded_token(tokenizer, conversations, advantage):
     # 8 states x 4 replies = 32 rollout rows, as many as the GAE test's 32 states x 1.
-    before, after, module = _ppo_run(tokenizer, conversations, kl_coef=0.01, states=8, advantage=advantage, group_size=4)
+    before, after, module = _ppo_run(
+        tokenizer, conversations, kl_coef=0.01, states=8, advantage=advantage, group_size=4
+    )
     assert before < 0.15
     assert after > before + 0.3, f"{advantage}: rewarded-token rate {before:.3f} -> {after:.3f}"
 

@@ -57,7 +57,10 @@ def test_myopic_targets_are_the_gamma_zero_return_and_validation_keeps_monte_car
     # The same as TD with gamma = 0 (no bootstrap, no later turn).
     assert targets == lambda_return_targets(conversations, {}, gamma=0.0, lam=1.0)
     assert any(v == 1.0 for v in targets.values()) and any(
-        g > 0 for c in conversations for t, g in zip(c.agent_turns, c.returns(0.9)) if targets[(c.conversation_id, t)] == 0.0
+        g > 0
+        for c in conversations
+        for t, g in zip(c.agent_turns, c.returns(0.9))
+        if targets[(c.conversation_id, t)] == 0.0
     ), "the fixture must hold replies whose success came later (their MC return > 0, myopic target 0)"
     dm = TrajectoryDataModule(gamma=0.9, val_fraction=0.3)
     dm.connect(tokenizer)
@@ -79,14 +82,18 @@ def test_bootstrap_counts_are_poisson_one_per_member_and_conversation(conversati
     assert sum(draws) / len(draws) == pytest.approx(1.0, abs=0.05)
     assert counts[0] / 4000 == pytest.approx(0.368, abs=0.03) and counts[2] / 4000 == pytest.approx(0.184, abs=0.03)
     assert bootstrap_count("conv-1", 0, 0) == bootstrap_count("conv-1", 0, 0)  # deterministic
-    assert [bootstrap_count(f"conv-{i}", 0, 0) for i in range(50)] != [bootstrap_count(f"conv-{i}", 1, 0) for i in range(50)]
+    assert [bootstrap_count(f"conv-{i}", 0, 0) for i in range(50)] != [
+        bootstrap_count(f"conv-{i}", 1, 0) for i in range(50)
+    ]
     dm = TrajectoryDataModule(val_fraction=0.0, critic_batch_size=1000)
     dm.connect(tokenizer)
     dm.set_conversations(conversations)
     assert "bootstrap" not in next(iter(dm.train_dataloader()))  # one critic: batches as before
     dm.bootstrap_members = 2
     batch = _unshuffled_critic_batch(dm)
-    assert batch["bootstrap"].tolist() == [[bootstrap_count(e.conversation_id, m, 0) for e in dm.train_examples] for m in range(2)]
+    assert batch["bootstrap"].tolist() == [
+        [bootstrap_count(e.conversation_id, m, 0) for e in dm.train_examples] for m in range(2)
+    ]
     dm.use_phase("sft")
     assert "bootstrap" not in next(iter(dm.train_dataloader()))
 
@@ -133,7 +140,14 @@ def test_bad_pool_weights_are_named(bad):
         TrajectoryDataModule(pool_weights=bad)
 
 
-@pytest.mark.parametrize("kwargs, named", [({"target": "sarsa"}, "critic.target"), ({"td_lambda": 1.5}, "critic.td_lambda"), ({"td_rounds": 0}, "critic.td_rounds")])
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"target": "sarsa"}, "critic.target"),
+        ({"td_lambda": 1.5}, "critic.td_lambda"),
+        ({"td_rounds": 0}, "critic.td_rounds"),
+    ],
+)
 def test_bad_critic_target_settings_are_named(kwargs, named):
     with pytest.raises(ValueError, match=named):
         CriticModule(**kwargs)
@@ -147,8 +161,17 @@ def test_bootstrapped_targets_with_pooled_buffers_run_end_to_end(tmp_path, targe
 
     run_dir = tmp_path / "run"
     proc = run_cli(
-        "fit", "--config", str(SMOKE), "--run_dir", str(run_dir),
-        "--model.critic.target", target, "--model.critic.td_rounds", "1", "--data.pool_weights", "[1.0, 0.5]",
+        "fit",
+        "--config",
+        str(SMOKE),
+        "--run_dir",
+        str(run_dir),
+        "--model.critic.target",
+        target,
+        "--model.critic.td_rounds",
+        "1",
+        "--data.pool_weights",
+        "[1.0, 0.5]",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

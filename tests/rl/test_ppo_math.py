@@ -120,9 +120,7 @@ def test_entropy_hand_value_and_stability() -> None:
     close(h[0, 1], 0.0, atol=1e-6)
     g = torch.Generator().manual_seed(1)
     rnd = torch.randn(4, 9, generator=g)
-    torch.testing.assert_close(
-        entropy_from_logits(rnd), torch.distributions.Categorical(logits=rnd).entropy()
-    )
+    torch.testing.assert_close(entropy_from_logits(rnd), torch.distributions.Categorical(logits=rnd).entropy())
 
 
 # --------------------------------------------------------------------------- #
