@@ -5,7 +5,7 @@ RUN_DIR ?= runs/quickstart
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install clean-venv
+.PHONY: quickstart test lint install clean-venv
 
 # torch is pinned to the CPU wheel first so pip never resolves the CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +36,11 @@ TEST_JOBS ?= 2
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+
+# ruff's settings live in pyproject.toml; `ruff format .` applies the formatting this checks.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean-venv:
 	rm -rf $(VENV)
