@@ -302,7 +302,8 @@ def main(argv=None) -> dict:
         f"PPO policy phase: GPT-2 {args.layers}x{args.dim} ({args.heads} heads, {result['policy_params']:,} params), "
         f"tokenizer {len(tok)}, batch {B}, prompts {max(1, args.prompt_len // 2)}-{args.prompt_len} tokens "
         f"(mean {mean_prompt_tokens:.1f}, padded width {mean_prompt_width:.1f}), replies <= {R} "
-        f"(mean {stats.get('response_length', float('nan')):.1f}), {args.ppo_epochs} PPO epochs x {args.minibatches} minibatches, "
+        f"(mean {stats.get('response_length', float('nan')):.1f}), "
+        f"{args.ppo_epochs} PPO epochs x {args.minibatches} minibatches, "
         f"{args.updates} updates, {torch.get_num_threads()} torch threads"
     )
     print(f"warm-up: {result['warmup']}" + (f" ({warm_wall:.2f}s)" if warm_wall is not None else ""))
@@ -327,7 +328,8 @@ def main(argv=None) -> dict:
         f"[{verdict}: target < {OUTSIDE_SHARE_TARGET:.0%}]  (training loop only: {loop_outside_share:.1%})"
     )
     print(
-        f"episodes/s: {episodes_per_s:.2f}  (TRL 1.12 reference, given not measured: ~{TRL_REFERENCE_EPISODES_PER_S:.0f}/s "
+        f"episodes/s: {episodes_per_s:.2f}  "
+        f"(TRL 1.12 reference, given not measured: ~{TRL_REFERENCE_EPISODES_PER_S:.0f}/s "
         f"-> x{result['vs_trl_reference']:.2f})"
     )
     busy = max(load_before, load_after)

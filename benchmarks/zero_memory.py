@@ -480,7 +480,7 @@ def main() -> None:
             assert all(r["params"] == psi for r in ranks), ([r["params"] for r in ranks], psi)
             worst = max(ranks, key=lambda r: r["model_state_bytes"])
 
-            def top(key: str) -> float:
+            def top(key: str, ranks: list[dict] = ranks) -> float:
                 return max(r[key] for r in ranks) if all(r[key] is not None for r in ranks) else float("nan")
 
             rows.append(

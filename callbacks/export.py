@@ -1,4 +1,5 @@
-"""`ExportCallback`: finish each iteration's export: its metrics next to the policy, and `final_policy` -> newest policy.
+"""`ExportCallback`: finish each iteration's export: its metrics next to the policy, and `final_policy` -> newest
+policy.
 
 The loop itself writes the state a resume needs (buffer, critic.pt, the policy
 folder with its lineage card); this callback only adds what a user reads.

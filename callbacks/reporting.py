@@ -84,7 +84,7 @@ def _fmt_seconds(record: dict) -> str:
 def _line(cells: list[str]) -> str:
     # Left-align text columns, right-align numbers, like a table row.
     parts = []
-    for (header, width, _, spec), cell in zip(COLUMNS, cells):
+    for (_header, width, _, spec), cell in zip(COLUMNS, cells):
         parts.append(cell.ljust(width) if spec == "" else cell.rjust(width))
     return "  ".join(parts).rstrip()
 
@@ -173,7 +173,8 @@ class ReportingCallback(IterationCallback):
         initial = loop.initial_eval
         if initial:
             self._print(
-                f"pi_0 success {_fmt_success(initial)}  (episodes {_fmt(initial.get('eval_episodes', initial.get('episodes')), 'd')})"
+                f"pi_0 success {_fmt_success(initial)}  "
+                f"(episodes {_fmt(initial.get('eval_episodes', initial.get('episodes')), 'd')})"
             )
         self._print_header()
 

@@ -121,7 +121,7 @@ def test_evaluate_prints_one_json_result_and_is_deterministic(smoke_run):
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for proc, (out, err) in zip(procs, outs):
+    for proc, (_out, err) in zip(procs, outs):
         assert proc.returncode == 0, err[-3000:]
     first, second = (_last_json_line(out) for out, _ in outs)
     assert first == second, "same policy, config and seed must give the same result"

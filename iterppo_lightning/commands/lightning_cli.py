@@ -25,7 +25,6 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -268,10 +267,10 @@ class IterPPOCLI(LightningCLI):
         for phase in PHASES:
             parser.add_argument(
                 f"--{phase}_strategy",
-                type=Optional[str | Strategy],
+                type=str | Strategy | None,
                 default=None,
-                help=f"Strategy of the {phase} phase's Trainer (a name or class_path/init_args); default trainer.strategy. "
-                "Every phase runs on all the run's processes.",
+                help=f"Strategy of the {phase} phase's Trainer (a name or class_path/init_args); "
+                "default trainer.strategy. Every phase runs on all the run's processes.",
             )
 
     def before_bootstrap(self) -> None:

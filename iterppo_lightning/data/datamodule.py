@@ -219,7 +219,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             setattr(self, size_attribute, own_batch_size)
 
     def set_conversations(self, conversations: list[Conversation], weights: list[float] | None = None) -> None:
-        """Use these conversations (e.g. the current buffer, or pooled buffers), optionally weighted per conversation."""
+        """Use these conversations (e.g. the current buffer, or pooled buffers), optionally weighted per
+        conversation."""
         if self.tokenizer is None:
             raise RuntimeError("call connect(tokenizer) before set_conversations")
         if weights is not None and len(weights) != len(conversations):

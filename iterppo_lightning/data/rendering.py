@@ -17,7 +17,8 @@ from iterppo_lightning.data.conversation import Conversation, Turn
 
 
 def uses_plain_format(tokenizer) -> bool:
-    """The tiny word-level models' marker format (no tokenizer, or the plain template) vs a chat model's own template."""
+    """The tiny word-level models' marker format (no tokenizer, or the plain template) vs a chat model's own
+    template."""
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     return not template or template == PLAIN_CHAT_TEMPLATE
 

@@ -115,7 +115,8 @@ def _deepspeed_conflicts(key: str, spec: Any, strategy, precision: str, phase: s
             problems.append(f"{key}: the DeepSpeed config enables {section} but trainer.precision is {precision!r}")
     if int(zero.get("stage", 0)) == 3 and phase == "policy" and system is not None and system.policy.lora is not None:
         problems.append(
-            f"{key}: ZeRO-3 with model.policy.lora is not supported (the reference swaps the adapter's weights); use stage 2"
+            f"{key}: ZeRO-3 with model.policy.lora is not supported "
+            "(the reference swaps the adapter's weights); use stage 2"
         )
     return problems
 
@@ -141,7 +142,8 @@ def check_phase_strategies(raw_config: Any, system: Any, cli_trainer) -> None:
                 )
             if world > 1 and spec in _SPAWNING + _SINGLE:
                 problems.append(
-                    f"{key} is {spec!r}: with {world} processes every phase needs a strategy that runs on all of them (ddp or deepspeed)"
+                    f"{key} is {spec!r}: with {world} processes every phase needs a strategy "
+                    "that runs on all of them (ddp or deepspeed)"
                 )
             continue
         strategy = build_phase_strategy(phase, raw_config, system)

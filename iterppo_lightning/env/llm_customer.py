@@ -357,7 +357,8 @@ def _check_batch(episodes: Sequence[LLMCustomerEpisode], suggestions: Sequence[s
     """Refuse what would silently corrupt records: misaligned lists, finished or repeated episodes."""
     if len(episodes) != len(suggestions):
         raise ValueError(
-            f"step_batch needs one suggestion per episode, got {len(episodes)} episodes and {len(suggestions)} suggestions"
+            f"step_batch needs one suggestion per episode, "
+            f"got {len(episodes)} episodes and {len(suggestions)} suggestions"
         )
     seen: set[int] = set()
     for episode in episodes:

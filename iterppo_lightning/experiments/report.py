@@ -341,9 +341,10 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
             "",
         ]
     lines += [
-        "Each cell is the mean over seeds with a Student-t 95% interval (mean +- t(0.975, n-1) s/sqrt(n)); no interval "
-        "with one seed. *Final* is the last policy's true success rate on the run's simulated evaluation customers; *best* "
-        "the best iteration's (chosen on those same customers, so it is optimistic). *Conversations* counts what the run "
+        "Each cell is the mean over seeds with a Student-t 95% interval (mean +- t(0.975, n-1) s/sqrt(n)); "
+        "no interval with one seed. *Final* is the last policy's true success rate on the run's simulated "
+        "evaluation customers; *best* the best iteration's (chosen on those same customers, so it is optimistic). "
+        "*Conversations* counts what the run "
         "collected with its own policies (pi_0's imagined conversations not included). *Wall* is the sum of the phase "
         "times the run recorded (collect, critic, policy, evaluate), in minutes"
         + (
@@ -356,7 +357,8 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
         + ". *OPE gap* is the critic's estimate of the final policy's discounted return minus its true value (> 0: "
         "over-estimate).",
         "",
-        "| experiment | seeds | pi_0 success | final success | best-iteration success | conversations | wall (min) | OPE gap |",
+        "| experiment | seeds | pi_0 success | final success | best-iteration success | conversations | wall (min) "
+        "| OPE gap |",
         "|---|---|---|---|---|---|---|---|",
     ]
     summary: dict[str, dict] = {}
@@ -370,29 +372,33 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
         summary[name] = {"final": finals, "best": bests, "seconds": seconds}
         lines.append(
             f"| {name} | {len(runs)} | {fmt_ci(initials)} | {fmt_ci(finals)} | {fmt_ci(bests)} | "
-            f"{_fmt(sum(conversations) / len(conversations), '.0f') if conversations else '-'} | {_minutes(seconds)} | {fmt_ci(gaps)} |"
+            f"{_fmt(sum(conversations) / len(conversations), '.0f') if conversations else '-'} | "
+            f"{_minutes(seconds)} | {fmt_ci(gaps)} |"
         )
     lines += [
         "",
         f"![success rate vs conversations collected]({rel}/success_vs_conversations.png)",
         "",
-        "Reward hacking: per iteration, the critic Q_k's estimate of the new policy's discounted return from the logged "
-        "opening states (`ope.q_policy`), against the return the policy really got on simulated customers "
+        "Reward hacking: per iteration, the critic Q_k's estimate of the new policy's discounted return from the "
+        "logged opening states (`ope.q_policy`), against the return the policy really got on simulated customers "
         "(`mean_return`, the same discount; the success rate itself is undiscounted and not comparable).",
         "",
         f"![critic estimate vs true return]({rel}/reward_hacking.png)",
         "",
         "## Runs",
         "",
-        "| experiment | seed | iterations | pi_0 success | final success | best success | conversations | wall (min) | run |",
+        "| experiment | seed | iterations | pi_0 success | final success | best success | conversations | wall (min) "
+        "| run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in experiments.items():
         for r in sorted(runs, key=lambda r: r.seed):
             lines.append(
-                f"| {name} | {r.seed} | {len(r.records)} | {_fmt(as_number(lookup(r.initial, 'success_rate')))} | {_fmt(r.final)} | "
+                f"| {name} | {r.seed} | {len(r.records)} | {_fmt(as_number(lookup(r.initial, 'success_rate')))} | "
+                f"{_fmt(r.final)} | "
                 f"{_fmt(r.best)} | {_fmt(r.conversations[-1] if r.conversations else None, '.0f')} | "
-                f"{_fmt(None if r.seconds is None else r.seconds / 60, '.1f')}{' (incl. pi_0)' if r.seconds_include_pi0 else ''} | `{r.run_dir}` |"
+                f"{_fmt(None if r.seconds is None else r.seconds / 60, '.1f')}"
+                f"{' (incl. pi_0)' if r.seconds_include_pi0 else ''} | `{r.run_dir}` |"
             )
     if missing:
         lines += ["", "Not finished (left out of every number above):", ""] + [f"- {m}" for m in missing]

@@ -212,7 +212,8 @@ def _experiments(paths: list[str], quick: bool, share_pi0: bool) -> list[Experim
             )
         if name in names:
             raise SweepError(
-                f"experiments {names[name]!r} and {raw!r} have the same name {name!r} (the file stem names the run folders)"
+                f"experiments {names[name]!r} and {raw!r} have the same name {name!r} "
+                "(the file stem names the run folders)"
             )
         names[name] = raw
         configs = [path] if base is None else [base, path]
@@ -393,9 +394,10 @@ class Index:
                 "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "invocation_seconds": time.perf_counter() - self.start,
                 "seconds_note": (
-                    "runs[].seconds: the phase times the run recorded (collect, critic, policy, evaluate per iteration, "
-                    "plus pi_0 when seconds_include_pi0); a shared pi_0's own time is pi0_seconds. process_seconds: the "
-                    "fit process's wall time measured by the sweep (start-up and pi_0's evaluation included)."
+                    "runs[].seconds: the phase times the run recorded (collect, critic, policy, evaluate per "
+                    "iteration, plus pi_0 when seconds_include_pi0); a shared pi_0's own time is pi0_seconds. "
+                    "process_seconds: the fit process's wall time measured by the sweep (start-up and pi_0's "
+                    "evaluation included)."
                 ),
                 "pi0": [_pi0_entry(j, runs) for j in pi0],
                 "runs": [_run_entry(j, self.previous.get((j.experiment, j.seed), {})) for j in runs],
@@ -478,7 +480,8 @@ def execute(pi0: list[Job], runs: list[Job], max_jobs: int, index: Index) -> Non
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="iterppo sweep",
-        description="Run every experiment config with every seed (each a `fit` subprocess), resumably; index in OUT/sweep.json.",
+        description="Run every experiment config with every seed (each a `fit` subprocess), resumably; "
+        "index in OUT/sweep.json.",
         default_env=False,
     )
     parser.add_argument(

@@ -257,7 +257,8 @@ class FilteredBCImprovement(PolicyImprovement):
         # Behaviour cloning holds out whole conversations for its validation loss, as the critic does.
         if not any(not dm.in_validation(c.conversation_id) for c in successes):
             loop.warn(
-                f"iteration {k}: no successful conversation to clone (outside the validation split); pi_{k + 1} = pi_{k}"
+                f"iteration {k}: no successful conversation to clone (outside the validation split); "
+                f"pi_{k + 1} = pi_{k}"
             )
             return {**stats, "examples": 0}
         metrics = behaviour_clone(

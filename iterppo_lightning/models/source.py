@@ -60,7 +60,8 @@ class ModelSource:
 
     path: str
     """A local folder (save_pretrained), a hub id already in the local HF cache, a path to a .gguf file,
-    or "pypackage:NAME[/SUBDIR]": the folder of an installed Python package (found with importlib.util.find_spec, never imported)."""
+    or "pypackage:NAME[/SUBDIR]": the folder of an installed Python package (found with importlib.util.find_spec,
+    never imported)."""
     gguf_file: str | None = None
     """A GGUF file inside `path` (transformers' gguf_file); set automatically when `path` is a .gguf file."""
     dtype: str = "float32"
@@ -84,7 +85,8 @@ class ModelSource:
                 self.gguf_file = name
             elif os.path.basename(self.gguf_file) != name:
                 raise ModelSourceError(
-                    f"ModelSource.path {self.path!r} is a .gguf file but gguf_file is {self.gguf_file!r}: give one of the two"
+                    f"ModelSource.path {self.path!r} is a .gguf file but gguf_file is {self.gguf_file!r}: "
+                    "give one of the two"
                 )
 
     @property

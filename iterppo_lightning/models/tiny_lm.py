@@ -83,7 +83,8 @@ def build_tiny_causal_lm(tokenizer: PreTrainedTokenizerFast, shape: TinyLMConfig
 
 
 def seeded_model(model_class, config, tokenizer, seed: int):
-    """`model_class(config)` initialised from `seed` without touching the global RNG, generating with the tokenizer's pad/EOS."""
+    """`model_class(config)` initialised from `seed` without touching the global RNG, generating with the
+    tokenizer's pad/EOS."""
     import torch
 
     with torch.random.fork_rng():

@@ -41,7 +41,8 @@ class OptimizerCarryMixin:
 
         if self.keep_optimizer_state and zero_stage(self.trainer) > 0:
             if self._zero_checkpoint_in is not None:
-                # Weights, optimizer partitions and step counts of the previous fit (the weights equal the current ones).
+                # Weights, optimizer partitions and step counts of the previous fit
+                # (the weights equal the current ones).
                 self.trainer.strategy.deepspeed_engine.load_checkpoint(
                     self._zero_checkpoint_in,
                     tag=ZERO_CHECKPOINT_TAG,

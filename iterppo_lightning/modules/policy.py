@@ -465,7 +465,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 if dist_utils.any_rank(not bool(torch.isfinite(loss))):  # every process stops together
                     # Raise before backward/step so the last good weights stay intact.
                     raise FloatingPointError(
-                        f"policy phase: non-finite PPO loss at global step {self.global_step} (rollout {self._rollouts})"
+                        f"policy phase: non-finite PPO loss at global step {self.global_step} "
+                        f"(rollout {self._rollouts})"
                     )
                 optimizer.zero_grad()
                 with self._timed("update_backward"):

@@ -1,4 +1,5 @@
-"""`iterppo validate-data`: summary and exit 0 for valid logs, problems on stderr and exit 1 otherwise; writes nothing."""
+"""`iterppo validate-data`: summary and exit 0 for valid logs, problems on stderr and exit 1 otherwise;
+writes nothing."""
 
 from __future__ import annotations
 

@@ -455,7 +455,7 @@ def test_customer_phrases_read_back_with_synonyms() -> None:
         ep.step(ASK_BUDGET)
         info = revealed_info(ep.conversation)
         assert (info.need, info.budget) == (ep.persona.need, ep.persona.budget)
-    for tier, phrases in BUDGET_PHRASES.items():
+    for _tier, phrases in BUDGET_PHRASES.items():
         for phrase in phrases:
             assert not parse_reply(phrase).categories, phrase
     all_phrases = [p for phrases in BUDGET_PHRASES.values() for p in phrases]

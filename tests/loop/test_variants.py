@@ -184,7 +184,7 @@ def test_the_myopic_critic_trains_on_the_current_turns_reward_and_validates_on_m
     conversations = load_buffer(run_dir / "iteration_0" / "buffer")
     train, val, mc_only = [], [], []
     for c in conversations:
-        for t, g_mc, g_now in zip(c.agent_turns, c.returns(GAMMA), c.returns(0.0)):
+        for _turn, g_mc, g_now in zip(c.agent_turns, c.returns(GAMMA), c.returns(0.0)):
             (val if _in_validation(c.conversation_id, VAL_FRACTION, 0) else train).append(
                 g_mc if _in_validation(c.conversation_id, VAL_FRACTION, 0) else g_now
             )
@@ -309,7 +309,8 @@ def test_a_killed_variant_resumes_to_the_uninterrupted_run(tmp_path, runs, name,
 
 
 def test_kl_anchor_pi0_with_lora_resumes_to_the_uninterrupted_run(tmp_path):
-    """LoRA: pi_0 is the policy's own base under pi_0's adapter state; a restarted process reads it from pi_0's folder."""
+    """LoRA: pi_0 is the policy's own base under pi_0's adapter state; a restarted process reads it from pi_0's
+    folder."""
     from tiny_chat import save_tiny_chat_model
 
     base = save_tiny_chat_model(tmp_path / "tiny_llama")

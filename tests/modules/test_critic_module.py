@@ -202,7 +202,7 @@ def test_ensemble_loss_weights_each_member_by_its_own_bootstrap_counts():
     target = torch.tensor([1.0, 0.0, 0.5])
     counts = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]])
     pool = torch.tensor([1.0, 0.5, 1.0])
-    bce = lambda l: torch.nn.functional.binary_cross_entropy_with_logits(l, target, reduction="none")  # noqa: E731
+    bce = lambda x: torch.nn.functional.binary_cross_entropy_with_logits(x, target, reduction="none")  # noqa: E731
     # member m: mean over the batch of count_m * pool * BCE; the loss is their sum.
     expected = float((counts[0] * pool * bce(logits[0])).mean() + (counts[1] * pool * bce(logits[1])).mean())
     loss = critic._ensemble_loss(logits, {"target": target, "bootstrap": counts, "weight": pool})
