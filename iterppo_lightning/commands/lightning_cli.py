@@ -338,7 +338,14 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 
 
-def _make_cli(cli_class: type[IterPPOCLI], args: list[str], parser_kwargs: dict) -> IterPPOCLI:
+def build_cli(
+    args: list[str] | None,
+    *,
+    cli_class: type[IterPPOCLI] = IterPPOCLI,
+    parser_kwargs: dict | None = None,
+    run: bool = True,
+) -> IterPPOCLI:
+    """The `iterppo` LightningCLI with its classes and defaults; `run=False` parses and instantiates only."""
     return cli_class(
         IterativePPO,
         TrajectoryDataModule,
@@ -347,8 +354,9 @@ def _make_cli(cli_class: type[IterPPOCLI], args: list[str], parser_kwargs: dict)
         save_config_callback=None,
         auto_configure_optimizers=False,
         trainer_defaults=TRAINER_DEFAULTS,
-        parser_kwargs=parser_kwargs,
+        parser_kwargs=parser_kwargs or {},
         args=args,
+        run=run,
     )
 
 
@@ -360,7 +368,7 @@ def main(args: list[str] | None = None, descriptions: dict[str, str] | None = No
     """
     _quiet_third_party()
     try:
-        _make_cli(IterPPOCLI, args, {name: {"description": text} for name, text in (descriptions or {}).items()})
+        build_cli(args, parser_kwargs={name: {"description": text} for name, text in (descriptions or {}).items()})
     except LogValidationError as err:  # the same report as `iterppo validate-data`
         print(f"iterppo: error: {err}\nnothing was written", file=sys.stderr)
         sys.exit(1)
@@ -402,7 +410,7 @@ class _ParsersOnly(IterPPOCLI):
 def fit_parser():
     """The parser of `iterppo fit` (built once per process: building it takes seconds)."""
     try:
-        _make_cli(_ParsersOnly, [], {"exit_on_error": False})  # subcommand parsers inherit it
+        build_cli([], cli_class=_ParsersOnly, parser_kwargs={"exit_on_error": False})  # subcommand parsers inherit it
     except _ParsersBuilt as built:
         return built.cli._parser("fit")
     raise AssertionError("_ParsersOnly always stops in parse_arguments")

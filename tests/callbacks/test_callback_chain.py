@@ -49,25 +49,13 @@ def parse(tmp_path: Path, yaml_text: str, *args: str):
     """The CLI's parser and instantiation (IterPPOCLI, run=False): the objects `fit` would get."""
     import sys
 
-    from iterppo_lightning.commands.lightning_cli import TRAINER_DEFAULTS, IterPPOCLI, IterPPOTrainer
-    from iterppo_lightning.data.datamodule import TrajectoryDataModule
-    from iterppo_lightning.system import IterativePPO
+    from iterppo_lightning.commands.lightning_cli import build_cli
 
     extra = tmp_path / "extra.yaml"
     extra.write_text(yaml_text)
     argv, sys.argv = sys.argv, ["iterppo"]  # as if typed in a shell (pytest's own argv is not ours)
     try:
-        return IterPPOCLI(
-            IterativePPO,
-            TrajectoryDataModule,
-            trainer_class=IterPPOTrainer,
-            seed_everything_default=0,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-            trainer_defaults=TRAINER_DEFAULTS,
-            run=False,
-            args=["--config", str(SMOKE), "--config", str(extra), *args],
-        )
+        return build_cli(["--config", str(SMOKE), "--config", str(extra), *args], run=False)
     finally:
         sys.argv = argv
 
