@@ -7,12 +7,21 @@ user's shell; only the import is paid once. A child is forked from a process tha
 the package and done nothing else (no torch op, no run), so no state of an earlier command can
 leak into a later one: every command starts from the same freshly imported interpreter.
 
-What differs from `exec`ing the `iterppo` script: environment variables read at *import* time are
-those of the server (started with cli_helpers.ENV); the package reads its own variables
-(ITERPPO_FAILPOINT, ITERPPO_INJECT_NAN) when a point is reached, and Lightning's rank variables are
-unset in a launching process. Processes a command starts itself (a second DeepSpeed rank, the runs
-of a sweep) are ordinary `exec`s. Set ITERPPO_TEST_COLD_START=1 to run every command as a plain
-subprocess instead (cli_helpers.run_cli).
+What differs from `exec`ing the `iterppo` script:
+- environment variables read at *import* time are those of the server (started with cli_helpers.ENV); the
+  package reads its own variables (ITERPPO_FAILPOINT, ITERPPO_INJECT_NAN) when a point is reached, and
+  Lightning's rank variables are unset in a launching process;
+- every child of one server shares its hash seed (PYTHONHASHSEED) and memory layout, where a new process
+  would draw its own. So a test that compares a resumed run with an uninterrupted one makes the
+  uninterrupted reference in a fresh interpreter (`run_cli(..., cold=True)`): an outcome that depends on
+  set or dict order under string hashing then shows up as a difference.
+The import path is the console script's: the server drops this tests/ folder from `sys.path`, so a child
+cannot import a test helper the installed `iterppo` could not. Processes a command starts itself (a second
+DeepSpeed rank, the runs of a sweep) are ordinary `exec`s. Set ITERPPO_TEST_COLD_START=1 to run every command
+as a plain subprocess instead (cli_helpers.run_cli).
+
+The server runs in a session of its own; closing the client (or a protocol error, or a timeout) kills the
+server's whole process group, so an interrupted test run leaves no server and no half-finished command behind.
 
 Protocol (one JSON object a line): the client writes {"argv", "env", "cwd", "stdout", "stderr"};
 the server answers {"pid"} when the child exists, then {"status"} (os.waitpid's) when it ended.
@@ -77,7 +86,10 @@ def _child(request: dict) -> None:
 
 def serve() -> None:
     """Import the CLI, then run one command per request line on stdin until stdin closes."""
-    sys.path.insert(0, str(REPO))  # the checkout's package, as `python -m iterppo_lightning.cli` from REPO
+    # The import path of the `iterppo` console script: not this tests/ folder (python put it first for this
+    # script), so a child cannot import a test helper (tiny_chat, cli_helpers) that a user's process could not.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     import importlib
 
     from iterppo_lightning import cli
@@ -121,10 +133,14 @@ class ForkServer:
     def _start(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.log = self.scratch / "server.log"  # the server's own stderr (import warnings, a crash)
+        # pyarrow's jemalloc starts a background thread at import; the system allocator keeps the server to the
+        # threads torch starts, which hold no lock across a fork.
+        env = {**self.env, "ARROW_DEFAULT_MEMORY_POOL": "system"}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), "--serve"],
-                cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                start_new_session=True,  # one process group: close() ends the server and any command still running
             )  # fmt: skip
         self.pending = b""
         ready = self._reply(timeout=300)
@@ -148,6 +164,14 @@ class ForkServer:
     def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
+        try:
+            return self._run(argv, cwd, env, timeout)
+        except BaseException:
+            # A timeout, an interrupt or a broken reply leaves the protocol out of step: start afresh next time.
+            self._kill()
+            raise
+
+    def _run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
         self.count += 1
         out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
         request = dict(argv=list(argv), env=env, cwd=str(cwd), stdout=str(out), stderr=str(err))
@@ -159,7 +183,6 @@ class ForkServer:
             status = self._reply(timeout=deadline - time.monotonic())["status"]
         except TimeoutError:
             os.kill(pid, signal.SIGKILL)
-            self._reply(timeout=60)
             raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text()) from None
         returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         result = subprocess.CompletedProcess(argv, returncode, out.read_text(), err.read_text())
@@ -167,10 +190,25 @@ class ForkServer:
         err.unlink()
         return result
 
+    def _kill(self) -> None:
+        """End the server's process group (the server, a running command and whatever that command started)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc = None
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
+            self.proc.stdin.close()  # the server ends after the command it runs, if any
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:

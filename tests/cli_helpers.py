@@ -46,15 +46,18 @@ def _fork_server() -> ForkServer:
     return _server
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, cold: bool = False
+) -> subprocess.CompletedProcess:
     """`iterppo ARGS` in a process of its own; `env` adds variables (e.g. a failpoint).
 
     The process is forked from a server that has already imported the package (cli_forkserver.py),
-    which saves the seconds of start-up per command; ITERPPO_TEST_COLD_START=1 runs a plain subprocess.
+    which saves the seconds of start-up per command. `cold=True` (or ITERPPO_TEST_COLD_START=1 for every
+    command) runs a plain subprocess: a fresh interpreter with its own hash seed.
     """
     full_env = {**ENV, **(env or {})}
     cmd = command()
-    if COLD_START or cmd[0] == sys.executable:  # no console script: nothing to imitate, run it plainly
+    if cold or COLD_START or cmd[0] == sys.executable:  # no console script: nothing to imitate, run it plainly
         return subprocess.run([*cmd, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     return _fork_server().run([*cmd, *args], cwd=REPO, env=full_env, timeout=timeout)
 
