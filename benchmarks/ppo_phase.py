@@ -60,18 +60,22 @@ The last line of stdout is one JSON object with every number and the arguments.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import platform
 import random
-import sys
 import tempfile
 import time
-import warnings
 
 import lightning as L
 import torch
+from _common import (
+    fmt_rate,
+    machine_info,
+    make_trainer,
+    print_json_line,
+    print_stage_table,
+    quiet_lightning,
+    warn_if_busy,
+)
 
 TRL_REFERENCE_EPISODES_PER_S = 17.0  # given to us for TRL 1.12 on this machine; not measured here
 OUTSIDE_SHARE_TARGET = 0.25
@@ -107,21 +111,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def quiet_lightning() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*num_workers.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Writing model shards" from save_pretrained
-    except Exception:
-        pass
-
-
 def build_tokenizer(vocab: int):
     from iterppo_lightning.data.chat_format import SPECIAL_TOKENS
     from iterppo_lightning.models.tiny_lm import train_word_tokenizer
@@ -146,18 +135,6 @@ def make_batches(tok, args, n_batches: int, gen: random.Random) -> list[dict[str
         ids, mask = pad_left(seqs, tok.pad_token_id)
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
-
-
-def make_trainer(callbacks=()):
-    return L.Trainer(
-        max_epochs=1,
-        callbacks=list(callbacks),
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
 
 
 class LoopTimer(L.Callback):
@@ -190,10 +167,6 @@ def run_fit(module, batches) -> tuple[float, float]:
     trainer.fit(module, train_dataloaders=loader)
     wall = time.perf_counter() - t0
     return wall, loop_timer.seconds
-
-
-def fmt_rate(x: float | None) -> str:
-    return "" if x is None else f"{x:,.0f}"
 
 
 def main(argv=None) -> dict:
@@ -286,12 +259,9 @@ def main(argv=None) -> dict:
         "setup_s": setup_s,
         "tokenizer_size": len(tok),
         "policy_params": sum(p.numel() for p in model.parameters()),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **machine_info(),
         "loadavg_1min_before": load_before,
         "loadavg_1min_after": load_after,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
         "trl_reference_episodes_per_s": TRL_REFERENCE_EPISODES_PER_S,
         "vs_trl_reference": episodes_per_s / TRL_REFERENCE_EPISODES_PER_S,
         "args": vars(args),
@@ -309,14 +279,7 @@ def main(argv=None) -> dict:
     print(f"warm-up: {result['warmup']}" + (f" ({warm_wall:.2f}s)" if warm_wall is not None else ""))
     rows = [(k, timings[k], rates.get(k)) for k in STAGES]
     rows.append(("other (untimed)", untimed, None))
-    header = f"{'stage':<18}{'seconds':>10}{'share':>9}{'tokens/s':>12}"
-    print(header)
-    print("-" * len(header))
-    for name, secs, r in rows:
-        print(f"{name:<18}{secs:>10.3f}{secs / phase_wall:>8.1%}{fmt_rate(r):>13}")
-    print("-" * len(header))
-    print(f"{'phase (fit wall)':<18}{phase_wall:>10.3f}{1:>8.0%}")
-    print(f"{'  training loop':<18}{loop_wall:>10.3f}{loop_wall / phase_wall:>8.1%}")
+    print_stage_table(rows, phase_wall, "phase (fit wall)", [("  training loop", loop_wall)])
     print(
         "tokens/s: generate = batch*resp_len/s; score_forward = padded [prompt;reply] positions/s through "
         "policy+value, reference and Q; update = epochs*padded positions/s"
@@ -332,15 +295,8 @@ def main(argv=None) -> dict:
         f"(TRL 1.12 reference, given not measured: ~{TRL_REFERENCE_EPISODES_PER_S:.0f}/s "
         f"-> x{result['vs_trl_reference']:.2f})"
     )
-    busy = max(load_before, load_after)
-    if busy > 0.5 * (os.cpu_count() or 1):
-        print(
-            f"WARNING: 1-min load average {busy:.1f} on {os.cpu_count()} CPUs: other processes compete for the cores, "
-            "numbers are noisy (and with torch threads = cores, OpenMP oversubscription can slow every stage "
-            "several-fold; compare with --threads 1)"
-        )
-    sys.stdout.flush()
-    print(json.dumps(result, sort_keys=True))
+    warn_if_busy(load_before, load_after)
+    print_json_line(result)
     return result
 
 
