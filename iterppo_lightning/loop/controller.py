@@ -32,7 +32,7 @@ from pathlib import Path
 import lightning as L
 from rich.console import Console
 
-from iterppo_lightning.callbacks import IterationCallback, callback_chain
+from iterppo_lightning.callbacks import IterationCallback, callback_chain, callback_states, load_callback_states
 from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.data.log_io import read_logs
 from iterppo_lightning.distributed import collectives as dist_utils
@@ -374,7 +374,7 @@ class OuterLoop:
         self._call("on_iteration_end", k, self.record)
         self.view.should_stop = bool(dist_utils.broadcast_object(self.view.should_stop))  # rank 0's callbacks decide
         self.view.history.append(self.record)
-        states = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}
+        states = callback_states(self.callbacks)
         self.folder.finish_iteration(progress, self.view.history, self.view.should_stop, states)
 
     def iterations_to_run(self) -> range:
@@ -426,10 +426,7 @@ class OuterLoop:
             critic_file = folder.critic_file(self.source.critic_iteration(critic_fitted_in))
             if critic_file.exists():
                 folder.load_critic(self.system.critic, critic_file, self.base_model_dir)
-        for cb in self.callbacks:
-            saved = state.callbacks.get(type(cb).__name__)
-            if saved is not None and hasattr(cb, "load_state_dict"):
-                cb.load_state_dict(saved)
+        load_callback_states(self.callbacks, state.callbacks)
         self.view.history = list(state.history)
         self.view.initial_eval = state.initial_eval
 
