@@ -16,7 +16,7 @@ Each step ends with a commit to `run_state.json` (run_state.py), and each step
 reseeds from (seed, iteration, step): a run killed anywhere and resumed computes
 exactly what an uninterrupted run computes.
 
-Several processes (distributed.py): every process runs this loop. Rank 0 alone
+Several processes (distributed/collectives.py): every process runs this loop. Rank 0 alone
 collects, evaluates (the callbacks) and writes; every commit is a barrier, so
 the other ranks read buffers and pi_0 only once they are on disk; all ranks
 take part in the phase fits, and rank 0's early-stop decision is broadcast.
@@ -40,16 +40,7 @@ from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
 from iterppo_lightning.env.episodes import summarize_conversations
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.loop.bootstrap import behaviour_clone, make_pi0
-
-# RESUMABLE_CHANGES, RunDirError and prepare_run_dir stay importable from here (cli.py, earlier code).
-from iterppo_lightning.loop.run_dir import (  # noqa: F401
-    RESUMABLE_CHANGES,
-    WORLD_SIZE_KEYS,
-    OpenSettings,
-    RunDirError,
-    RunFolder,
-    prepare_run_dir,
-)
+from iterppo_lightning.loop.run_dir import WORLD_SIZE_KEYS, OpenSettings, RunFolder
 from iterppo_lightning.loop.run_state import IterationProgress, RunState, RunStateError
 from iterppo_lightning.loop.variants import (
     DataSource,
