@@ -40,7 +40,7 @@ from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
 from iterppo_lightning.env.episodes import summarize_conversations
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.loop.bootstrap import behaviour_clone, make_pi0
-from iterppo_lightning.loop.run_dir import WORLD_SIZE_KEYS, OpenSettings, RunFolder
+from iterppo_lightning.loop.run_dir import WORLD_SIZE_KEYS, OpenSettings, RunFolder, write_bootstrap_record
 from iterppo_lightning.loop.run_state import IterationProgress, RunState, RunStateError
 from iterppo_lightning.loop.variants import (
     DataSource,
@@ -52,7 +52,6 @@ from iterppo_lightning.loop.variants import (
 from iterppo_lightning.loop.view import LoopView
 from iterppo_lightning.models.policy_folder import check_policy_dir
 from iterppo_lightning.models.source import check_source, enable_gradient_checkpointing, load_causal_lm
-from iterppo_lightning.utils.atomic_io import atomic_write_text
 from iterppo_lightning.utils.seeding import derive_seed
 
 TrainerFactory = Callable[..., L.Trainer]
@@ -200,7 +199,7 @@ class OuterLoop:
                     system.bootstrap,
                     self.datamodule,
                     self.trainer_factory,
-                    self.run_dir / "pi_0",
+                    folder.pi0_dir,
                 )
             policy.attach(model, tokenizer)
             # A copy in the run: resume and the critic's backbone never depend on the source staying put.
@@ -210,7 +209,7 @@ class OuterLoop:
             if self.main:
                 policy.save(folder.policy_dir(0), card=card, merge=True)
             return
-        out = self.run_dir / "pi_0"
+        out = folder.pi0_dir
         if self.main:
             shutil.rmtree(out, ignore_errors=True)  # what an interrupted bootstrap left (never committed)
         dist_utils.barrier()
@@ -223,10 +222,8 @@ class OuterLoop:
         policy.attach(model, tokenizer)
         if self.main:
             card = {"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": "bootstrap"}
-            policy.save(out / "policy", card=card)
-            seconds = time.perf_counter() - start
-            episodes = system.bootstrap.episodes
-            atomic_write_text(out / "bootstrap.json", f'{{"seconds": {seconds}, "episodes": {episodes}}}\n')
+            policy.save(folder.policy_dir(0), card=card)
+            write_bootstrap_record(out, time.perf_counter() - start, system.bootstrap.episodes)
 
     # -- D_k ----------------------------------------------------------------------------------
     def collect(self, k: int, progress: IterationProgress) -> None:
@@ -335,7 +332,7 @@ class OuterLoop:
             self.record[key] = self._guarded(k, lambda k: self.improvement.fit(self, k))
             self.record["seconds"]["policy"] = time.perf_counter() - start
             if self.main:
-                self.policy.save(self.folder.iteration_dir(k) / "policy", card=self._policy_card(k, progress.source))
+                self.policy.save(self.folder.policy_dir(k + 1), card=self._policy_card(k, progress.source))
             if self.improvement.keeps_optimizer_state:
                 self.folder.save_policy_optimizer_state(self.policy, k)
             self.state.policy_state = {"kl_controller": self.policy.kl_controller.state_dict()}
@@ -401,7 +398,7 @@ class OuterLoop:
         state, policy, folder = self.state, self.policy, self.folder
         c, progress = state.completed_iterations, state.in_progress
         policy_fitted = progress is not None and progress.policy_fitted
-        policy.load(folder.iteration_dir(c) / "policy" if policy_fitted else folder.policy_dir(c))
+        policy.load(folder.policy_dir(c + 1) if policy_fitted else folder.policy_dir(c))
         base = self.system.base_model
         if base is not None and base.gradient_checkpointing:  # a saved folder does not carry the setting
             enable_gradient_checkpointing(policy.policy)
@@ -433,6 +430,7 @@ class OuterLoop:
             policy=self.policy,
             critic=self.system.critic if self.improvement.uses_critic else None,
             datamodule=self.datamodule,
+            folder=self.folder,
         )
 
     def check_model_sources(self) -> None:
