@@ -55,6 +55,19 @@ from iterppo_lightning.models.source import check_source, enable_gradient_checkp
 from iterppo_lightning.utils.seeding import derive_seed
 
 TrainerFactory = Callable[..., L.Trainer]
+"""`factory(phase, **overrides)` -> a fresh Trainer. Sharded optimizer state (keep_optimizer_state under
+DeepSpeed) needs one with a `zero_checkpoint_dir` it saves to after a fit, as the CLI's `IterPPOTrainer` has."""
+
+
+def check_trainer_saves_zero_state(trainer: L.Trainer, phase: str) -> None:
+    """Refuse a DeepSpeed phase Trainer that would drop the sharded optimizer state keep_optimizer_state asks for."""
+    if zero_stage(trainer) > 0 and not hasattr(trainer, "zero_checkpoint_dir"):
+        raise TypeError(
+            f"model.{phase}.keep_optimizer_state under DeepSpeed needs a phase Trainer that saves the sharded "
+            f"optimizer state (a `zero_checkpoint_dir` attribute, as commands/lightning_cli.IterPPOTrainer has); "
+            f"the trainer factory made a {type(trainer).__name__}, which would silently drop it. Make phase "
+            f"Trainers with IterPPOTrainer (or a subclass), or set model.{phase}.keep_optimizer_state false"
+        )
 
 
 class NumericalFault(RuntimeError):
@@ -453,6 +466,7 @@ class OuterLoop:
         root = str(self.folder.iteration_dir(k) / logs)
         trainer = self.trainer_factory(phase, max_epochs=max_epochs, default_root_dir=root)
         if module.keep_optimizer_state:
+            check_trainer_saves_zero_state(trainer, phase)
             trainer.zero_checkpoint_dir = self.folder.zero_checkpoint(k, phase)
             previous = self.folder.zero_checkpoint(k - 1, phase)
             module.resume_from_zero_checkpoint(previous if previous.exists() else None)
