@@ -21,12 +21,14 @@ The chain is configured under ``model.loop`` with class_path/init_args entries::
             init_args: {patience: 3}
 
 A callback subclasses ``IterationCallback`` and overrides the hooks it needs; one
-with ``state_dict``/``load_state_dict`` gets its state back on ``--resume``.
+with ``state_dict``/``load_state_dict`` gets its state back on ``--resume`` (``callback_states``:
+run_state.json keys it by class name, or by ``Name#i`` when the chain holds several of one class).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 from .base import IterationCallback
 from .early_stopping import EarlyStoppingCallback
@@ -57,6 +59,34 @@ def callback_chain(config: LoopConfig) -> list[IterationCallback]:
     return chain + list(config.extra_callbacks)
 
 
+def callback_state_keys(callbacks: list[IterationCallback]) -> list[str]:
+    """The key each callback's state is saved under in run_state.json: its class name when the chain holds one
+    callback of that class (the format of runs made before duplicates were possible), else ``Name#i``, i = its
+    index among the callbacks of that class (early_stopping_patience plus an EarlyStoppingCallback in
+    extra_callbacks, say), so that each gets its own state back on ``--resume``."""
+    names = [type(cb).__name__ for cb in callbacks]
+    total, seen = Counter(names), Counter()
+    keys = []
+    for name in names:
+        keys.append(name if total[name] == 1 else f"{name}#{seen[name]}")
+        seen[name] += 1
+    return keys
+
+
+def callback_states(callbacks: list[IterationCallback]) -> dict[str, Any]:
+    """The states to commit: key (``callback_state_keys``) -> ``state_dict()``, for callbacks that have one."""
+    keys = callback_state_keys(callbacks)
+    return {key: cb.state_dict() for key, cb in zip(keys, callbacks) if hasattr(cb, "state_dict")}
+
+
+def load_callback_states(callbacks: list[IterationCallback], saved: dict[str, Any]) -> None:
+    """Give each callback with ``load_state_dict`` the state ``callback_states`` saved for it (if any)."""
+    for key, cb in zip(callback_state_keys(callbacks), callbacks):
+        state = saved.get(key)
+        if state is not None and hasattr(cb, "load_state_dict"):
+            cb.load_state_dict(state)
+
+
 __all__ = [
     "IterationCallback",
     "OffPolicyEstimateCallback",
@@ -65,6 +95,9 @@ __all__ = [
     "ReportingCallback",
     "EarlyStoppingCallback",
     "callback_chain",
+    "callback_state_keys",
+    "callback_states",
+    "load_callback_states",
     "default_callbacks",
     "evaluate_policy",
 ]

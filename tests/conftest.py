@@ -1,6 +1,10 @@
 """Shared fixtures: simulated conversations, a word-level tokenizer trained on them, a tiny GPT-2.
 
 Everything is built locally (nothing is downloaded) and small enough for CPU tests.
+
+tests/ has no __init__.py files (pytest imports each test file by its basename), so every test file needs a
+basename unique across tests/: tests/commands/test_bootstrap.py next to tests/loop/test_bootstrap.py would stop
+collection with "import file mismatch" (name the newer one after what it tests, e.g. test_bootstrap_command.py).
 """
 
 from __future__ import annotations

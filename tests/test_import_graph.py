@@ -1,11 +1,11 @@
-"""The package's import graph has no cycles (module-level imports only).
+"""The package's import graph has no cycles, and its subpackages import downwards only (LAYERS).
 
 A cycle makes a module's names depend on which module of the cycle was imported first; the layout
-is meant to read one way (cli -> commands -> loop -> modules -> ...). The first check counts what runs
-when a module loads: imports inside functions run later (that is how `iterppo` imports a subcommand's
-module only when it runs) and `if TYPE_CHECKING:` imports never run. The second check counts every
-import statement that can run: a cycle hidden in a function (cli -> sweep -> cli, once) still ties two modules
-together.
+is meant to read one way, top to bottom in LAYERS (docs/architecture.md). The cycle check and the
+layering check count what runs when a module loads: imports inside functions run later (that is how
+`iterppo` imports a subcommand's module only when it runs) and `if TYPE_CHECKING:` imports never run.
+The second cycle check counts every import statement that can run: a cycle hidden in a function
+(cli -> sweep -> cli, once) still ties two modules together.
 """
 
 from __future__ import annotations
@@ -17,6 +17,24 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "iterppo_lightning"
 # Source folder -> the module name it is installed as (pyproject.toml: callbacks/ is iterppo_lightning.callbacks).
 SOURCES = {REPO / PACKAGE: PACKAGE, REPO / "callbacks": f"{PACKAGE}.callbacks"}
+# The package's layers, top to bottom (docs/architecture.md): a module imports, at module level, only from its
+# own layer or the layers below it. A top-level module (cli.py, system.py) is a layer of its own.
+LAYERS = [
+    "__main__",
+    "cli",
+    "experiments",
+    "commands",
+    "system",
+    "loop",
+    "callbacks",
+    "modules",
+    "rl",
+    "env",
+    "models",
+    "data",
+    "distributed",
+    "utils",
+]
 
 
 def module_files(sources: dict[Path, str]) -> dict[str, Path]:
@@ -110,6 +128,28 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def layer_of(module: str) -> str | None:
+    """`pkg.loop.controller` -> "loop", `pkg.cli` -> "cli"; None for the package itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[str]) -> list[str]:
+    """Every import from a module to one in a higher layer (or in a layer `layers` does not place), as text."""
+    rank = {layer: i for i, layer in enumerate(layers)}
+    problems = []
+    for source in sorted(graph):
+        for target in sorted(graph[source]):
+            src, dst = layer_of(source), layer_of(target)
+            if src is None or dst is None or src == dst:
+                continue
+            if src not in rank or dst not in rank:
+                problems.append(f"{source} -> {target} ({src if src not in rank else dst} is not in LAYERS)")
+            elif rank[dst] < rank[src]:
+                problems.append(f"{source} -> {target} ({dst} is above {src})")
+    return problems
+
+
 def test_the_package_import_graph_has_no_cycles():
     modules = module_files(SOURCES)
     assert f"{PACKAGE}.cli" in modules and f"{PACKAGE}.callbacks.base" in modules
@@ -139,3 +179,29 @@ def test_the_check_finds_a_cycle_through_absolute_relative_and_from_imports(tmp_
     (pkg / "sub" / "c.py").write_text("def g():\n    from pkg.a import something\n")
     assert find_cycle(import_graph(module_files({pkg: "pkg"}))) is None
     assert find_cycle(import_graph(module_files({pkg: "pkg"}), everywhere=True)) == cycle
+
+
+def test_subpackages_import_only_from_the_layers_below_them():
+    modules = module_files(SOURCES)
+    assert {layer_of(m) for m in modules} - {None} == set(LAYERS), "every top-level module or subpackage has a layer"
+    problems = upward_imports(import_graph(modules), LAYERS)
+    assert not problems, "imports against the layering (docs/architecture.md):\n  " + "\n  ".join(problems)
+
+
+def test_the_layering_check_finds_an_upward_import_and_an_unplaced_subpackage(tmp_path):
+    pkg = tmp_path / "pkg"
+    for sub in ("high", "low", "extra"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "high" / "a.py").write_text("from pkg.low import b\n")  # downwards: allowed
+    (pkg / "high" / "c.py").write_text("from . import a\n")  # within its layer: allowed
+    (pkg / "low" / "b.py").write_text("def f():\n    from pkg.high import a\n")  # inside a function: not counted
+    layers = ["high", "low"]
+    assert upward_imports(import_graph(module_files({pkg: "pkg"})), layers) == []
+    (pkg / "low" / "b.py").write_text("from ..high import a\n")
+    (pkg / "extra" / "d.py").write_text("import pkg.low.b\n")
+    assert upward_imports(import_graph(module_files({pkg: "pkg"})), layers) == [
+        "pkg.extra.d -> pkg.low.b (extra is not in LAYERS)",
+        "pkg.low.b -> pkg.high.a (high is above low)",
+    ]

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ import lightning as L
 
 from iterppo_lightning.env.sales_simulator import SalesSimulator
 from iterppo_lightning.loop.bootstrap import make_pi0
+from iterppo_lightning.loop.run_dir import write_bootstrap_record
 from iterppo_lightning.utils.atomic_io import atomic_dir
 from iterppo_lightning.utils.seeding import derive_seed
 
@@ -58,6 +58,5 @@ def bootstrap_pi0(
         card = {"policy_id": "pi_0", "run_id": None, "parent": None, "source": "bootstrap", "seed": seed}
         model.policy.save(tmp / "policy", card=card)
         seconds = time.perf_counter() - start
-        record = {"seconds": seconds, "episodes": model.bootstrap.episodes, "seed": seed}
-        (tmp / "bootstrap.json").write_text(json.dumps(record) + "\n")
+        write_bootstrap_record(tmp, seconds, model.bootstrap.episodes, seed=seed)
     return {"output": str(out), "policy": str(out / "policy"), "seed": seed, "seconds": seconds}

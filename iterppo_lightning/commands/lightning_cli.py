@@ -45,14 +45,16 @@ from iterppo_lightning.distributed.phase_strategies import (
     launch_processes,
 )
 from iterppo_lightning.env.factory import make_environment
-from iterppo_lightning.loop.controller import NumericalFault, OuterLoop, RunDirError
+from iterppo_lightning.loop.controller import NumericalFault, OuterLoop
+from iterppo_lightning.loop.run_dir import RunDirError
 from iterppo_lightning.loop.run_state import RunStateError
 from iterppo_lightning.system import IterativePPO
 
 __all__ = ["main", "resolve_fit_config", "FitConfigError", "IterPPOCLI", "IterPPOTrainer", "TRAINER_DEFAULTS"]
 
 TRAINER_DEFAULTS = {
-    # Checkpoints of each phase are the loop's job (CheckpointCallback); Lightning's would pile up per phase.
+    # What a resume needs is the loop's job: each step commits its weights (critic.pt, the policy folder) and
+    # run_state.json to the run folder (loop/run_dir.py). Lightning's checkpoints would pile up per phase.
     "enable_checkpointing": False,
     "logger": False,
     "num_sanity_val_steps": 0,
@@ -283,7 +285,7 @@ class IterPPOCLI(LightningCLI):
         # A fresh strategy object per phase Trainer (a used one refuses a second Trainer), from the raw config.
         raw = self.config[self.config["subcommand"]]
         overrides.setdefault("strategy", build_phase_strategy(phase, raw, getattr(self, "_model_for_strategies", None)))
-        # Our DataModule shards every global batch itself (distributed.ShardedBatchSampler).
+        # Our DataModule shards every global batch itself (distributed/collectives.py: ShardedBatchSampler).
         overrides.setdefault("use_distributed_sampler", False)
         # instantiate_trainer extends the callbacks list in place: hand it a copy per phase.
         callbacks = list(trainer_config.get("callbacks") or [])

@@ -330,7 +330,8 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     @staticmethod
     def _loader(examples, batch_size: int, collate, shuffle: bool = False, sampler=None) -> DataLoader:
-        """Global batches drawn the same on every process, each cut to this rank's slice (distributed.py).
+        """Global batches drawn the same on every process, each cut to this rank's slice
+        (distributed/collectives.py: `ShardedBatchSampler`).
 
         In a single process this iterates exactly like `DataLoader(batch_size=..., shuffle=..., sampler=...)`.
         """

@@ -29,12 +29,11 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 from jsonargparse import ArgumentParser
 
-from iterppo_lightning.experiments.run_records import recorded_seconds
+from iterppo_lightning.experiments.run_records import read_json, read_run_state, recorded_seconds
 from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_text
 from iterppo_lightning.utils.stats import as_number, lookup
 
@@ -172,15 +171,8 @@ def conversation_counts(records: list[dict], episodes_per_iteration: int | None)
     return counts
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def load_run(experiment: str, seed: int, run_dir: Path, entry: dict | None = None) -> Run:
-    state = _read_json(run_dir / "run_state.json") or {}
+    state = read_run_state(run_dir) or {}
     run = Run(experiment, seed, run_dir, bool(state.get("finished")))
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
@@ -300,7 +292,7 @@ def _minutes(values: list[float]) -> str:
 
 
 def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None = None) -> dict:
-    index = _read_json(sweep_dir / "sweep.json")
+    index = read_json(sweep_dir / "sweep.json")
     if not isinstance(index, dict) or "runs" not in index:
         raise FileNotFoundError(
             f"{str(sweep_dir)!r} holds no sweep ({sweep_dir / 'sweep.json'} is missing or unreadable)"

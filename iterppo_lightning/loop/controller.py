@@ -16,7 +16,7 @@ Each step ends with a commit to `run_state.json` (run_state.py), and each step
 reseeds from (seed, iteration, step): a run killed anywhere and resumed computes
 exactly what an uninterrupted run computes.
 
-Several processes (distributed.py): every process runs this loop. Rank 0 alone
+Several processes (distributed/collectives.py): every process runs this loop. Rank 0 alone
 collects, evaluates (the callbacks) and writes; every commit is a barrier, so
 the other ranks read buffers and pi_0 only once they are on disk; all ranks
 take part in the phase fits, and rank 0's early-stop decision is broadcast.
@@ -32,7 +32,7 @@ from pathlib import Path
 import lightning as L
 from rich.console import Console
 
-from iterppo_lightning.callbacks import IterationCallback, callback_chain
+from iterppo_lightning.callbacks import IterationCallback, callback_chain, callback_states, load_callback_states
 from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.data.log_io import read_logs
 from iterppo_lightning.distributed import collectives as dist_utils
@@ -40,16 +40,7 @@ from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
 from iterppo_lightning.env.episodes import summarize_conversations
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.loop.bootstrap import behaviour_clone, make_pi0
-
-# RESUMABLE_CHANGES, RunDirError and prepare_run_dir stay importable from here (cli.py, earlier code).
-from iterppo_lightning.loop.run_dir import (  # noqa: F401
-    RESUMABLE_CHANGES,
-    WORLD_SIZE_KEYS,
-    OpenSettings,
-    RunDirError,
-    RunFolder,
-    prepare_run_dir,
-)
+from iterppo_lightning.loop.run_dir import WORLD_SIZE_KEYS, OpenSettings, RunFolder, write_bootstrap_record
 from iterppo_lightning.loop.run_state import IterationProgress, RunState, RunStateError
 from iterppo_lightning.loop.variants import (
     DataSource,
@@ -61,10 +52,22 @@ from iterppo_lightning.loop.variants import (
 from iterppo_lightning.loop.view import LoopView
 from iterppo_lightning.models.policy_folder import check_policy_dir
 from iterppo_lightning.models.source import check_source, enable_gradient_checkpointing, load_causal_lm
-from iterppo_lightning.utils.atomic_io import atomic_write_text
 from iterppo_lightning.utils.seeding import derive_seed
 
 TrainerFactory = Callable[..., L.Trainer]
+"""`factory(phase, **overrides)` -> a fresh Trainer. Sharded optimizer state (keep_optimizer_state under
+DeepSpeed) needs one with a `zero_checkpoint_dir` it saves to after a fit, as the CLI's `IterPPOTrainer` has."""
+
+
+def check_trainer_saves_zero_state(trainer: L.Trainer, phase: str) -> None:
+    """Refuse a DeepSpeed phase Trainer that would drop the sharded optimizer state keep_optimizer_state asks for."""
+    if zero_stage(trainer) > 0 and not hasattr(trainer, "zero_checkpoint_dir"):
+        raise TypeError(
+            f"model.{phase}.keep_optimizer_state under DeepSpeed needs a phase Trainer that saves the sharded "
+            f"optimizer state (a `zero_checkpoint_dir` attribute, as commands/lightning_cli.IterPPOTrainer has); "
+            f"the trainer factory made a {type(trainer).__name__}, which would silently drop it. Make phase "
+            f"Trainers with IterPPOTrainer (or a subclass), or set model.{phase}.keep_optimizer_state false"
+        )
 
 
 class NumericalFault(RuntimeError):
@@ -209,7 +212,7 @@ class OuterLoop:
                     system.bootstrap,
                     self.datamodule,
                     self.trainer_factory,
-                    self.run_dir / "pi_0",
+                    folder.pi0_dir,
                 )
             policy.attach(model, tokenizer)
             # A copy in the run: resume and the critic's backbone never depend on the source staying put.
@@ -219,7 +222,7 @@ class OuterLoop:
             if self.main:
                 policy.save(folder.policy_dir(0), card=card, merge=True)
             return
-        out = self.run_dir / "pi_0"
+        out = folder.pi0_dir
         if self.main:
             shutil.rmtree(out, ignore_errors=True)  # what an interrupted bootstrap left (never committed)
         dist_utils.barrier()
@@ -232,10 +235,8 @@ class OuterLoop:
         policy.attach(model, tokenizer)
         if self.main:
             card = {"policy_id": "pi_0", "run_id": self.state.run_id, "parent": None, "source": "bootstrap"}
-            policy.save(out / "policy", card=card)
-            seconds = time.perf_counter() - start
-            episodes = system.bootstrap.episodes
-            atomic_write_text(out / "bootstrap.json", f'{{"seconds": {seconds}, "episodes": {episodes}}}\n')
+            policy.save(folder.policy_dir(0), card=card)
+            write_bootstrap_record(out, time.perf_counter() - start, system.bootstrap.episodes)
 
     # -- D_k ----------------------------------------------------------------------------------
     def collect(self, k: int, progress: IterationProgress) -> None:
@@ -344,7 +345,7 @@ class OuterLoop:
             self.record[key] = self._guarded(k, lambda k: self.improvement.fit(self, k))
             self.record["seconds"]["policy"] = time.perf_counter() - start
             if self.main:
-                self.policy.save(self.folder.iteration_dir(k) / "policy", card=self._policy_card(k, progress.source))
+                self.policy.save(self.folder.policy_dir(k + 1), card=self._policy_card(k, progress.source))
             if self.improvement.keeps_optimizer_state:
                 self.folder.save_policy_optimizer_state(self.policy, k)
             self.state.policy_state = {"kl_controller": self.policy.kl_controller.state_dict()}
@@ -374,7 +375,7 @@ class OuterLoop:
         self._call("on_iteration_end", k, self.record)
         self.view.should_stop = bool(dist_utils.broadcast_object(self.view.should_stop))  # rank 0's callbacks decide
         self.view.history.append(self.record)
-        states = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}
+        states = callback_states(self.callbacks)
         self.folder.finish_iteration(progress, self.view.history, self.view.should_stop, states)
 
     def iterations_to_run(self) -> range:
@@ -410,7 +411,7 @@ class OuterLoop:
         state, policy, folder = self.state, self.policy, self.folder
         c, progress = state.completed_iterations, state.in_progress
         policy_fitted = progress is not None and progress.policy_fitted
-        policy.load(folder.iteration_dir(c) / "policy" if policy_fitted else folder.policy_dir(c))
+        policy.load(folder.policy_dir(c + 1) if policy_fitted else folder.policy_dir(c))
         base = self.system.base_model
         if base is not None and base.gradient_checkpointing:  # a saved folder does not carry the setting
             enable_gradient_checkpointing(policy.policy)
@@ -426,10 +427,7 @@ class OuterLoop:
             critic_file = folder.critic_file(self.source.critic_iteration(critic_fitted_in))
             if critic_file.exists():
                 folder.load_critic(self.system.critic, critic_file, self.base_model_dir)
-        for cb in self.callbacks:
-            saved = state.callbacks.get(type(cb).__name__)
-            if saved is not None and hasattr(cb, "load_state_dict"):
-                cb.load_state_dict(saved)
+        load_callback_states(self.callbacks, state.callbacks)
         self.view.history = list(state.history)
         self.view.initial_eval = state.initial_eval
 
@@ -445,6 +443,7 @@ class OuterLoop:
             policy=self.policy,
             critic=self.system.critic if self.improvement.uses_critic else None,
             datamodule=self.datamodule,
+            folder=self.folder,
         )
 
     def check_model_sources(self) -> None:
@@ -467,6 +466,7 @@ class OuterLoop:
         root = str(self.folder.iteration_dir(k) / logs)
         trainer = self.trainer_factory(phase, max_epochs=max_epochs, default_root_dir=root)
         if module.keep_optimizer_state:
+            check_trainer_saves_zero_state(trainer, phase)
             trainer.zero_checkpoint_dir = self.folder.zero_checkpoint(k, phase)
             previous = self.folder.zero_checkpoint(k - 1, phase)
             module.resume_from_zero_checkpoint(previous if previous.exists() else None)

@@ -16,6 +16,7 @@ the algorithm in controller.py:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,20 @@ RESUMABLE_CHANGES = {
 }
 
 WORLD_SIZE_KEYS = "trainer.devices x trainer.num_nodes"
+
+
+def new_iteration_record(k: int) -> dict:
+    """The record iteration k starts with; the steps and callbacks add to it, and it joins the history."""
+    return {"iteration": k, "policy": f"pi_{k + 1}", "seconds": {}}
+
+
+def write_bootstrap_record(pi0_dir: Path, seconds: float, episodes: int, seed: int | None = None) -> None:
+    """`bootstrap.json` next to a bootstrapped pi_0: its wall seconds and episodes, and the seed when given
+    (`iterppo bootstrap`; a run's own pi_0 has the run's seed, in run_state.json). Read by sweep and report."""
+    record = {"seconds": seconds, "episodes": episodes}
+    if seed is not None:
+        record["seed"] = seed
+    atomic_write_text(pi0_dir / "bootstrap.json", json.dumps(record) + "\n")
 
 
 class RunDirError(RuntimeError):
@@ -125,10 +140,16 @@ class RunFolder:
         """The conversations iteration k trains on (collected, or its batch of logs)."""
         return self.iteration_dir(k) / "buffer"
 
+    @property
+    def pi0_dir(self) -> Path:
+        """Where the run makes its own pi_0: `policy/`, and for a bootstrapped one its logs and bootstrap.json."""
+        return self.path / "pi_0"
+
     def policy_dir(self, k: int) -> Path:
-        """Folder of pi_k (pi_0 = the given policy folder, or the run's copy of a base model / bootstrapped pi_0)."""
+        """Folder of pi_k (pi_0 = the given policy folder, or the run's copy of a base model / bootstrapped pi_0;
+        pi_(k+1) = what iteration k exported)."""
         if k == 0:
-            return Path(self.policy_init) if self.policy_init else self.path / "pi_0" / "policy"
+            return Path(self.policy_init) if self.policy_init else self.pi0_dir / "policy"
         return self.iteration_dir(k - 1) / "policy"
 
     def critic_file(self, k: int) -> Path:
@@ -161,7 +182,7 @@ class RunFolder:
         if progress is None or progress.iteration != k:
             source = {"kind": "logs", "path": str(Path(logs).resolve())} if logs else {"kind": "simulator"}
             progress = IterationProgress(k, source)
-            progress.record = {"iteration": k, "policy": f"pi_{k + 1}", "seconds": {}}
+            progress.record = new_iteration_record(k)
             self.state.in_progress = progress
         return progress
 
@@ -280,7 +301,7 @@ class RunFolder:
         self.state.mode = "logs"
         k = self.state.completed_iterations
         progress = IterationProgress(k, {"kind": "logs", "path": str(Path(logs).resolve())})
-        progress.record = {"iteration": k, "policy": f"pi_{k + 1}", "seconds": {}}
+        progress.record = new_iteration_record(k)
         self.state.in_progress = progress
 
     def _read_logs_first(self, logs: str | None) -> LogBatch | None:

@@ -61,7 +61,8 @@ class RunState:
     policy_state: dict[str, Any] = field(default_factory=dict)
     """State of the policy module that is not in its weights (the KL controller)."""
     callbacks: dict[str, Any] = field(default_factory=dict)
-    """`state_dict()` of callbacks that have one (early stopping), by class name."""
+    """`state_dict()` of callbacks that have one (early stopping), by class name, or `Name#i` for the i-th of
+    several callbacks of one class (callbacks.callback_state_keys)."""
     finished: bool = False
     stopped_early: bool = False
     mode: str = "simulator"

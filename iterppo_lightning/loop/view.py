@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from iterppo_lightning.data.datamodule import TrajectoryDataModule
     from iterppo_lightning.env.episodes import Environment
     from iterppo_lightning.loop.config import LoopConfig
+    from iterppo_lightning.loop.run_dir import RunFolder
     from iterppo_lightning.modules.critic import CriticModule
     from iterppo_lightning.modules.policy import PolicyModule
 
@@ -47,6 +48,14 @@ class LoopView:
     """Evaluation of pi_0 (same keys as a record); set by the evaluation callback in `on_run_start`."""
     should_stop: bool = False
     """Set it to True in `on_iteration_end` to stop after the current iteration (early stopping)."""
+    folder: RunFolder | None = None
+    """The run folder (loop/run_dir.py), the one place its layout is spelled; None = `RunFolder(run_dir)`."""
+
+    def __post_init__(self) -> None:
+        if self.folder is None:
+            from iterppo_lightning.loop.run_dir import RunFolder  # torch and the run state: only when needed
+
+            self.folder = RunFolder(self.run_dir)
 
     @property
     def num_iterations(self) -> int:
@@ -55,4 +64,4 @@ class LoopView:
 
     def iteration_dir(self, k: int) -> Path:
         """Folder of iteration k (its buffer, critic.pt, policy/ = pi_(k+1), metrics.json)."""
-        return self.run_dir / f"iteration_{k}"
+        return self.folder.iteration_dir(k)

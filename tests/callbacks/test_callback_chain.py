@@ -16,6 +16,9 @@ from iterppo_lightning.callbacks import (
     OffPolicyEstimateCallback,
     ReportingCallback,
     callback_chain,
+    callback_state_keys,
+    callback_states,
+    load_callback_states,
 )
 from iterppo_lightning.loop.config import LoopConfig
 from iterppo_lightning.loop.view import LoopView
@@ -107,6 +110,28 @@ def test_a_replaced_chain_with_early_stopping_patience_is_refused_naming_both_ke
     assert proc.returncode != 0
     assert "model.loop.early_stopping_patience" in proc.stderr and "model.loop.callbacks" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_two_callbacks_of_one_class_keep_their_own_state_across_a_resume():
+    # early_stopping_patience plus an EarlyStoppingCallback in extra_callbacks: two of one class in the chain.
+    config = LoopConfig(early_stopping_patience=3, extra_callbacks=[EarlyStoppingCallback(monitor="ope.q_policy")])
+    chain = callback_chain(config)
+    keys = callback_state_keys(chain)
+    # A class that appears once keeps its bare name: run_state.json of existing runs reads back unchanged.
+    assert keys == [cb.__name__ for cb in DEFAULT_CHAIN] + ["EarlyStoppingCallback#0", "EarlyStoppingCallback#1"]
+    first, second = chain[-2:]
+    first.best, first.best_iteration, first.wait = 0.5, 1, 2
+    second.best, second.best_iteration, second.wait = -3.0, 0, 1
+    saved = json.loads(json.dumps(callback_states(chain)))  # as committed to run_state.json
+    assert set(saved) == {"EarlyStoppingCallback#0", "EarlyStoppingCallback#1"}
+    resumed = callback_chain(config)
+    load_callback_states(resumed, saved)
+    assert [(cb.best, cb.best_iteration, cb.wait) for cb in resumed[-2:]] == [(0.5, 1, 2), (-3.0, 0, 1)]
+    assert [cb.monitor for cb in resumed[-2:]] == [first.monitor, "ope.q_policy"]
+    # A run saved before duplicates were possible: one early-stopping callback, keyed by its class name.
+    single = callback_chain(LoopConfig(early_stopping_patience=3))
+    load_callback_states(single, {"EarlyStoppingCallback": saved["EarlyStoppingCallback#0"]})
+    assert (single[-1].best, single[-1].wait) == (0.5, 2)
 
 
 @pytest.mark.slow

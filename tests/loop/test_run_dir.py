@@ -9,8 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from iterppo_lightning.loop.run_dir import OpenSettings, RunDirError, RunFolder, prepare_run_dir
+from iterppo_lightning.loop.config import LoopConfig
+from iterppo_lightning.loop.run_dir import (
+    OpenSettings,
+    RunDirError,
+    RunFolder,
+    new_iteration_record,
+    prepare_run_dir,
+    write_bootstrap_record,
+)
 from iterppo_lightning.loop.run_state import RunStateError, load_run_state
+from iterppo_lightning.loop.view import LoopView
 from iterppo_lightning.modules.critic import CriticModule
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
 
@@ -38,6 +47,31 @@ def test_a_new_run_writes_its_state_and_config(tmp_path):
     assert folder.policy_dir(0) == run_dir / "pi_0" / "policy"
     assert folder.policy_dir(2) == run_dir / "iteration_1" / "policy"
     assert RunFolder(run_dir, policy_init="/given/pi0").policy_dir(0).as_posix() == "/given/pi0"
+    assert folder.pi0_dir == run_dir / "pi_0"
+    assert (
+        folder.begin_iteration(0, None).record
+        == new_iteration_record(0)
+        == {"iteration": 0, "policy": "pi_1", "seconds": {}}
+    )
+
+
+def test_the_loop_view_reads_the_run_folders_layout(tmp_path):
+    class Moved(RunFolder):
+        def iteration_dir(self, k):
+            return self.path / "elsewhere" / str(k)
+
+    config = LoopConfig(iterations=2)
+    assert LoopView(run_dir=tmp_path, config=config, seed=0).iteration_dir(3) == RunFolder(tmp_path).iteration_dir(3)
+    assert LoopView(run_dir=tmp_path, config=config, seed=0, folder=Moved(tmp_path)).iteration_dir(3) == (
+        tmp_path / "elsewhere" / "3"
+    )
+
+
+def test_one_writer_of_bootstrap_json_fit_s_format_unchanged_and_the_command_adds_its_seed(tmp_path):
+    write_bootstrap_record(tmp_path, 12.5, 64)  # fit: the text the run wrote before
+    assert (tmp_path / "bootstrap.json").read_text() == '{"seconds": 12.5, "episodes": 64}\n'
+    write_bootstrap_record(tmp_path, 12.5, 64, seed=3)  # iterppo bootstrap
+    assert json.loads((tmp_path / "bootstrap.json").read_text()) == {"seconds": 12.5, "episodes": 64, "seed": 3}
 
 
 def test_a_failing_preflight_creates_no_run_dir(tmp_path):
