@@ -16,7 +16,7 @@ One `lightning.Trainer(max_epochs=1, accelerator="cpu", ...)` fit of
   the policy's saved config, `init_from_policy=False`), attached with
   `attach_critic`; frozen, only its forward pass costs time;
 * prompts: random non-special token ids, lengths uniform in
-  [prompt_len/2, prompt_len], left-padded with `datamodule.pad_left`.
+  [prompt_len/2, prompt_len], left-padded with `data.padding.pad_left`.
 
 A random policy almost never samples EOS, so replies run to `--resp-len`
 tokens; the actual mean reply length (`fit_stats["response_length"]`) is
@@ -125,7 +125,7 @@ def build_tokenizer(vocab: int):
 
 
 def make_batches(tok, args, n_batches: int, gen: random.Random) -> list[dict[str, torch.Tensor]]:
-    from iterppo_lightning.data.datamodule import pad_left
+    from iterppo_lightning.data.padding import pad_left
 
     allowed = sorted(set(range(len(tok))) - set(tok.all_special_ids))  # never eos / pad / other specials
     lo = max(1, args.prompt_len // 2)

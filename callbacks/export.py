@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from iterppo_lightning.utils.atomic_io import atomic_write_json
+from iterppo_lightning.utils.atomic_io import atomic_symlink, atomic_write_json
 
 from .base import IterationCallback
 
@@ -22,10 +22,5 @@ class ExportCallback(IterationCallback):
     def on_iteration_end(self, loop: LoopView, iteration: int, record: dict) -> None:
         out = loop.iteration_dir(iteration)
         atomic_write_json(out / "metrics.json", record)
-        # `final_policy` -> newest policy; a symlink swapped in with rename, never half-updated.
-        link = loop.run_dir / "final_policy"
-        tmp_link = loop.run_dir / ".final_policy.tmp"
-        if tmp_link.is_symlink() or tmp_link.exists():
-            tmp_link.unlink()
-        os.symlink(os.path.relpath(out / "policy", loop.run_dir), tmp_link)
-        os.replace(tmp_link, link)
+        # `final_policy` -> newest policy, as a relative link swapped in atomically.
+        atomic_symlink(os.path.relpath(out / "policy", loop.run_dir), loop.run_dir / "final_policy")

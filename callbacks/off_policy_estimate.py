@@ -9,14 +9,18 @@ the logged replies and the logged discounted return they actually got. In
 simulated runs the evaluation callback's `mean_return` (same discount, true
 simulated customers) is the number to compare it with. With a critic ensemble
 Q_k is the members' mean; the filtered-BC baseline has no Q_k and no estimate.
+
+When there are more than `max_states` opening states, the ones used are a sample
+whose stream depends on the iteration only, not on the run seed
+(`utils.seeding.ope_sample_rng`).
 """
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING
 
 from iterppo_lightning.rl.critic_targets import sample_replies, score_pairs
+from iterppo_lightning.utils.seeding import ope_sample_rng
 
 from .base import IterationCallback
 
@@ -47,7 +51,8 @@ class OffPolicyEstimateCallback(IterationCallback):
         if not opening:
             return
         if len(opening) > self.max_states:
-            opening = random.Random(iteration).sample(opening, self.max_states)
+            # The sample depends on the iteration only, not on the run seed (see `ope_sample_rng`).
+            opening = ope_sample_rng(iteration).sample(opening, self.max_states)
         prompts = [e.prompt_ids for e in opening]
         pad = policy.tokenizer.pad_token_id
         replies = sample_replies(

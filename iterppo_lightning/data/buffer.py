@@ -12,9 +12,13 @@ from pathlib import Path
 
 import datasets
 
-from iterppo_lightning.data.conversation import TURN_FIELDS, Conversation, Turn
+from iterppo_lightning.data.conversation import TURN_FIELD_TYPES, TURN_FIELDS, Conversation, Turn
 from iterppo_lightning.utils.atomic_io import atomic_dir
 from iterppo_lightning.utils.failpoints import failpoint
+
+# A turn field's type -> its column's dtype in a buffer. (One `Value` per column, not one shared object:
+# the dataset's fingerprint in state.json hashes the pickled features, where a shared object pickles differently.)
+_COLUMN_DTYPES = {str: "string", int: "int64"}
 
 # A fixed schema keeps every buffer loadable together; metadata varies by
 # source (simulator persona, log fields), so it is stored as a JSON string.
@@ -24,16 +28,7 @@ FEATURES = datasets.Features(
         "iteration": datasets.Value("int64"),
         "policy_id": datasets.Value("string"),
         "metadata": datasets.Value("string"),
-        "turns": datasets.Sequence(
-            {
-                "customer": datasets.Value("string"),
-                "outcome": datasets.Value("int64"),
-                "suggestion": datasets.Value("string"),
-                "sent": datasets.Value("string"),
-                "business_action": datasets.Value("string"),
-                "timestamp": datasets.Value("string"),
-            }
-        ),
+        "turns": datasets.Sequence({key: datasets.Value(_COLUMN_DTYPES[TURN_FIELD_TYPES[key]]) for key in TURN_FIELDS}),
     }
 )
 
@@ -48,19 +43,15 @@ def _to_row(conv: Conversation) -> dict:
     }
 
 
+def _cell(key: str, value):
+    return int(value) if TURN_FIELD_TYPES[key] is int else value
+
+
 def _from_row(row: dict) -> Conversation:
     cols = row["turns"]
-    turns = [
-        Turn(
-            customer=cols["customer"][i],
-            outcome=int(cols["outcome"][i]),
-            suggestion=cols["suggestion"][i],
-            sent=cols["sent"][i],
-            business_action=cols["business_action"][i],
-            timestamp=cols["timestamp"][i] if "timestamp" in cols else None,
-        )
-        for i in range(len(cols["customer"]))
-    ]
+    # A buffer written before a field existed (e.g. timestamp) has no column for it: the field keeps its default.
+    keys = [key for key in TURN_FIELDS if key in cols]
+    turns = [Turn(**{key: _cell(key, cols[key][i]) for key in keys}) for i in range(len(cols[TURN_FIELDS[0]]))]
     return Conversation(
         conversation_id=row["conversation_id"],
         turns=turns,

@@ -13,7 +13,7 @@ in full plus c_i and o_i. Reward R(s_i) = o_i.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 BUSINESS_ACTIONS = ("accept", "edit", "reject", "none")
 
@@ -40,6 +40,17 @@ class Turn:
 
 TURN_FIELDS = tuple(f.name for f in fields(Turn))
 """A turn's fields in order: the keys of a logged turn (docs/data.md) and the columns of a stored one."""
+
+
+def _stored_type(hint: Any) -> type:
+    """``str | None`` -> ``str``: the type a stored column holds (every column is nullable)."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+TURN_FIELD_TYPES: dict[str, type] = {name: _stored_type(get_type_hints(Turn)[name]) for name in TURN_FIELDS}
+"""Each turn field's value type (``str`` or ``int``), from `Turn`'s annotations: what the storage formats'
+schemas (data/buffer.py, data/log_io.py) are built from, each with its own map from type to column type."""
 
 
 @dataclass

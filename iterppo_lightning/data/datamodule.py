@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.data.conversation import Conversation
+from iterppo_lightning.data.padding import pad_left, pad_right
 from iterppo_lightning.data.rendering import render_state, render_suggestion
 from iterppo_lightning.distributed.collectives import ShardedBatchSampler
 from iterppo_lightning.utils.seeding import derive_uniform, hash_bits
@@ -80,27 +81,6 @@ def bootstrap_count(conversation_id: str, member: int, seed: int) -> int:
         term /= count
         cdf += term
     return count
-
-
-def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        if s:
-            ids[row, width - len(s) :] = torch.tensor(s)
-            mask[row, width - len(s) :] = 1
-    return ids, mask
-
-
-def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-    return ids, mask
 
 
 class TrajectoryDataModule(L.LightningDataModule):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iterppo_lightning.data.conversation import Conversation
+from iterppo_lightning.data.conversation import TURN_FIELD_TYPES, TURN_FIELDS, Conversation
 from iterppo_lightning.data.log_schema import LogProblem, check_record, parse_timestamp
 from iterppo_lightning.utils.atomic_io import atomic_path
 
@@ -353,16 +353,8 @@ def summarize_logs(conversations: list[Conversation]) -> dict:
 def _parquet_schema():
     import pyarrow as pa
 
-    turn = pa.struct(
-        [
-            ("customer", pa.string()),
-            ("outcome", pa.int64()),
-            ("suggestion", pa.string()),
-            ("sent", pa.string()),
-            ("business_action", pa.string()),
-            ("timestamp", pa.string()),
-        ]
-    )
+    column_types = {str: pa.string(), int: pa.int64()}  # a turn field's type -> its Parquet type
+    turn = pa.struct([(key, column_types[TURN_FIELD_TYPES[key]]) for key in TURN_FIELDS])
     return pa.schema(
         [
             ("conversation_id", pa.string()),

@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from iterppo_lightning.utils.atomic_io import replace_dir
 
 ZERO_CHECKPOINT_TAG = "phase"
 ZERO_CHECKPOINT_CARD = "iterppo_zero.json"
@@ -157,11 +158,8 @@ def save_zero_checkpoint(trainer, path: Path) -> None:
     if dist_utils.is_main():
         card = {"world_size": dist_utils.world_size(), "stage": zero_stage(trainer), "tag": ZERO_CHECKPOINT_TAG}
         (tmp / ZERO_CHECKPOINT_CARD).write_text(json.dumps(card, indent=2) + "\n")
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        # The previous checkpoint is renamed aside, not deleted, until the new one is in place.
+        replace_dir(tmp, path)
     dist_utils.barrier()
 
 

@@ -19,7 +19,6 @@ never guessed at.
 from __future__ import annotations
 
 import difflib
-import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.data.conversation import Conversation, Turn
 from iterppo_lightning.models.chat_generation import generate_chat
 from iterppo_lightning.utils.atomic_io import atomic_write_json
+from iterppo_lightning.utils.seeding import imagine_outcome_rng
 
 __all__ = [
     "ImagineConfig",
@@ -400,7 +400,7 @@ def imagine_personas(model, tokenizer, config: ImagineConfig) -> tuple[list[str]
 
 def sample_outcomes(config: ImagineConfig, n: int) -> list[int]:
     """Outcome labels drawn before generation, so the class balance is the config's, not the LLM's."""
-    rng = random.Random(config.seed)
+    rng = imagine_outcome_rng(config.seed)
     return [int(rng.random() < config.success_prob) for _ in range(n)]
 
 

@@ -41,6 +41,7 @@ from iterppo_lightning.env.sales_simulator import (
     SalesSimulator,
     SimulatorConfig,
 )
+from iterppo_lightning.utils.seeding import scripted_agent_rng, scripted_episode_seed
 
 
 class Agent(Protocol):
@@ -276,20 +277,10 @@ class BehaviourAgent:
 # ---------------------------------------------------------------------------
 
 
-def episode_seed(seed: int, index: int) -> int:
-    """Seed of episode ``index`` in a run seeded ``seed``: ``seed * 1_000_003 + index``.
-
-    The large prime stride keeps runs with nearby seeds from sharing episodes.
-    """
-    return seed * 1_000_003 + index
-
-
 def play_episode(agent: Agent, simulator: SalesSimulator, seed: int, conversation_id: str) -> Conversation:
-    """Play one episode to the end; the agent's rng is derived from the episode seed."""
+    """Play one episode to the end; the agent's rng is `scripted_agent_rng` of the episode seed."""
     episode = simulator.new_episode(seed, conversation_id)
-    # A string seed hashes deterministically (not via PYTHONHASHSEED) and keeps
-    # the agent's stream distinct from the episode's own ``Random(seed)``.
-    rng = random.Random(f"agent-{seed}")
+    rng = scripted_agent_rng(seed)
     while not episode.done:
         episode.step(agent.act(episode.conversation, rng))
     return episode.conversation
@@ -298,8 +289,8 @@ def play_episode(agent: Agent, simulator: SalesSimulator, seed: int, conversatio
 def run_agent(agent: Agent, config: SimulatorConfig, episodes: int, seed: int) -> dict[str, float | int]:
     """Success rate and mean agent messages per conversation over ``episodes`` episodes.
 
-    Episode ``i`` uses simulator seed :func:`episode_seed` ``(seed, i)`` and agent
-    rng ``random.Random(f"agent-{episode_seed}")``, so results are reproducible
+    Episode ``i`` uses simulator seed ``scripted_episode_seed(seed, i)`` and agent
+    rng ``scripted_agent_rng`` of that seed (utils/seeding.py), so results are reproducible
     and independent of how episodes are grouped.
     """
     if episodes < 1:
@@ -308,7 +299,7 @@ def run_agent(agent: Agent, config: SimulatorConfig, episodes: int, seed: int) -
     successes = 0
     turns = 0
     for i in range(episodes):
-        conversation = play_episode(agent, simulator, episode_seed(seed, i), f"{seed}-{i}")
+        conversation = play_episode(agent, simulator, scripted_episode_seed(seed, i), f"{seed}-{i}")
         successes += conversation.success
         turns += len(conversation.agent_turns)
     return {"success_rate": successes / episodes, "mean_turns": turns / episodes, "episodes": episodes}

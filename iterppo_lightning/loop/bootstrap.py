@@ -8,7 +8,6 @@ recommend and offer discounts, but not when: that is what the outer loop learns.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from iterppo_lightning.env.reply_parser import parse_reply
 from iterppo_lightning.env.sales_simulator import SalesSimulator
 from iterppo_lightning.env.scripted_agents import BehaviourAgent, play_episode, revealed_info
 from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm, train_word_tokenizer
+from iterppo_lightning.utils.seeding import tiny_model_seed
 
 
 @dataclass
@@ -87,7 +87,7 @@ def make_pi0(config: BootstrapConfig, simulator: SalesSimulator, datamodule, tra
     if is_main():  # rank 0 writes; every rank builds the same conversations
         save_buffer(conversations, out_dir / "buffer")
     tokenizer = train_word_tokenizer(corpus(conversations))
-    model = build_tiny_causal_lm(tokenizer, config.model, seed=random.Random(seed).randrange(2**31))
+    model = build_tiny_causal_lm(tokenizer, config.model, seed=tiny_model_seed(seed))
     curriculum = None
     if config.curriculum_steps > 0:
         curriculum = {

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from iterppo_lightning.models.policy_folder import ADAPTER_CONFIG_FILE
+
 PYPACKAGE_PREFIX = "pypackage:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -307,7 +309,7 @@ def check_model_folder(
     if not (folder / "config.json").is_file():
         ggufs = sorted(p.name for p in folder.glob("*.gguf"))
         hint = f"; it holds GGUF files ({', '.join(ggufs)}): set gguf_file" if ggufs else ""
-        if (folder / "adapter_config.json").is_file():
+        if (folder / ADAPTER_CONFIG_FILE).is_file():
             hint = "; it is a LoRA adapter folder: export the policy merged (lora.merge_on_export) to start from it"
         raise ModelSourceError(f"model folder {where} has no config.json, so it is not a saved model{hint}")
     try:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from iterppo_lightning.data.conversation import Conversation
-from iterppo_lightning.data.datamodule import pad_left, pad_right
+from iterppo_lightning.data.padding import pad_left, pad_right
 from iterppo_lightning.models.generation import sample_responses
 
 TurnKey = tuple[str, int]

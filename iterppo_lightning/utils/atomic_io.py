@@ -1,9 +1,13 @@
 """Atomic file and folder writes: a reader (or a crash) never sees a half-written result.
 
 Every write of results in this project goes through ``atomic_write_text``,
-``atomic_write_json``, ``atomic_path`` (one file) or ``atomic_dir`` (a folder:
-a saved model, a dataset): only the old content or the new one is ever there.
-The temporaries they leave after a crash are recognised by ``is_temp_name``.
+``atomic_write_json``, ``atomic_path`` (one file), ``atomic_dir`` (a folder:
+a saved model, a dataset), ``replace_dir`` (a complete folder written elsewhere,
+e.g. by several processes, moved into place) or ``atomic_symlink`` (a link):
+only the old content or the new one is ever there. The temporaries they leave
+after a crash are recognised by ``is_temp_name``; a folder swap cut between its
+two renames leaves the old folder as ``.NAME.old-*``, which a resume puts back
+(``loop.run_state.remove_stale_temporaries``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 __all__ = [
     "atomic_path",
     "atomic_dir",
+    "replace_dir",
+    "atomic_symlink",
     "atomic_write_text",
     "atomic_write_json",
     "is_temp_name",
@@ -102,17 +108,49 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{tag}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(path.parent)
+
+
+def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Move the complete folder ``src`` onto ``dst`` (both in one parent folder), never leaving neither.
+
+    An existing ``dst`` is first renamed aside to ``.NAME.old-*``, ``src`` is
+    renamed in, and only then is the old one removed: at every instant either
+    the old or the new complete folder is there (during the swap, under the
+    ``.NAME.old-*`` name, which a resume puts back). For a folder that several
+    processes write into under one agreed temporary name (a sharded
+    checkpoint); a single writer uses ``atomic_dir``.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    fsync_dir(dst.parent)
+
+
+def atomic_symlink(target: str | os.PathLike[str], link: str | os.PathLike[str]) -> None:
+    """Make ``link`` a symlink to ``target`` (stored as given, e.g. relative), replacing any existing link.
+
+    The new link is made under a temporary name next to ``link`` and renamed
+    over it, so ``link`` always resolves to the old target or the new one.
+    """
+    link = Path(link)
+    tmp = link.parent / f".{link.name}.tmp-{uuid.uuid4().hex[:8]}"
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(link.parent)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -92,7 +92,41 @@ def test_loading_a_missing_buffer_names_the_path(tmp_path):
 
 
 def test_the_stored_turn_columns_are_the_turn_fields():
-    from iterppo_lightning.data.buffer import FEATURES
-    from iterppo_lightning.data.conversation import TURN_FIELDS
+    """Buffers and Parquet logs both build their turn columns from TURN_FIELDS, with unchanged types."""
+    import pyarrow as pa
 
+    from iterppo_lightning.data.buffer import FEATURES
+    from iterppo_lightning.data.conversation import TURN_FIELD_TYPES, TURN_FIELDS
+    from iterppo_lightning.data.log_io import _parquet_schema
+
+    assert tuple(TURN_FIELD_TYPES) == TURN_FIELDS
     assert tuple(FEATURES["turns"]) == TURN_FIELDS
+    assert [FEATURES["turns"][key].feature.dtype for key in TURN_FIELDS] == ["string", "int64"] + ["string"] * 4
+    schema = _parquet_schema()
+    assert schema.names == ["conversation_id", "policy_id", "iteration", "metadata", "turns"]
+    turn = schema.field("turns").type.value_type
+    assert tuple(turn.field(i).name for i in range(turn.num_fields)) == TURN_FIELDS
+    assert [turn.field(i).type for i in range(turn.num_fields)] == [pa.string(), pa.int64()] + [pa.string()] * 4
+
+
+def test_a_buffer_without_a_later_turn_column_loads_with_its_default(tmp_path):
+    """A buffer written before `timestamp` existed has no such column; its turns load with timestamp None."""
+    from iterppo_lightning.data.buffer import FEATURES
+
+    turn_columns = {k: v for k, v in FEATURES["turns"].items() if k != "timestamp"}
+    features = datasets.Features({**FEATURES, "turns": turn_columns})
+    turns = {
+        "customer": ["hi", "bye"],
+        "outcome": [0, 1],
+        "suggestion": ["hello", None],
+        "sent": ["hello", None],
+        "business_action": ["accept", "none"],
+    }
+    row = {"conversation_id": "old", "iteration": 1, "policy_id": "pi_1", "metadata": "{}", "turns": turns}
+    datasets.Dataset.from_list([row], features=features).save_to_disk(str(tmp_path / "old"))
+    (conv,) = load_buffer(tmp_path / "old")
+    assert [t.timestamp for t in conv.turns] == [None, None]
+    assert [(t.customer, t.outcome, t.suggestion, t.business_action) for t in conv.turns] == [
+        ("hi", 0, "hello", "accept"),
+        ("bye", 1, None, "none"),
+    ]

@@ -172,6 +172,15 @@ def test_folder_without_config_json(tiny_dir, tmp_path):
     assert_error(ModelSource(str(folder)), str(folder), "config.json")
 
 
+def test_lora_adapter_folder_is_named_as_one(tmp_path):
+    from iterppo_lightning.models.policy_folder import ADAPTER_CONFIG_FILE
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / ADAPTER_CONFIG_FILE).write_text("{}")
+    assert_error(ModelSource(str(folder)), str(folder), "LoRA adapter folder")
+
+
 def test_folder_without_weights(tiny_dir, tmp_path):
     folder = shutil.copytree(tiny_dir, tmp_path / "no_weights")
     (folder / "model.safetensors").unlink()

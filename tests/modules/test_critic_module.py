@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import make_trainer, toy_conversation
 
-from iterppo_lightning.data.datamodule import TrajectoryDataModule, _in_validation, pad_left
+from iterppo_lightning.data.datamodule import TrajectoryDataModule, _in_validation
+from iterppo_lightning.data.padding import pad_left
 from iterppo_lightning.modules.critic import CriticModule, SoftCalibrationError
 from iterppo_lightning.modules.policy import PolicyModule
 

@@ -10,7 +10,8 @@ import torch
 from conftest import make_trainer
 from torch import nn
 
-from iterppo_lightning.data.datamodule import TrajectoryDataModule, pad_left
+from iterppo_lightning.data.datamodule import TrajectoryDataModule
+from iterppo_lightning.data.padding import pad_left
 from iterppo_lightning.models.generation import sample_responses, truncate_after_eos
 from iterppo_lightning.models.modeling import causal_lm_forward
 from iterppo_lightning.models.policy_folder import VALUE_HEAD_FILE, load_policy

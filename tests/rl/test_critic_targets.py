@@ -186,3 +186,18 @@ def test_bootstrapped_targets_with_pooled_buffers_run_end_to_end(tmp_path, targe
     returns = [g for c in load_buffer(run_dir / "iteration_0" / "buffer") for g in c.returns(0.9)]
     assert 0.0 <= records[0]["critic"]["mean_target"] <= 1.0
     assert records[0]["critic"]["mean_target"] != pytest.approx(sum(returns) / len(returns), abs=1e-3)
+
+
+def test_critic_targets_import_neither_lightning_nor_the_datamodule():
+    """rl/ is pure functions: its padding comes from data.padding (torch only), not the Lightning datamodule."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, iterppo_lightning.rl.critic_targets\n"
+        "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'datasets', 'iterppo_lightning.data.datamodule')"
+        " if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

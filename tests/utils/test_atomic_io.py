@@ -10,9 +10,11 @@ import pytest
 from iterppo_lightning.utils.atomic_io import (
     atomic_dir,
     atomic_path,
+    atomic_symlink,
     atomic_write_json,
     atomic_write_text,
     is_temp_name,
+    replace_dir,
 )
 
 
@@ -59,6 +61,64 @@ def test_atomic_dir_swaps_a_folder_and_refuses_to_overwrite_unless_asked(tmp_pat
         (tmp / "w").write_text("new")
     assert (target / "w").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_atomic_symlink_makes_and_replaces_a_link_and_leaves_no_temporary(tmp_path):
+    for name in ("iteration_0", "iteration_1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "which").write_text(name)
+    link = tmp_path / "final_policy"
+    atomic_symlink("iteration_0", link)
+    assert os.readlink(link) == "iteration_0" and (link / "which").read_text() == "iteration_0"
+    atomic_symlink("iteration_1", link)  # replaces the existing link
+    assert os.readlink(link) == "iteration_1" and (link / "which").read_text() == "iteration_1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_policy", "iteration_0", "iteration_1"]
+
+
+def test_atomic_symlink_removes_its_temporary_when_the_swap_fails(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "f").write_text("x")
+    with pytest.raises(OSError):  # a link cannot replace a non-empty folder
+        atomic_symlink("elsewhere", tmp_path / "taken")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_replace_dir_moves_a_folder_onto_an_existing_one(tmp_path):
+    target, new = tmp_path / "ckpt", tmp_path / ".ckpt.tmp-zero"
+    for folder, text in ((target, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "w").write_text(text)
+    replace_dir(new, target)
+    assert (target / "w").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    new.mkdir()
+    replace_dir(new, tmp_path / "fresh")  # no folder to replace
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "fresh"]
+
+
+def test_replace_dir_cut_between_its_renames_leaves_the_old_folder_to_put_back(tmp_path, monkeypatch):
+    from iterppo_lightning.loop.run_state import remove_stale_temporaries
+
+    target, new = tmp_path / "ckpt", tmp_path / ".ckpt.tmp-zero"
+    for folder, text in ((target, "old"), (new, "partial")):
+        folder.mkdir()
+        (folder / "w").write_text(text)
+    real_replace, calls = os.replace, []
+
+    def killed_on_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for a kill between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(new, target)
+    monkeypatch.undo()
+    assert not target.exists() and any(".ckpt.old-" in p.name for p in tmp_path.iterdir())
+    remove_stale_temporaries(tmp_path)  # what a resume does: the old checkpoint comes back, the partial one goes
+    assert (target / "w").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
 def test_is_temp_name():

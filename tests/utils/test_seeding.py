@@ -9,12 +9,22 @@ change draws the same customers, splits and bootstrap counts after it.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
 from iterppo_lightning.data.datamodule import _in_validation, bootstrap_count
 from iterppo_lightning.env.episodes import episode_seeds
-from iterppo_lightning.utils.seeding import derive_seed, derive_uniform, hash_bits
+from iterppo_lightning.utils.seeding import (
+    derive_seed,
+    derive_uniform,
+    hash_bits,
+    imagine_outcome_rng,
+    ope_sample_rng,
+    scripted_agent_rng,
+    scripted_episode_seed,
+    tiny_model_seed,
+)
 
 IDS = ["c0", "pi_1-0-17", "behaviour-3-99", "x"]
 
@@ -55,6 +65,56 @@ def test_derived_values_are_in_range():
     seeds = [derive_seed("ns", i) for i in range(200)]
     assert all(0 <= s < 2**31 for s in seeds) and len(set(seeds)) == len(seeds)
     assert all(0.0 <= derive_uniform("u", i) < 1.0 for i in range(200))
+
+
+# The seeded streams and arithmetic seeds below were computed with the inline formulas they
+# replaced (loop/bootstrap.py, env/scripted_agents.py, callbacks/off_policy_estimate.py,
+# env/imagine.py), so moving them here changed no value.
+
+
+def test_tiny_model_seed_is_unchanged():
+    # was random.Random(seed).randrange(2**31) in loop.bootstrap.make_pi0
+    assert [tiny_model_seed(s) for s in (0, 1, 7, 123)] == [1654615998, 577090037, 1390851128, 224899942]
+
+
+def test_scripted_episode_seed_is_unchanged():
+    # was scripted_agents.episode_seed: seed * 1_000_003 + index
+    got = [scripted_episode_seed(s, i) for s, i in ((0, 0), (0, 5), (3, 2), (123, 99))]
+    assert got == [0, 5, 3000011, 123000468]
+
+
+def test_scripted_agent_rng_is_unchanged():
+    # was random.Random(f"agent-{seed}") in scripted_agents.play_episode
+    rngs = [scripted_agent_rng(s) for s in (0, 5, 1000003)]
+    assert [[r.random() for _ in range(2)] for r in rngs] == [
+        [0.5969287776619604, 0.14657205259246509],
+        [0.4594198796661362, 0.13770796090229598],
+        [0.44985262457177666, 0.2665039259833649],
+    ]
+
+
+def test_ope_sample_rng_is_unchanged():
+    # was random.Random(iteration) in the off-policy estimate callback: the run seed plays no part
+    assert [ope_sample_rng(k).sample(list(range(10)), 3) for k in (0, 1, 4)] == [[6, 9, 0], [2, 1, 4], [3, 4, 1]]
+
+
+def test_imagine_outcome_rng_is_unchanged():
+    # was random.Random(config.seed) in imagine.sample_outcomes
+    rng = imagine_outcome_rng(3)
+    assert [int(rng.random() < 0.5) for _ in range(8)] == [1, 0, 1, 0, 0, 1, 1, 0]
+
+
+def test_scripted_measurement_is_unchanged():
+    from iterppo_lightning.env.imagine import ImagineConfig, sample_outcomes
+    from iterppo_lightning.env.sales_simulator import SalesSimulator, SimulatorConfig
+    from iterppo_lightning.env.scripted_agents import BehaviourAgent, play_episode, run_agent
+
+    config = SimulatorConfig(mode="agent")
+    assert run_agent(BehaviourAgent(), config, 20, 3) == {"success_rate": 0.05, "mean_turns": 2.3, "episodes": 20}
+    conv = play_episode(BehaviourAgent(), SalesSimulator(config), 12345, "x")
+    digest = hashlib.sha256(json.dumps(conv.to_dict(), sort_keys=True).encode()).hexdigest()
+    assert digest[:16] == "95e62d7fe9b659b9"
+    assert sample_outcomes(ImagineConfig(seed=3), 8) == [1, 0, 1, 0, 0, 1, 1, 0]
 
 
 @pytest.mark.parametrize("bits", [0, 7, 264])
