@@ -76,6 +76,7 @@ from _common import (
     quiet_lightning,
     warn_if_busy,
 )
+from _ppo_setting import check_lengths, ppo_setting_parser
 
 TRL_REFERENCE_EPISODES_PER_S = 17.65  # TRL 1.12.0, median of 5 side-by-side runs here (benchmarks/README.md)
 OUTSIDE_SHARE_TARGET = 0.25
@@ -83,31 +84,16 @@ STAGES = ("generate", "score_forward", "update_forward", "update_backward", "opt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    p = ppo_setting_parser(
+        __doc__.split("\n")[0],
+        resp_help="max_new_tokens of the policy",
+        updates_help="measured PPO updates (training steps)",
+        warmup_help="updates of the separate, discarded warm-up fit (0: none)",
     )
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048, help="tokenizer size, special tokens included")
-    p.add_argument("--batch", type=int, default=64, help="prompts per PPO rollout (episodes per update)")
-    p.add_argument(
-        "--prompt-len", type=int, default=64, help="longest prompt; lengths uniform in [prompt_len/2, prompt_len]"
-    )
-    p.add_argument("--resp-len", type=int, default=32, help="max_new_tokens of the policy")
-    p.add_argument("--ppo-epochs", type=int, default=4)
-    p.add_argument("--minibatches", type=int, default=2)
-    p.add_argument("--updates", type=int, default=5, help="measured PPO updates (training steps)")
-    p.add_argument(
-        "--warmup-updates", type=int, default=1, help="updates of the separate, discarded warm-up fit (0: none)"
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.vocab < 16:
         p.error("--vocab must be >= 16 (9 special tokens + words)")
-    if args.prompt_len < 2 or args.resp_len < 1 or args.batch < 1 or args.updates < 1:
-        p.error("--prompt-len >= 2, --resp-len >= 1, --batch >= 1 and --updates >= 1 are required")
+    check_lengths(p, args)
     return args
 
 
