@@ -11,13 +11,15 @@
 
 The controller (controller.py) calls these and nothing else variant-specific: a new
 variant is a class here plus one line in the `choose_*` function that picks it.
-They receive the controller itself (`loop`) for its helpers (`fit_phase`,
-`load_training_data`, `warn`, `seed_step`) and its parts (`system`, `datamodule`).
+They receive the controller as a `PhaseContext`: exactly the helpers (`fit_phase`,
+`load_training_data`, `warn`, `seed_step`) and parts (`system`, `datamodule`, `folder`, `view`,
+`trainer_factory`) a seam may use, and nothing else of the controller.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from iterppo_lightning.loop.bootstrap import behaviour_clone
 from iterppo_lightning.loop.collection import LogBatch, simulate_batch
@@ -25,8 +27,39 @@ from iterppo_lightning.rl.critic_targets import lambda_return_targets, myopic_ta
 from iterppo_lightning.utils.failpoints import failpoint
 
 if TYPE_CHECKING:
-    from iterppo_lightning.loop.controller import OuterLoop
+    import lightning as L
+
+    from iterppo_lightning.data.datamodule import TrajectoryDataModule
     from iterppo_lightning.loop.run_dir import RunFolder
+    from iterppo_lightning.loop.view import LoopView
+    from iterppo_lightning.system import IterativePPO
+
+
+class PhaseContext(Protocol):
+    """What a seam sees of the controller (`OuterLoop` provides it)."""
+
+    system: IterativePPO
+    """The `model:` config object: critic, policy, loop settings."""
+    datamodule: TrajectoryDataModule
+    folder: RunFolder
+    """The run folder's layout and commits."""
+    view: LoopView
+    """The typed view collection and callbacks get."""
+    trainer_factory: Callable[..., L.Trainer]
+    """`(phase, **trainer overrides) -> a fresh Trainer` for one phase fit."""
+
+    def seed_step(self, iteration: int, step: str) -> None:
+        """Reseed every generator from (run seed, iteration, step)."""
+
+    def fit_phase(self, phase: str, module: Any, k: int, max_epochs: int, logs: str) -> L.Trainer:
+        """One phase fit of `module` in a fresh Trainer; returns the Trainer."""
+
+    def load_training_data(self, k: int) -> list[str]:
+        """Give the DataModule iteration k's training buffers; returns their paths."""
+
+    def warn(self, message: str) -> None:
+        """Print a warning and record it in the iteration's metrics."""
+
 
 # -- where the conversations come from ------------------------------------------------------------
 
@@ -34,7 +67,7 @@ if TYPE_CHECKING:
 class DataSource:
     """Where iteration k's conversations come from, and which buffers and which Q it trains with."""
 
-    def collect(self, loop: OuterLoop, k: int) -> LogBatch:
+    def collect(self, loop: PhaseContext, k: int) -> LogBatch:
         """Iteration k's conversations and where they came from (rank 0 only)."""
         raise NotImplementedError
 
@@ -65,7 +98,7 @@ class SimulatorSource(DataSource):
     def __init__(self, episodes: int):
         self.episodes = episodes
 
-    def collect(self, loop: OuterLoop, k: int) -> LogBatch:
+    def collect(self, loop: PhaseContext, k: int) -> LogBatch:
         loop.seed_step(k, "collect")
         conversations = simulate_batch(loop.view, k, self.episodes)
         failpoint("collect.before_save")
@@ -78,7 +111,7 @@ class LogSource(DataSource):
     def __init__(self, batch: LogBatch | None):
         self.batch = batch
 
-    def collect(self, loop: OuterLoop, k: int) -> LogBatch:
+    def collect(self, loop: PhaseContext, k: int) -> LogBatch:
         return self.batch
 
 
@@ -125,7 +158,7 @@ def choose_data_source(config, logs: str | None, log_batch: LogBatch | None) -> 
 class CriticTargets:
     """critic.target "mc": the Monte Carlo return G_i the examples were built with; one fit."""
 
-    def first(self, loop: OuterLoop) -> dict | None:
+    def first(self, loop: PhaseContext) -> dict | None:
         """Targets of the first fit, by (conversation_id, turn_index); None keeps the Monte Carlo returns."""
         return None
 
@@ -133,14 +166,14 @@ class CriticTargets:
         """Fits after the first one, each on targets recomputed with the critic just fitted."""
         return 0
 
-    def refit(self, loop: OuterLoop) -> dict:
+    def refit(self, loop: PhaseContext) -> dict:
         raise NotImplementedError
 
 
 class MyopicTargets(CriticTargets):
     """critic.target "myopic": the reward of the current turn only (the single-turn RLHF baseline)."""
 
-    def first(self, loop: OuterLoop) -> dict | None:
+    def first(self, loop: PhaseContext) -> dict | None:
         return myopic_targets(loop.datamodule.conversations)
 
 
@@ -154,7 +187,7 @@ class BootstrappedTargets(CriticTargets):
     def refits(self, critic) -> int:
         return critic.td_rounds
 
-    def refit(self, loop: OuterLoop) -> dict:
+    def refit(self, loop: PhaseContext) -> dict:
         critic, dm, policy = loop.system.critic, loop.datamodule, loop.system.policy
         conversations = dm.conversations
         # Q at a conversation's opening state is never bootstrapped on: score only later turns.
@@ -204,11 +237,11 @@ class PolicyImprovement:
     def restore(self, policy, pi0_dir) -> None:
         """A restarted process loaded pi_k into the policy module."""
 
-    def fit(self, loop: OuterLoop, k: int) -> dict:
+    def fit(self, loop: PhaseContext, k: int) -> dict:
         """Fit pi_(k+1) in place of pi_k; returns the fit's metrics."""
         raise NotImplementedError
 
-    def refitted(self, loop: OuterLoop) -> None:
+    def refitted(self, loop: PhaseContext) -> None:
         """pi_(k+1) was fitted before a restart: bring the modules to where `fit` left them."""
 
 
@@ -229,14 +262,14 @@ class PPOImprovement(PolicyImprovement):
         if policy.kl_anchor == "pi_0":
             policy.pin_reference(pi0_dir)
 
-    def fit(self, loop: OuterLoop, k: int) -> dict:
+    def fit(self, loop: PhaseContext, k: int) -> dict:
         policy, dm = loop.system.policy, loop.datamodule
         policy.attach_critic(loop.system.critic)
         with dm.for_phase("policy"):
             loop.fit_phase("policy", policy, k, max_epochs=1, logs="policy_logs")
         return dict(policy.fit_stats)
 
-    def refitted(self, loop: OuterLoop) -> None:
+    def refitted(self, loop: PhaseContext) -> None:
         """pi_(k+1) was fitted before a restart: the critic is Q_k, frozen, as after the fit."""
         loop.system.policy.attach_critic(loop.system.critic)
 
@@ -249,7 +282,7 @@ class FilteredBCImprovement(PolicyImprovement):
     record_key = "bc"  # cloning has no reference policy: the KL anchor does not apply
     keeps_optimizer_state = False  # the cloning module's optimizer is its own, not the policy module's
 
-    def fit(self, loop: OuterLoop, k: int) -> dict:
+    def fit(self, loop: PhaseContext, k: int) -> dict:
         dm, policy = loop.datamodule, loop.system.policy
         loop.load_training_data(k)
         successes = [c for c in dm.conversations if c.success and c.agent_turns]

@@ -114,3 +114,26 @@ def test_the_loop_view_names_the_run_and_its_settings(tmp_path):
     assert view.history == [] and view.initial_eval is None and not view.should_stop
     assert view.critic is None and view.logs is None
     assert RunFolder(tmp_path).iteration_dir(2) == view.iteration_dir(2)  # one layout for both
+
+
+def test_the_controller_provides_everything_a_seam_may_use(tmp_path):
+    """The seams are typed against `PhaseContext`; `OuterLoop` must offer every name of it (and so stay usable)."""
+    from iterppo_lightning.data.datamodule import TrajectoryDataModule
+    from iterppo_lightning.loop.controller import OuterLoop
+    from iterppo_lightning.loop.variants import PhaseContext
+    from iterppo_lightning.modules.critic import CriticModule
+    from iterppo_lightning.modules.policy import PolicyModule
+    from iterppo_lightning.system import IterativePPO
+
+    system = IterativePPO(critic=CriticModule(), policy=PolicyModule())
+    loop = OuterLoop(system, TrajectoryDataModule(), lambda *a, **k: None, tmp_path / "run")
+    loop.view = loop.make_view()  # made when the run opens
+    names = set(PhaseContext.__annotations__) | {
+        name for name, value in vars(PhaseContext).items() if callable(value) and not name.startswith("_")
+    }
+    assert names == {
+        "system", "datamodule", "folder", "view", "trainer_factory",
+        "seed_step", "fit_phase", "load_training_data", "warn",
+    }  # fmt: skip
+    missing = sorted(name for name in names if not hasattr(loop, name))
+    assert not missing, f"OuterLoop lacks {missing} of PhaseContext"
