@@ -34,6 +34,17 @@ def quiet_lightning() -> None:
         pass
 
 
+def prepare_run(threads: int | None, seed: int) -> None:
+    """What every benchmark does first: quiet logs, the torch thread count, and fixed seeds."""
+    import random
+
+    quiet_lightning()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def make_trainer(callbacks=(), max_epochs: int = 1, **overrides) -> L.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar or model summary (their cost is not the phase's)."""
     settings = dict(

@@ -65,7 +65,6 @@ import argparse
 import functools
 import inspect
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +72,14 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from _common import machine_info, make_trainer, print_json_line, print_stage_table, quiet_lightning, warn_if_busy
+from _common import (
+    machine_info,
+    make_trainer,
+    prepare_run,
+    print_json_line,
+    print_stage_table,
+    warn_if_busy,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 STAGES = ("forward", "backward", "optimizer_step", "validation", "between_batches")
@@ -324,11 +330,7 @@ def build_phase(args, sections: dict, tokenizer, model, datamodule):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sections = args.config_sections
-    quiet_lightning()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    prepare_run(args.threads, args.seed)
 
     from iterppo_lightning.data.datamodule import TrajectoryDataModule
     from iterppo_lightning.loop.bootstrap import corpus

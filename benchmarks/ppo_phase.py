@@ -71,9 +71,9 @@ from _common import (
     fmt_rate,
     machine_info,
     make_trainer,
+    prepare_run,
     print_json_line,
     print_stage_table,
-    quiet_lightning,
     warn_if_busy,
 )
 from _ppo_setting import check_lengths, ppo_setting_parser
@@ -157,11 +157,7 @@ def run_fit(module, batches) -> tuple[float, float]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    quiet_lightning()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    prepare_run(args.threads, args.seed)
 
     from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm
     from iterppo_lightning.modules.critic import CriticModule
