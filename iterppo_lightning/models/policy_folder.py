@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from iterppo_lightning.models.fused_ops import fuse_activations
 from iterppo_lightning.models.lora import adapter_parameters, adapter_state, is_lora
 from iterppo_lightning.utils.atomic_io import atomic_dir
 from iterppo_lightning.utils.failpoints import failpoint
@@ -180,7 +181,7 @@ def load_policy(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerB
 
         base, _ = load_policy(lora_base_of(path))
         return PeftModel.from_pretrained(base, path).merge_and_unload(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = fuse_activations(AutoModelForCausalLM.from_pretrained(path))
     return model, tokenizer
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from iterppo_lightning.models.fused_ops import fuse_activations
 from iterppo_lightning.models.policy_folder import ADAPTER_CONFIG_FILE
 
 PYPACKAGE_PREFIX = "pypackage:"
@@ -476,6 +477,7 @@ def load_causal_lm(
         name, dtype=source.torch_dtype, **_gguf_load_kwargs(gguf_file), **offline_adapter, **common
     )
     _drop_gguf_quantizer(model)
+    fuse_activations(model)
     if next(model.parameters()).dtype != source.torch_dtype:
         model.to(source.torch_dtype)  # GGUF loaders have not always honoured dtype
     if source.gradient_checkpointing:
@@ -497,4 +499,4 @@ def load_backbone(folder: str | Path, dtype: str = "float32") -> PreTrainedModel
         )
     folder = Path(folder)
     check_model_folder(folder, repr(str(folder)), need_tokenizer=False, causal=False)
-    return AutoModel.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
+    return fuse_activations(AutoModel.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True))

@@ -75,6 +75,9 @@ def build_tiny_causal_lm(tokenizer: PreTrainedTokenizerFast, shape: TinyLMConfig
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        # The tanh GELU in one kernel (models/fused_ops.py); GPT-2's default "gelu_new" is the same
+        # function composed of separate ops.
+        activation_function="gelu_pytorch_tanh",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

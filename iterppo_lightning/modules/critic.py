@@ -18,6 +18,7 @@ from torchmetrics.classification import BinaryAUROC
 from transformers import AutoConfig, AutoModel
 
 from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share, is_distributed
+from iterppo_lightning.models.fused_ops import adamw, fuse_activations
 from iterppo_lightning.models.lora import LoraSettings, add_lora_to_backbone
 from iterppo_lightning.models.modeling import backbone_hidden, last_token_index
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
@@ -162,6 +163,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             backbone = AutoModel.from_pretrained(base_model_dir)
         else:
             backbone = AutoModel.from_config(AutoConfig.from_pretrained(base_model_dir))
+        fuse_activations(backbone)
         hidden = backbone.config.hidden_size
         if self.lora is not None:
             backbone = add_lora_to_backbone(backbone, self.lora)
@@ -292,4 +294,4 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
 
     def configure_optimizers(self):
         # Lightning builds the optimizer before on_fit_start: thaw here too.
-        return torch.optim.AdamW(self._thaw(), lr=self.lr, weight_decay=self.weight_decay)
+        return adamw(self._thaw(), lr=self.lr, weight_decay=self.weight_decay)

@@ -26,6 +26,7 @@ from torch import nn
 
 from iterppo_lightning.distributed import collectives as dist_utils
 from iterppo_lightning.distributed.zero import gathered_for_generation, zero_stage
+from iterppo_lightning.models.fused_ops import adamw
 from iterppo_lightning.models.generation import sample_responses
 from iterppo_lightning.models.lora import LoraSettings, adapter_state, adapter_weights, add_lora, is_lora
 from iterppo_lightning.models.modeling import causal_lm_forward
@@ -314,7 +315,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
     def configure_optimizers(self):
         # With LoRA only the adapter requires grad; the base weights stay out of the optimizer.
         params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        return torch.optim.AdamW(params, lr=self.lr)
+        # weight_decay 0.01 is torch's AdamW default, which this phase has always used.
+        return adamw(params, lr=self.lr, weight_decay=0.01)
 
     # -- rollout --------------------------------------------------------------------
     @contextlib.contextmanager

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from iterppo_lightning.distributed.collectives import any_rank, global_share
+from iterppo_lightning.models.fused_ops import adamw
 from iterppo_lightning.models.modeling import causal_lm_forward
 from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 
@@ -56,4 +57,4 @@ class BehaviourCloningModule(L.LightningModule):
         self.log("sft/val_loss", self._loss(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return adamw(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
