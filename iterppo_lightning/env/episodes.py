@@ -38,6 +38,49 @@ def episode_seeds(namespace: str, seed: int, iteration: int, count: int) -> list
 
 
 @torch.no_grad()
+def suggest(
+    model,
+    tokenizer,
+    conversations: list[Conversation],
+    *,
+    max_new_tokens: int = 24,
+    max_prompt_tokens: int = 384,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    reply_seeds: list[int] | None = None,
+) -> list[str | None]:
+    """`model`'s reply at each conversation's current state (its last turn), in one batched `generate`.
+
+    An empty reply (or <abstain>) is an abstain (None). `reply_seeds` (one per conversation): each reply samples
+    from its own stream (models/generation.py), so it depends on its seed and its state only.
+    """
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # keep the most recent turns of long states
+    texts = [render_state(c, len(c.turns) - 1, tokenizer) for c in conversations]
+    enc = tokenizer(
+        texts,
+        add_special_tokens=False,
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        return_tensors="pt",
+    ).to(device)
+    response, _mask = sample_responses(
+        model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        max_new_tokens,
+        temperature,
+        greedy,
+        reply_seeds,
+    )
+    return [r.strip() or None for r in tokenizer.batch_decode(response, skip_special_tokens=True)]
+
+
+@torch.no_grad()
 def run_episodes(
     model,
     tokenizer,
@@ -55,36 +98,21 @@ def run_episodes(
 ) -> list[Conversation]:
     """Play one episode per seed with `model` suggesting every agent reply."""
     episodes = [environment.new_episode(s, f"{id_prefix}{s}") for s in seeds]
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"  # keep the most recent turns of long states
     while True:
         live = [ep for ep in episodes if not ep.done]
         if not live:
             break
         for start in range(0, len(live), batch_size):
             chunk = live[start : start + batch_size]
-            texts = [render_state(ep.conversation, len(ep.conversation.turns) - 1, tokenizer) for ep in chunk]
-            enc = tokenizer(
-                texts,
-                add_special_tokens=False,
-                padding=True,
-                truncation=True,
-                max_length=max_prompt_tokens,
-                return_tensors="pt",
-            ).to(device)
-            response, mask = sample_responses(
+            replies = suggest(
                 model,
-                enc["input_ids"],
-                enc["attention_mask"],
-                tokenizer.eos_token_id,
-                tokenizer.pad_token_id,
-                max_new_tokens,
-                temperature,
-                greedy,
+                tokenizer,
+                [ep.conversation for ep in chunk],
+                max_new_tokens=max_new_tokens,
+                max_prompt_tokens=max_prompt_tokens,
+                temperature=temperature,
+                greedy=greedy,
             )
-            # An empty reply (or <abstain>) is an abstain.
-            replies = [r.strip() or None for r in tokenizer.batch_decode(response, skip_special_tokens=True)]
             if hasattr(environment, "step_batch"):
                 environment.step_batch(chunk, replies)  # e.g. an LLM customer: one batched generate for all replies
             else:

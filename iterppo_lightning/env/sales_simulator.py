@@ -24,6 +24,7 @@ given, never on batching or on other episodes.
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -188,6 +189,22 @@ class SimulatorConfig:
             raise ValueError(f"wrong_category_penalty must be >= 0, got {self.wrong_category_penalty}")
 
 
+def persona_prior(config: SimulatorConfig) -> list[tuple[Persona, float]]:
+    """Every persona `SalesEpisode` can draw, with the probability it draws it (they sum to 1)."""
+    patiences = range(config.min_patience, config.max_patience + 1)
+    sensitive = ((True, config.price_sensitive_prob), (False, 1.0 - config.price_sensitive_prob))
+    base = 1.0 / (len(CATEGORIES) * len(TIERS) * len(patiences) * len(NEED_TEMPLATES))
+    return [
+        (Persona(need, budget, flag, patience, style), base * p)
+        for need in CATEGORIES
+        for budget in TIERS
+        for flag, p in sensitive
+        for patience in patiences
+        for style in range(len(NEED_TEMPLATES))
+        if p > 0
+    ]
+
+
 @dataclass
 class _CustomerState:
     """What the customer remembers during an episode."""
@@ -210,17 +227,22 @@ class _Reaction:
 class SalesEpisode:
     """One conversation between the simulated customer and the business."""
 
-    def __init__(self, config: SimulatorConfig, seed: int, conversation_id: str) -> None:
+    def __init__(
+        self, config: SimulatorConfig, seed: int, conversation_id: str, persona: Persona | None = None
+    ) -> None:
+        """`persona` replaces the one the seed draws (the critic probe's posterior over hidden customers); the
+        seed still draws its own first, so the business's and the customer's streams are the seed's either way."""
         self.config = config
         self.seed = seed
         rng = random.Random(seed)
-        self.persona = Persona(
+        drawn = Persona(
             need=rng.choice(CATEGORIES),
             budget=rng.choice(TIERS),
             price_sensitive=rng.random() < config.price_sensitive_prob,
             patience=rng.randint(config.min_patience, config.max_patience),
             style=rng.randrange(len(NEED_TEMPLATES)),
         )
+        self.persona = drawn if persona is None else persona
         # Separate child streams for the business and the customer: the business's
         # k-th decision is then the same whatever the agent said before, so two
         # policies run on one seed face identical business noise (common random numbers).
@@ -327,6 +349,26 @@ class SalesEpisode:
         return template.format(word=word)
 
     # ------------------------------------------------------------------ public
+    def fork(self, seed: int) -> SalesEpisode:
+        """A copy of the episode as it stands (persona, conversation, what the customer remembers) whose business
+        and customer draw from fresh streams of `seed`; this episode is left as it was. From here on the copy
+        depends only on `seed` and the messages it is given: the critic probe's common random numbers (forks
+        with one `seed` for every reply compared at a state)."""
+        twin = copy.copy(self)
+        twin._state = copy.copy(self._state)
+        conversation = self.conversation
+        twin.conversation = Conversation(
+            conversation.conversation_id,
+            [copy.copy(turn) for turn in conversation.turns],  # step fills in the last turn
+            conversation.iteration,
+            conversation.policy_id,
+            copy.deepcopy(conversation.metadata),
+        )
+        rng = random.Random(seed)
+        twin._business_rng = random.Random(rng.getrandbits(64))
+        twin._customer_rng = random.Random(rng.getrandbits(64))
+        return twin
+
     @property
     def patience(self) -> int:
         """The customer's remaining patience (hidden from agents; exposed for tests and analysis)."""
