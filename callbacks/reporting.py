@@ -6,7 +6,8 @@ Files written under ``loop.run_dir`` (every write is atomic):
   "return" is the true discounted return of the new policy on simulated
   customers, "ope" the critic's estimate of it from the logs alone;
 * ``learning_curve.png`` - success rate of pi_0..pi_(k+1) with 95% CIs, and
-  critic AUROC / PPO KL per iteration; redrawn after every iteration;
+  critic AUROC, the critic probe's within-state correlation and pairwise accuracy
+  (when model.loop.critic_probe is on) and PPO KL per iteration; redrawn after every iteration;
 * ``summary.json`` - the run summary, written at the end.
 """
 
@@ -45,6 +46,8 @@ COLUMNS: tuple[tuple[str, int, str | None, str], ...] = (
     ("ope", 5, "ope.q_policy", ".3f"),
     ("auroc", 5, "critic.val_auroc", ".3f"),
     ("brier", 5, "critic.val_brier", ".3f"),
+    ("qcorr", 6, "critic_probe.within_state_corr", ".3f"),
+    ("qpair", 5, "critic_probe.pairwise_acc", ".3f"),
     ("kl", 7, "ppo.kl", ".4f"),
     ("clip", 5, "ppo.clip_frac", ".3f"),
     ("entropy", 7, "ppo.entropy", ".3f"),
@@ -265,7 +268,19 @@ class ReportingCallback(IterationCallback):
                 self.console.print(f"[yellow]learning curve not drawn: {exc!r}[/yellow]", highlight=False)
 
     @staticmethod
-    def _plot(path: Path, initial: dict | None, records: list[dict]) -> None:
+    def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+        """(iteration, value) of every record that has a number at `key`."""
+        xs, ys = [], []
+        for i, r in enumerate(records):
+            value = as_number(lookup(r, key))
+            if value is not None:
+                k = as_number(r.get("iteration"))
+                xs.append(i if k is None else int(k))
+                ys.append(value)
+        return xs, ys
+
+    @classmethod
+    def _plot(cls, path: Path, initial: dict | None, records: list[dict]) -> None:
         # Imported here so importing the callbacks stays cheap; Figure plus
         # FigureCanvasAgg renders with Agg without switching pyplot's global backend.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -308,31 +323,38 @@ class ReportingCallback(IterationCallback):
         top.set_title("Evaluation success rate per policy")
         top.grid(alpha=0.3)
 
-        iters, aurocs, kl_iters, kls = [], [], [], []
-        for i, r in enumerate(records):
-            k = as_number(r.get("iteration"))
-            k = i if k is None else int(k)
-            auroc, kl = as_number(lookup(r, "critic.val_auroc")), as_number(lookup(r, "ppo.kl"))
-            if auroc is not None:
-                iters.append(k)
-                aurocs.append(auroc)
-            if kl is not None:
-                kl_iters.append(k)
-                kls.append(kl)
-        bottom.plot(iters, aurocs, "s-", color="C1", label="critic AUROC")
-        bottom.set_ylim(0, 1)
-        bottom.set_ylabel("critic val AUROC", color="C1")
+        # Critic health on the left axis (AUROC, and the probe's numbers when it ran), KL on the right.
+        critic_series = (
+            ("critic.val_auroc", "s-", "C1", "critic val AUROC"),
+            ("critic_probe.within_state_corr", "o-", "C3", "probe: within-state corr"),
+            ("critic_probe.pairwise_acc", "D-", "C4", "probe: pairwise acc"),
+        )
+        ticks: set[int] = set()
+        low, probed = 0.0, False
+        for key, style, color, label in critic_series:
+            xs_k, ys_k = cls._series(records, key)
+            if xs_k or key == "critic.val_auroc":
+                bottom.plot(xs_k, ys_k, style, color=color, label=label)
+            probed = probed or (bool(xs_k) and key.startswith("critic_probe"))
+            ticks.update(xs_k)
+            low = min([low, *ys_k])
+        kl_iters, kls = cls._series(records, "ppo.kl")
+        ticks.update(kl_iters)
+        bottom.set_ylim(low - 0.05 if low < 0 else 0, 1)
+        bottom.set_ylabel("critic: AUROC, probe" if probed else "critic val AUROC")
         bottom.set_xlabel("iteration k (critic Q_k, pi_k -> pi_k+1)")
         bottom.grid(alpha=0.3)
-        # KL lives on another scale than AUROC, hence the second y axis.
+        # KL lives on another scale than the critic metrics, hence the second y axis.
         kl_axis = bottom.twinx()
         kl_axis.plot(kl_iters, kls, "^--", color="C2", label="PPO KL")
         kl_axis.set_ylabel("PPO KL", color="C2")
         handles = bottom.get_legend_handles_labels()[0] + kl_axis.get_legend_handles_labels()[0]
-        bottom.legend(handles=handles, loc="lower right")
-        ticks = sorted(set(iters) | set(kl_iters))
+        # Below the axes: inside, it would hide points wherever the four series happen to run.
+        bottom.legend(
+            handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(handles), fontsize="small"
+        )
         if ticks:
-            bottom.set_xticks(ticks)
+            bottom.set_xticks(sorted(ticks))
 
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100)

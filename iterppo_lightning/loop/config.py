@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from iterppo_lightning.callbacks.base import IterationCallback
+from iterppo_lightning.loop.probe_config import CriticProbeConfig
 
 
 @dataclass
@@ -38,6 +39,10 @@ class LoopConfig:
     early_stopping_patience is set (callbacks/__init__.py)."""
     extra_callbacks: list[IterationCallback] = field(default_factory=list)
     """Callbacks appended after the chain (the default one, or `callbacks`)."""
+    critic_probe: CriticProbeConfig | None = None
+    """After each critic fit, measure Q_k against the simulator's ground truth at sampled logged states (its
+    numbers go to metrics.jsonl under "critic_probe"; docs/critic.md). None = off. Simulated runs only: refused
+    with data.logs or an LLM customer, which have no ground truth to replay."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "episodes_per_iteration", "critic_epochs", "rollout_batch_size"):

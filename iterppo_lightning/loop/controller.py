@@ -40,6 +40,7 @@ from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
 from iterppo_lightning.env.episodes import summarize_conversations
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.loop.bootstrap import behaviour_clone, make_pi0
+from iterppo_lightning.loop.critic_probe import ProbeContext, run_critic_probe
 from iterppo_lightning.loop.run_dir import WORLD_SIZE_KEYS, OpenSettings, RunFolder, write_bootstrap_record
 from iterppo_lightning.loop.run_state import IterationProgress, RunState, RunStateError
 from iterppo_lightning.loop.variants import (
@@ -295,6 +296,7 @@ class OuterLoop:
             self.record["critic"] = self._guarded(k, self.fit_q)
             self.record["seconds"]["critic"] = time.perf_counter() - start
             self.folder.save_critic(self.system.critic, k)
+            self.probe_critic(k)
             progress.critic_fitted = True
             self.folder.commit()
         self._call("on_critic_end", k, self.record["critic"])
@@ -332,6 +334,33 @@ class OuterLoop:
         trainer = self.fit_phase("critic", self.system.critic, k, max_epochs=self.config.critic_epochs, logs=logs)
         metrics = trainer.callback_metrics.items()
         return {key.split("/", 1)[1]: float(v) for key, v in metrics if key.startswith("critic/val")}
+
+    def probe_critic(self, k: int) -> None:
+        """model.loop.critic_probe: Q_k against the simulator's ground truth at logged states of D_k (rank 0), in
+        the record as "critic_probe". It draws from its own seeded streams only, so the run's other numbers stay
+        the same with or without it."""
+        settings = self.config.critic_probe
+        if settings is None or not self.main:
+            return
+        start = time.perf_counter()
+        dm, policy = self.datamodule, self.policy
+        context = ProbeContext(
+            simulator=self.system.environment,
+            gamma=dm.gamma,
+            run_seed=self.seed,
+            iteration=k,
+            max_new_tokens=policy.max_new_tokens,
+            temperature=self.config.collect_temperature,
+            policy_prompt_tokens=self.config.max_prompt_tokens,
+            critic_prompt_tokens=dm.max_prompt_tokens,
+            critic_action_tokens=dm.max_action_tokens,
+            batch_size=self.config.rollout_batch_size,
+        )
+        conversations = [c for c in dm.conversations if c.iteration == k]  # D_k itself, not pooled buffers
+        self.record["critic_probe"] = run_critic_probe(
+            self.system.critic, policy.policy, policy.tokenizer, conversations, settings, context
+        )
+        self.record["seconds"]["critic_probe"] = time.perf_counter() - start
 
     # -- pi_(k+1) -------------------------------------------------------------------------------
     def improve_policy(self, k: int, progress: IterationProgress) -> None:

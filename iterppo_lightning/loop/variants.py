@@ -131,6 +131,21 @@ class OfflineSource(SimulatorSource):
 
 def check_variant_settings(system, datamodule) -> None:
     """Refuse combinations the baselines do not define, before any run_dir exists."""
+    if system.loop.critic_probe is not None:
+        no_truth = (
+            f"data.logs ({datamodule.logs}): logged customers cannot be replayed"
+            if datamodule.logs
+            else "an LLM customer (model.llm_customer): it cannot be replayed from a seed"
+            if system.llm_customer is not None
+            else "model.algorithm filtered_bc, which fits no critic"
+            if system.algorithm == "filtered_bc"
+            else None
+        )
+        if no_truth is not None:
+            raise ValueError(
+                "model.loop.critic_probe measures Q_k against the embedded simulator's ground truth, which a run on "
+                f"{no_truth}. Remove model.loop.critic_probe (set it to null)"
+            )
     if system.loop.offline and datamodule.logs:
         raise ValueError(
             "model.loop.offline collects its one batch from the simulator with pi_0; it cannot train on "

@@ -323,3 +323,22 @@ def test_early_stopping_state_dict_roundtrip() -> None:
 
     with pytest.raises(ValueError):
         EarlyStoppingCallback(monitor="mean_return").load_state_dict(state)
+
+
+def test_reporting_shows_the_critic_probe(tmp_path: Path) -> None:
+    # model.loop.critic_probe on: its two main numbers in the table and the plot; a record without it shows "-".
+    loop = make_loop(tmp_path, initial_eval={"success_rate": 0.2, "ci95": [0.15, 0.25]})
+    console = quiet_console()
+    records = [make_record(0, 0.3), make_record(1, 0.35), make_record(2, 0.4)]
+    records[0]["critic_probe"] = {"within_state_corr": 0.251, "pairwise_acc": 0.674, "spread_ratio": 0.25}
+    records[1]["critic_probe"] = {"within_state_corr": -0.125, "pairwise_acc": 0.4, "spread_ratio": 0.5}
+    run_loop(loop, [ReportingCallback(console=console)], records)
+    out = console.file.getvalue().splitlines()
+    header = next(line for line in out if line.startswith("iter"))
+    assert header.index("brier") < header.index("qcorr") < header.index("qpair") < header.index("kl")
+    rows = {line.split()[0]: line for line in out if line.split()[:2] in (["0", "pi_1"], ["1", "pi_2"], ["2", "pi_3"])}
+    assert "0.251  0.674" in rows["0"] and "-0.125  0.400" in rows["1"]
+    assert rows["2"][header.index("qcorr") : header.index("qpair") + 5].split() == ["-", "-"]
+    assert len({line.index("pi_") for line in rows.values()}) == 1  # still aligned
+    assert (tmp_path / "learning_curve.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "learning curve not drawn" not in console.file.getvalue()
