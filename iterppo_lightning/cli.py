@@ -54,6 +54,10 @@ COMMANDS: dict[str, Command] = {
         "Check conversation logs against the schema (docs/data.md) and summarise them; writes nothing.",
         "iterppo_lightning.commands.validate_data:main",
     ),
+    "probe-critic": Command(
+        "Measure a finished simulated run's critic Q_k against pi_k's true values at logged states; writes nothing.",
+        "iterppo_lightning.commands.probe_critic:main",
+    ),
     "sweep": Command(
         "Run experiment configs x seeds, each a `fit` subprocess, resumably; index in OUT/sweep.json.",
         "iterppo_lightning.experiments.sweep:main",

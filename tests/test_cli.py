@@ -235,7 +235,17 @@ def test_print_config_shows_the_resolved_yaml(capsys):
 def test_help_lists_every_subcommand_with_its_purpose(capsys):
     from iterppo_lightning.cli import COMMANDS
 
-    assert list(COMMANDS) == ["fit", "evaluate", "collect", "imagine", "bootstrap", "validate-data", "sweep", "report"]
+    assert list(COMMANDS) == [
+        "fit",
+        "evaluate",
+        "collect",
+        "imagine",
+        "bootstrap",
+        "validate-data",
+        "probe-critic",
+        "sweep",
+        "report",
+    ]
     for flag in ("--help", "-h"):
         res = run_inprocess(capsys, flag)
         assert res.returncode == 0, res.stderr
@@ -256,12 +266,13 @@ def test_an_unknown_subcommand_is_named(capsys):
     assert "iterppo: error:" in res.stderr and "'fitt'" in res.stderr and "validate-data" in res.stderr
 
 
-def test_help_validate_data_and_report_load_neither_torch_nor_lightning():
+def test_help_validate_data_report_and_probe_critic_help_load_neither_torch_nor_lightning():
     # A fresh interpreter: this test process has imported torch long ago.
     script = """
 import contextlib, io, sys
 from iterppo_lightning.cli import main
-for args in (["--help"], ["validate-data", "--help"], ["report", "--help"], ["sweep", "--help"]):
+for name in ("", "validate-data", "report", "sweep", "probe-critic"):
+    args = [name, "--help"] if name else ["--help"]
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             main(args)
