@@ -191,8 +191,9 @@ def format_report(record: dict, run_dir: str, k: int) -> str:
     for move, cell in record["by_move"].items():
         lines.append(f"{move:<20}{cell['n']:>5}{_f(cell['q']):>9}{_f(cell['true']):>9}")
     lines += [
-        f"within-state corr {_f(record['within_state_corr'])} over {record['corr_states']} states (a perfect critic: "
-        f"about {_f(record['corr_ceiling'])}; the truth's two halves {_f(record['true_split_corr'])})",
+        f"within-state corr {_f(record['within_state_corr'])} +- {_f(record['corr_se'])} over {record['corr_states']} "
+        f"states (a perfect critic: about {_f(record['corr_ceiling'])}; the truth's two halves "
+        f"{_f(record['true_split_corr'])})",
         f"pairwise acc      {_f(record['pairwise_acc'])} over {record['pairs']} pairs with |dV| > "
         f"{record['pair_threshold']}",
         f"spread ratio      {_f(record['spread_ratio'])} (std of Q within a state {_f(record['q_spread'])}, "

@@ -265,6 +265,8 @@ def summarize(states: list[_State], settings: CriticProbeConfig, ctx: ProbeConte
     split = pm.within_state_corr(halves)[0]
     record = {
         "within_state_corr": corr,
+        # How much the states sampled move it: the standard error of the mean over states.
+        "corr_se": pm.standard_error(pm.state_correlations(groups)),
         "pairwise_acc": pairwise,
         "spread_ratio": ratio,
         "bias": bias,

@@ -15,7 +15,7 @@ PROBE_PERSONAS = ("posterior", "logged")
 class CriticProbeConfig:
     """Ground-truth diagnostics of Q_k on the simulator (model.loop.critic_probe; docs/critic.md).
 
-    Defaults cost about 10 % of a quickstart iteration (docs/critic.md gives the measurement).
+    The defaults add about 12 % to a quickstart iteration (docs/critic.md gives the measurement).
     """
 
     states: int = 24

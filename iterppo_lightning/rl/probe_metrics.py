@@ -53,8 +53,8 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (len(xs) * sx * sy)
 
 
-def within_state_corr(groups: Sequence[Group]) -> tuple[float, int]:
-    """Mean over states of corr(Q, V) across the state's candidates, and how many states counted.
+def state_correlations(groups: Sequence[Group]) -> list[float]:
+    """corr(Q, V) across each state's candidates, for the states `within_state_corr` counts.
 
     States whose true values have no spread are skipped (there is nothing to rank). A state where Q has no
     spread but V has counts as 0: a critic that cannot tell the replies apart has no ranking information.
@@ -64,6 +64,13 @@ def within_state_corr(groups: Sequence[Group]) -> tuple[float, int]:
         if len(v) < 2 or std(v) <= ZERO_SPREAD:
             continue
         corrs.append(0.0 if std(q) <= ZERO_SPREAD else pearson(q, v))
+    return corrs
+
+
+def within_state_corr(groups: Sequence[Group]) -> tuple[float, int]:
+    """Mean over states of corr(Q, V) across the state's candidates (`state_correlations`), and how many
+    states counted."""
+    corrs = state_correlations(groups)
     return mean(corrs), len(corrs)
 
 

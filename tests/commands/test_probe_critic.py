@@ -19,7 +19,8 @@ from cli_helpers import SMOKE, last_json_line, run_cli, run_inprocess, tree_fing
 PROBE = ["--model.loop.critic_probe.states", "4", "--model.loop.critic_probe.continuations", "2"]
 PROBE += ["--model.loop.critic_probe.policy_samples", "1"]
 ITERATIONS = 2  # configs/smoke.yaml
-KEYS = {"within_state_corr", "pairwise_acc", "spread_ratio", "bias", "mae", "true_se", "discount_decision"}
+KEYS = {"within_state_corr", "corr_se", "pairwise_acc", "spread_ratio", "bias", "mae", "within_state_error"}
+KEYS |= {"true_se", "true_split_corr", "corr_ceiling", "discount_decision", "ask_decision", "by_move"}
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from iterppo_lightning.rl.probe_metrics import (
     pearson,
     spread_ratio,
     standard_error,
+    state_correlations,
     std,
     within_state_corr,
     within_state_error,
@@ -54,6 +55,7 @@ def test_within_state_corr_skips_flat_truth_and_counts_flat_q_as_zero() -> None:
     corr, states = within_state_corr(groups)
     assert states == 2
     assert corr == pytest.approx((15 / math.sqrt(228) + 0.0) / 2)
+    assert state_correlations(groups) == pytest.approx([15 / math.sqrt(228), 0.0])
     assert math.isnan(within_state_corr([])[0]) and within_state_corr([])[1] == 0
 
 
