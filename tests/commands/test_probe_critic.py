@@ -46,6 +46,19 @@ def test_the_loop_records_the_probe_for_every_iteration(probed_run) -> None:
     assert saved["model"]["loop"]["critic_probe"]["states"] == 4
 
 
+def test_the_probe_changes_nothing_else_in_the_run(probed_run, tmp_path) -> None:
+    # It draws only from its own seeded streams: without it, every other number of the run is the same.
+    plain = tmp_path / "plain"
+    proc = run_cli("fit", "--config", str(SMOKE), "--run_dir", str(plain))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def rest(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k not in ("critic_probe", "seconds")}
+
+    records = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    assert [rest(r) for r in records] == [rest(r) for r in probed_run.records]
+
+
 def test_the_command_prints_the_loops_numbers_and_writes_nothing(probed_run, capsys) -> None:
     before = tree_fingerprint(probed_run.run_dir)
     for k in range(ITERATIONS):
