@@ -16,11 +16,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanSquaredError, Metric
+from torchmetrics import MeanMetric, MeanSquaredError, Metric
 from torchmetrics.classification import BinaryAUROC
 from transformers import AutoConfig, AutoModel
 
-from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share, is_distributed
+from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share
 from iterppo_lightning.models.lora import LoraSettings, add_lora_to_backbone
 from iterppo_lightning.models.modeling import backbone_hidden, last_token_index
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
@@ -137,6 +137,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.head: nn.Linear | None = None
         self.extra_members = nn.ModuleList()
         """Members 2..N of an ensemble, each a ModuleDict(backbone, head); member 1 is backbone/head."""
+        self.val_loss = MeanMetric()
         self.val_brier = MeanSquaredError()
         self.val_auroc = BinaryAUROC()
         self.val_calibration = SoftCalibrationError(calibration_bins)
@@ -298,7 +299,10 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         else:  # the ensemble's estimate is the members' mean; the loss is the members' mean loss
             probs = torch.sigmoid(logits).mean(dim=0)
             val_loss = torch.stack([self._loss(member, batch["target"]) for member in logits]).mean()
-        self.log("critic/val_loss", val_loss, prog_bar=True, batch_size=n, sync_dist=is_distributed())
+        # The mean over every validation turn of every rank: a metric summing loss x turns and turns, since ranks
+        # hold different numbers of turns (Lightning's sync_dist would average the ranks' turn counts as integers).
+        self.val_loss.update(val_loss.detach(), n)
+        self.log("critic/val_loss", self.val_loss, prog_bar=True, batch_size=n)
         self.val_brier.update(probs, batch["target"])
         self.val_auroc.update(probs, batch["success"])
         self._val_classes_seen |= set(batch["success"].unique().tolist())
