@@ -21,8 +21,9 @@ Everything defaults to the sizes of `--config` (configs/quickstart.yaml):
   cost of a step does not depend on them). The critic is built from it, saved to a temporary folder,
   with the config's `model.critic` settings (`init_from_policy`: backbone loaded from that folder);
 * data: `TrajectoryDataModule(**config["data"])` (gamma, batch sizes; max_prompt_tokens 384,
-  max_action_tokens 24 and val_fraction 0.1 are its defaults), collated as the loop collates:
-  [state | suggestion] right-padded to the longest row of the batch;
+  max_action_tokens 24 and val_fraction 0.1 are its defaults), batched and collated as the loop
+  does: rows of whole conversations (one causal pass for all their turns) or of single turns,
+  about `--batch` turns per batch, bucketed by length and right-padded to the longest row;
 * Trainer: CPU, one device, no logger, checkpoints, progress bar or model summary (the loop's
   Trainers add a progress bar and a logger; their cost is not counted here). Sanity validation
   runs, as in the loop, before the first epoch.
@@ -49,7 +50,9 @@ neither model work nor validation.
 
 Tokens count the training batches of the measured epochs: real tokens are the attention-mask ones,
 computed tokens are batch rows x padded width (what the model actually processes). Their ratio is
-the padding factor. Tokens/s in the table divide computed tokens by the stage's seconds.
+the padding factor. Tokens/s in the table divide computed tokens by the stage's seconds. Examples
+are agent turns (critic) or cloned turns (BC), whatever rows hold them; mean row length and padded
+width are per row.
 
 Usage
 -----
@@ -103,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch",
         type=int,
         default=None,
-        help="examples per step (default: data.critic_batch_size for critic, bootstrap.batch_size for bc)",
+        help="turns per step (default: data.critic_batch_size for critic, bootstrap.batch_size for bc)",
     )
     p.add_argument(
         "--epochs",
@@ -181,6 +184,7 @@ class PhaseTimer(L.Callback):
         self.steps = 0
         self.batches = 0
         self.examples = 0
+        self.rows = 0
         self.real_tokens = 0
         self.computed_tokens = 0
         self.label_tokens = 0
@@ -265,7 +269,8 @@ class PhaseTimer(L.Callback):
         self.computed_tokens += computed
         self.label_tokens += int((batch["labels"] != -100).sum())
         self.batches += 1
-        self.examples += mask.shape[0]
+        self.examples += batch["target"].shape[0]  # turns: a row may hold a whole conversation
+        self.rows += mask.shape[0]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._last_batch_end = time.perf_counter()
@@ -353,8 +358,9 @@ def main(argv=None) -> dict:
     timer = PhaseTimer(args.warmup_epochs)
     trainer = make_trainer([timer], max_epochs=args.epochs, devices=1, use_distributed_sampler=False)
     with phase_block:
-        train_examples = len(datamodule.train_dataloader().dataset)
-        val_examples = len(datamodule.val_dataloader().dataset) if datamodule.val_examples else 0
+        train_rows = datamodule.train_dataloader().dataset
+        val_rows = datamodule.val_dataloader().dataset if datamodule.val_examples else []
+        train_examples, val_examples = (sum(len(s.turns) for s in rows) for rows in (train_rows, val_rows))
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         fit_wall = time.perf_counter() - t0
@@ -387,8 +393,8 @@ def main(argv=None) -> dict:
         "real_tokens_per_epoch": real / measured_epochs,
         "computed_tokens_per_epoch": computed / measured_epochs,
         "label_tokens": timer.label_tokens,
-        "mean_real_length": real / timer.examples if timer.examples else None,
-        "mean_padded_width": computed / timer.examples if timer.examples else None,
+        "mean_real_length": real / timer.rows if timer.rows else None,
+        "mean_padded_width": computed / timer.rows if timer.rows else None,
         "steps": timer.steps,
         "batches": timer.batches,
         "steps_per_epoch": timer.steps / measured_epochs,
@@ -408,6 +414,8 @@ def main(argv=None) -> dict:
         "conversations": len(conversations),
         "train_examples": train_examples,
         "val_examples": val_examples,
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
         "tokenizer_size": len(tokenizer),
         "model_params": sum(p.numel() for p in module.parameters()),
         **machine_info(),
@@ -420,7 +428,8 @@ def main(argv=None) -> dict:
     print(
         f"{PHASE_NAMES[args.phase]}: GPT-2 {args.layers}x{args.dim} ({args.heads} heads, "
         f"{result['model_params']:,} params), tokenizer {len(tokenizer)}, {len(conversations)} conversations "
-        f"-> {train_examples} train / {val_examples} val examples, batch {args.batch}, "
+        f"-> {train_examples} train / {val_examples} val examples in {len(train_rows)} / {len(val_rows)} rows, "
+        f"batch {args.batch}, "
         f"{args.epochs} epochs ({measured_epochs} measured), {torch.get_num_threads()} torch threads"
     )
     print(

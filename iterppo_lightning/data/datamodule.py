@@ -8,6 +8,13 @@ From the trajectory buffers it builds
   PPO rollout;
 - SFT examples (state -> suggestion) for behaviour cloning pi_0 and the
   filtered-BC baseline.
+The per-turn examples (`train_examples`, `val_examples`: a `TurnExample` per agent
+turn) are what targets, filters and the policy phase read. Critic and SFT batches
+are made of sequences (data/batching.py): a conversation whose turns are token
+prefixes of one another is ONE row, read at each turn's reply (one causal pass
+instead of one per turn); any other conversation gives its per-turn rows. Batches
+hold whole sequences, about `critic_batch_size` / `sft_batch_size` turns each,
+bucketed by length so that little of a batch is padding.
 The phase a `fit` trains, and its settings, are chosen for the fits inside a
 `with datamodule.for_phase(...)` block; the previous ones come back after it.
 """
@@ -23,6 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
 
+from iterppo_lightning.data.batching import BucketedBatchSampler, SequenceExample, conversation_sequence
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.data.padding import pad_left, pad_right
@@ -103,8 +111,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         Args:
             gamma: discount of the Monte Carlo return G_i over customer turns (< 1).
             val_fraction: share of conversations (not turns) held out to validate the critic.
-            critic_batch_size: (state, suggestion) pairs per critic step.
-            sft_batch_size: (state, suggestion) pairs per behaviour-cloning step.
+            critic_batch_size: (state, suggestion) pairs (agent turns) per critic step, about: a
+                batch holds whole conversations (data/batching.py), as many steps per epoch as
+                batches of exactly this many turns would make.
+            sft_batch_size: (state, suggestion) pairs (cloned turns) per behaviour-cloning step, about,
+                as for the critic.
             policy_batch_size: logged states per PPO rollout.
             policy_batches: PPO rollouts (prompt batches) per outer iteration.
             max_prompt_tokens: states longer than this keep their most recent tokens.
@@ -151,6 +162,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.conversations: list[Conversation] = []
         self.train_examples: list[TurnExample] = []
         self.val_examples: list[TurnExample] = []
+        self.train_sequences: list[SequenceExample] = []
+        """The rows of critic / SFT batches: a conversation's turns in one sequence, or one turn each (fallback)."""
+        self.val_sequences: list[SequenceExample] = []
         self._weighted = False
 
     # -- wiring -----------------------------------------------------------
@@ -206,13 +220,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         if weights is not None and len(weights) != len(conversations):
             raise ValueError(f"{len(weights)} weights for {len(conversations)} conversations")
         self.conversations = list(conversations)
-        examples = self._build_examples(self.conversations, weights)
-        self.train_examples = [
-            e for e in examples if not _in_validation(e.conversation_id, self.val_fraction, self.split_seed)
-        ]
-        self.val_examples = [
-            e for e in examples if _in_validation(e.conversation_id, self.val_fraction, self.split_seed)
-        ]
+        examples, sequences = self._build_examples(self.conversations, weights)
+        self.train_examples = [e for e in examples if not self.in_validation(e.conversation_id)]
+        self.val_examples = [e for e in examples if self.in_validation(e.conversation_id)]
+        self.train_sequences = [s for s in sequences if not self.in_validation(s.turns[0].conversation_id)]
+        self.val_sequences = [s for s in sequences if self.in_validation(s.turns[0].conversation_id)]
         if not self.train_examples:
             raise ValueError("the trajectory buffers hold no agent turns to train on")
         self._weighted = any(e.weight != 1.0 for e in examples)
@@ -252,61 +264,109 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def _build_examples(
         self, conversations: list[Conversation], weights: list[float] | None = None
-    ) -> list[TurnExample]:
-        states, actions, meta = [], [], []
+    ) -> tuple[list[TurnExample], list[SequenceExample]]:
+        """Every agent turn's `TurnExample`, and the sequences critic and SFT batches are made of (data/batching.py):
+        one per conversation whose untruncated turns are token prefixes of its last one, else one per turn."""
+        states, actions, meta, spans = [], [], [], []
         for n, conv in enumerate(conversations):
             returns = conv.returns(self.gamma)
             weight = 1.0 if weights is None else weights[n]
+            first = len(states)
             for g, i in zip(returns, conv.agent_turns):
                 states.append(render_state(conv, i, self.tokenizer))
                 actions.append(render_suggestion(conv.turns[i].suggestion, self.tokenizer))
                 meta.append((g, int(conv.success), conv.conversation_id, i, weight))
+            spans.append((first, len(states)))
         if not states:
-            return []
+            return [], []
         prompt_ids = self._encode(states)
         action_ids = self._encode(actions)
-        return [
+        examples = [
             TurnExample(p[-self.max_prompt_tokens :], a[: self.max_action_tokens], g, s, cid, i, w)
             for p, a, (g, s, cid, i, w) in zip(prompt_ids, action_ids, meta)
         ]
+        sequences: list[SequenceExample] = []
+        for first, stop in spans:
+            prompts, replies, turns = prompt_ids[first:stop], action_ids[first:stop], examples[first:stop]
+            whole = None
+            # A truncated turn's row is not a prefix of the conversation: the conversation goes per turn.
+            if all(
+                len(p) <= self.max_prompt_tokens and len(a) <= self.max_action_tokens for p, a in zip(prompts, replies)
+            ):
+                whole = conversation_sequence(prompts, replies, turns)
+            sequences.extend([whole] if whole is not None else [SequenceExample.single_turn(e) for e in turns])
+        return examples, sequences
 
     # -- collation ----------------------------------------------------------
-    def _collate_pairs(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:
-        """[state | suggestion] right-padded, for the critic and for SFT."""
+    def _collate_sequences(self, batch: list[SequenceExample]) -> dict[str, torch.Tensor]:
+        """Sequences right-padded, for the critic and for SFT. Per-row tensors: `input_ids`, `attention_mask`,
+        `labels` (the turns' reply tokens, -100 elsewhere: behaviour cloning learns the replies only). Per-turn
+        tensors, one entry per turn of the batch in row order: `read_rows` and `read_positions` (where Q_k of
+        the turn is read: its reply's last token), `target`, `success`, and `weight` / `bootstrap` when used."""
         pad = self.tokenizer.pad_token_id
-        ids, mask = pad_right([e.prompt_ids + e.action_ids for e in batch], pad)
-        labels = ids.clone()
-        labels[mask == 0] = -100
-        for row, e in enumerate(batch):
-            labels[row, : len(e.prompt_ids)] = -100  # behaviour cloning learns the reply only
+        ids, mask = pad_right([s.input_ids for s in batch], pad)
+        labels = torch.full_like(ids, -100)
+        rows, positions, turns = [], [], []
+        for row, sequence in enumerate(batch):
+            for turn, start, end in zip(sequence.turns, sequence.reply_starts, sequence.reply_ends):
+                labels[row, start:end] = ids[row, start:end]
+                rows.append(row)
+                positions.append(end - 1)
+                turns.append(turn)
         out = {
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
-            "target": torch.tensor([e.target for e in batch], dtype=torch.float32),
-            "success": torch.tensor([e.success for e in batch], dtype=torch.long),
+            "read_rows": torch.tensor(rows, dtype=torch.long),
+            "read_positions": torch.tensor(positions, dtype=torch.long),
+            "target": torch.tensor([e.target for e in turns], dtype=torch.float32),
+            "success": torch.tensor([e.success for e in turns], dtype=torch.long),
         }
         if self._weighted:  # unweighted batches keep the plain mean (bit-identical to before pooling existed)
-            out["weight"] = torch.tensor([e.weight / self._mean_weight for e in batch], dtype=torch.float32)
+            out["weight"] = torch.tensor([e.weight / self._mean_weight for e in turns], dtype=torch.float32)
         if self.phase == "critic" and self.bootstrap_members > 1:
             out["bootstrap"] = torch.tensor(
                 [
-                    [bootstrap_count(e.conversation_id, m, self.split_seed) for e in batch]
+                    [bootstrap_count(e.conversation_id, m, self.split_seed) for e in turns]
                     for m in range(self.bootstrap_members)
                 ],
                 dtype=torch.float32,
             )
         return out
 
+    def _collate_pairs(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:
+        """Per-turn rows [state | suggestion] right-padded (one row per turn), in the batch format of
+        `_collate_sequences`."""
+        return self._collate_sequences([SequenceExample.single_turn(e) for e in batch])
+
     def _collate_prompts(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:
         ids, mask = pad_left([e.prompt_ids for e in batch], self.tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask}
 
     # -- loaders --------------------------------------------------------------
+    def _clones(self, e: TurnExample) -> bool:
+        """Whether behaviour cloning learns this turn (sft_turns, sft_successful_only)."""
+        if self.sft_turns is not None and (e.conversation_id, e.turn_index) not in self.sft_turns:
+            return False
+        return bool(e.success) or not self.sft_successful_only
+
     def _sft_examples(self, examples: list[TurnExample]) -> list[TurnExample]:
-        if self.sft_turns is not None:
-            examples = [e for e in examples if (e.conversation_id, e.turn_index) in self.sft_turns]
-        return [e for e in examples if e.success] if self.sft_successful_only else examples
+        return [e for e in examples if self._clones(e)]
+
+    def _phase_sequences(self, sequences: list[SequenceExample]) -> list[SequenceExample]:
+        """The critic's rows as they are; SFT's cut to the turns it clones (each cut after its last cloned reply)."""
+        if self.phase == "critic":
+            return sequences
+        kept = (s.restricted(self._clones) for s in sequences)
+        return [s for s in kept if s is not None]
+
+    def _sequence_loader(self, sequences: list[SequenceExample], batch_size: int, shuffle: bool) -> DataLoader:
+        """Batches of whole sequences, about `batch_size` turns each, bucketed by length (data/batching.py); with
+        several processes every rank draws the same global batches and keeps its slice."""
+        sampler = BucketedBatchSampler(
+            [len(s.input_ids) for s in sequences], [len(s.turns) for s in sequences], batch_size, shuffle
+        )
+        return DataLoader(_ListDataset(sequences), batch_sampler=sampler, collate_fn=self._collate_sequences)
 
     @staticmethod
     def _loader(examples, batch_size: int, collate, shuffle: bool = False, sampler=None) -> DataLoader:
@@ -322,12 +382,12 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.phase == "critic":
-            return self._loader(self.train_examples, self.critic_batch_size, self._collate_pairs, shuffle=True)
+            return self._sequence_loader(self.train_sequences, self.critic_batch_size, shuffle=True)
         if self.phase == "sft":
-            examples = self._sft_examples(self.train_examples)
-            if not examples:
+            sequences = self._phase_sequences(self.train_sequences)
+            if not sequences:
                 raise ValueError("no successful conversations to behaviour-clone")
-            return self._loader(examples, self.sft_batch_size, self._collate_pairs, shuffle=True)
+            return self._sequence_loader(sequences, self.sft_batch_size, shuffle=True)
         # Policy phase: every logged state (train and validation alike) is a
         # prompt; PPO needs no held-out set. Sampling with replacement gives a
         # fixed number of rollouts per iteration regardless of buffer size.
@@ -342,8 +402,8 @@ class TrajectoryDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.phase == "policy" or not self.val_examples:
             return []
-        examples = self.val_examples if self.phase == "critic" else self._sft_examples(self.val_examples)
-        if not examples:
+        sequences = self._phase_sequences(self.val_sequences)
+        if not sequences:
             return []
         batch = self.critic_batch_size if self.phase == "critic" else self.sft_batch_size
-        return self._loader(examples, batch, self._collate_pairs)
+        return self._sequence_loader(sequences, batch, shuffle=False)

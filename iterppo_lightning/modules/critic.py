@@ -3,6 +3,9 @@
 A sequence model over [state; suggestion] with a scalar head read at the last
 token and a sigmoid output, so Q is a discounted success probability in
 [0, 1]. BCE against the soft target G_i (its minimiser is E[G]) or MSE.
+A training batch row may hold a whole conversation (data/batching.py): Q of each
+turn is then read at that turn's reply's last token in the one causal pass, and
+the loss and metrics are over turns, as with one row per turn.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanSquaredError, Metric
+from torchmetrics import MeanMetric, MeanSquaredError, Metric
 from torchmetrics.classification import BinaryAUROC
 from transformers import AutoConfig, AutoModel
 
-from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share, is_distributed
+from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share
 from iterppo_lightning.models.fused_ops import adamw, fuse_activations
 from iterppo_lightning.models.lora import LoraSettings, add_lora_to_backbone
 from iterppo_lightning.models.modeling import backbone_hidden, last_token_index
@@ -135,6 +138,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.head: nn.Linear | None = None
         self.extra_members = nn.ModuleList()
         """Members 2..N of an ensemble, each a ModuleDict(backbone, head); member 1 is backbone/head."""
+        self.val_loss = MeanMetric()
         self.val_brier = MeanSquaredError()
         self.val_auroc = BinaryAUROC()
         self.val_calibration = SoftCalibrationError(calibration_bins)
@@ -192,19 +196,43 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
 
     # -- maths ----------------------------------------------------------------
     @staticmethod
-    def _member_logits(backbone, head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _member_logits(
+        backbone,
+        head,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        read_rows: torch.Tensor | None = None,
+        read_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         hidden = backbone_hidden(backbone, input_ids, attention_mask)
-        last = last_token_index(attention_mask)
-        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return head(h_last).squeeze(-1)
+        if read_rows is None:
+            read_rows = torch.arange(hidden.shape[0], device=hidden.device)
+            read_positions = last_token_index(attention_mask)
+        return head(hidden[read_rows, read_positions]).squeeze(-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Q logits read at each row's last real token: [B] for one critic, [N, B] for an ensemble of N."""
-        logits = self._member_logits(self.backbone, self.head, input_ids, attention_mask)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        read_rows: torch.Tensor | None = None,
+        read_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Q logits: [B] for one critic, [N, B] for an ensemble of N, read at each row's last real token; or, given
+        `read_rows` and `read_positions` (a critic batch's, one entry per turn), [T] / [N, T] read at those
+        (row, position) pairs."""
+        if (read_rows is None) != (read_positions is None):
+            raise ValueError("read_rows and read_positions come together")
+        where = (input_ids, attention_mask, read_rows, read_positions)
+        logits = self._member_logits(self.backbone, self.head, *where)
         if self.ensemble_size == 1:
             return logits
-        others = [self._member_logits(m["backbone"], m["head"], input_ids, attention_mask) for m in self.extra_members]
+        others = [self._member_logits(m["backbone"], m["head"], *where) for m in self.extra_members]
         return torch.stack([logits, *others])
+
+    def batch_logits(self, batch: dict) -> torch.Tensor:
+        """Q logits of a critic batch's turns (data/datamodule.py), [T] or [N, T]; a batch without read positions
+        has one turn per row, read at its last token."""
+        return self(batch["input_ids"], batch["attention_mask"], batch.get("read_rows"), batch.get("read_positions"))
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -244,12 +272,13 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         return torch.stack(losses).sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self.batch_logits(batch)
         if self.ensemble_size == 1:
             loss = self._loss(logits, batch["target"], batch.get("weight"))
         else:
             loss = self._ensemble_loss(logits, batch)
-        share = global_share(batch["target"].shape[0])  # several processes: this rank's share of the global batch mean
+        # Several processes: this rank's share of the global batch mean (a share of turns, not of rows).
+        share = global_share(batch["target"].shape[0])
         if share is not None:
             loss = loss * share
         loss = maybe_nan("critic.loss", loss)  # crash tests only; a no-op otherwise
@@ -264,7 +293,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self.batch_logits(batch)
         n = batch["target"].shape[0]
         if self.ensemble_size == 1:
             probs = torch.sigmoid(logits)
@@ -272,7 +301,10 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         else:  # the ensemble's estimate is the members' mean; the loss is the members' mean loss
             probs = torch.sigmoid(logits).mean(dim=0)
             val_loss = torch.stack([self._loss(member, batch["target"]) for member in logits]).mean()
-        self.log("critic/val_loss", val_loss, prog_bar=True, batch_size=n, sync_dist=is_distributed())
+        # The mean over every validation turn of every rank: a metric summing loss x turns and turns, since ranks
+        # hold different numbers of turns (Lightning's sync_dist would average the ranks' turn counts as integers).
+        self.val_loss.update(val_loss.detach(), n)
+        self.log("critic/val_loss", self.val_loss, prog_bar=True, batch_size=n)
         self.val_brier.update(probs, batch["target"])
         self.val_auroc.update(probs, batch["success"])
         self._val_classes_seen |= set(batch["success"].unique().tolist())

@@ -2,7 +2,9 @@
 
 Builds pi_0 from imagined conversations, and is the filtered-BC baseline when
 the DataModule keeps successful conversations only. Loss is next-token
-cross-entropy on the suggestion tokens only (prompt tokens are masked).
+cross-entropy on the suggestion tokens only (prompt tokens are masked), the mean
+over the batch's reply tokens. A batch row may hold a whole conversation
+(data/batching.py): its cloned turns' replies are labelled, the rest is context.
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ from iterppo_lightning.distributed.collectives import any_rank, global_share
 from iterppo_lightning.models.fused_ops import adamw
 from iterppo_lightning.models.modeling import causal_lm_forward
 from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
+
+
+def _turns(batch: dict) -> int:
+    """Cloned turns in a batch (the weight of its loss in an epoch's mean): one per reply, or one per row."""
+    rows = batch.get("read_rows")
+    return int(rows.numel()) if rows is not None else int(batch["input_ids"].shape[0])
 
 
 class BehaviourCloningModule(L.LightningModule):
@@ -34,6 +42,16 @@ class BehaviourCloningModule(L.LightningModule):
         """Train this causal LM (weights are updated in place)."""
         self.model = model
 
+    def token_losses(self, batch: dict) -> torch.Tensor:
+        """Cross-entropy of every next token, [B, T - 1] (entry t: the loss of token t + 1 given tokens <= t);
+        0 where the token is not labelled."""
+        logits, _ = causal_lm_forward(self.model, batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"][:, 1:]
+        losses = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+        )
+        return losses.view(labels.shape)
+
     def _loss(self, batch: dict) -> torch.Tensor:
         logits, _ = causal_lm_forward(self.model, batch["input_ids"], batch["attention_mask"])
         # Position t predicts token t+1.
@@ -50,11 +68,11 @@ class BehaviourCloningModule(L.LightningModule):
                 f"bootstrap phase (behaviour cloning of pi_0): non-finite loss at step {self.global_step}"
             )
         failpoint("sft.step")
-        self.log("sft/train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("sft/train_loss", loss, prog_bar=True, batch_size=_turns(batch))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("sft/val_loss", self._loss(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("sft/val_loss", self._loss(batch), prog_bar=True, batch_size=_turns(batch))
 
     def configure_optimizers(self):
         return adamw(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -72,7 +72,9 @@ def test_phase_throughput_json_line(phase):
     assert result["measured_epochs"] == measured
     assert len(result["epoch_wall_s"]) == measured
     # Every training batch of the measured epochs is one optimizer step, and none of the warm-up's is counted.
-    assert result["steps"] == result["batches"] == measured * math.ceil(result["train_examples"] / batch)
+    # A batch holds about `batch` turns in whole rows (a row is a conversation or a turn), at least one row.
+    per_epoch = min(math.ceil(result["train_examples"] / batch), result["train_rows"])
+    assert result["steps"] == result["batches"] == measured * per_epoch
     assert 0 < result["real_tokens"] <= result["computed_tokens"]
     assert result["padding_factor"] >= 1.0
     assert result["real_tokens_per_epoch"] * measured == pytest.approx(result["real_tokens"])

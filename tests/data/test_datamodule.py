@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter
 
 import pytest
@@ -73,11 +74,11 @@ def test_critic_targets_are_monte_carlo_returns_with_data_gamma(tokenizer, conve
     dm = _dm(tokenizer, conversations, gamma=gamma, critic_batch_size=7)
     dm.use_phase("critic")
     val_convs = [c for c in conversations if c.conversation_id in _ids(dm.val_examples)]
-    expected = [g for c in val_convs for g in c.returns(gamma)]
-    expected_success = [int(c.success) for c in val_convs for _ in c.agent_turns]
-    batches = list(dm.val_dataloader())  # validation keeps order
-    assert torch.cat([b["target"] for b in batches]).tolist() == pytest.approx(expected)
-    assert torch.cat([b["success"] for b in batches]).tolist() == expected_success
+    expected = sorted((g, int(c.success)) for c in val_convs for g in c.returns(gamma))
+    batches = list(dm.val_dataloader())  # every validation turn once (in batches bucketed by length)
+    got = sorted(zip(torch.cat([b["target"] for b in batches]).tolist(), torch.cat([b["success"] for b in batches])))
+    assert [g for g, _ in got] == pytest.approx([g for g, _ in expected])
+    assert [int(s) for _, s in got] == [s for _, s in expected]
 
     # Training batches (shuffled) hold the same multiset of returns.
     train_convs = [c for c in conversations if c.conversation_id in _ids(dm.train_examples)]
@@ -88,16 +89,40 @@ def test_critic_targets_are_monte_carlo_returns_with_data_gamma(tokenizer, conve
     assert any(0 < t < 1 for t in all_targets) and 1.0 in all_targets
 
 
-def test_critic_batch_is_state_then_suggestion_right_padded(tokenizer, conversations):
+def _epoch(loader, seed: int = 0) -> list[tuple[dict, list, list]]:
+    """One epoch of `loader` drawn after torch.manual_seed(seed): per batch (batch, its rows (SequenceExample),
+    its turns (TurnExample) in the batch's turn order), the rows as the collate function received them."""
+    received, collate = [], loader.collate_fn
+
+    def recording(rows):
+        received.append(rows)
+        return collate(rows)
+
+    loader.collate_fn = recording
+    torch.manual_seed(seed)
+    batches = list(loader)
+    loader.collate_fn = collate
+    return [(b, rows, [t for row in rows for t in row.turns]) for b, rows in zip(batches, received, strict=True)]
+
+
+def test_critic_batch_rows_are_right_padded_and_read_at_each_turns_suggestion(tokenizer, conversations):
     dm = _dm(tokenizer, conversations, critic_batch_size=5)
     dm.use_phase("critic")
-    batch = next(iter(dm.val_dataloader()))
-    for row, ex in enumerate(dm.val_examples[:5]):
-        n = len(ex.prompt_ids) + len(ex.action_ids)
-        assert batch["input_ids"][row, :n].tolist() == ex.prompt_ids + ex.action_ids
-        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
-        # The critic reads the suggestion's last token, <end>.
-        assert ex.action_ids[-1] == tokenizer.eos_token_id
+    seen = 0
+    for batch, rows, turns in _epoch(dm.val_dataloader()):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for row, sequence in enumerate(rows):
+            n = len(sequence.input_ids)
+            assert ids[row, :n].tolist() == sequence.input_ids
+            assert mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+        assert batch["target"].tolist() == pytest.approx([t.target for t in turns])
+        for k, ex in enumerate(turns):
+            row, position = int(batch["read_rows"][k]), int(batch["read_positions"][k])
+            # The turn's state and suggestion are the row's first tokens; the critic reads the suggestion's last, <end>.
+            assert ids[row, : position + 1].tolist() == ex.prompt_ids + ex.action_ids
+            assert ids[row, position] == ex.action_ids[-1] == tokenizer.eos_token_id
+        seen += len(turns)
+    assert seen == len(dm.val_examples)
 
 
 # -- SFT examples ----------------------------------------------------------------------
@@ -106,17 +131,17 @@ def test_critic_batch_is_state_then_suggestion_right_padded(tokenizer, conversat
 def test_sft_labels_mask_the_prompt_and_keep_the_suggestion(tokenizer, conversations):
     dm = _dm(tokenizer, conversations, sft_batch_size=6)
     dm.use_phase("sft")
-    batch = next(iter(dm.val_dataloader()))
-    examples = dm.val_examples[:6]
-    width = batch["labels"].shape[1]
-    for row, ex in enumerate(examples):
-        p, a = len(ex.prompt_ids), len(ex.action_ids)
-        labels = batch["labels"][row].tolist()
-        assert labels[:p] == [-100] * p
-        assert labels[p : p + a] == ex.action_ids
-        assert labels[p + a :] == [-100] * (width - p - a)
-        assert labels[p + a - 1] == tokenizer.eos_token_id  # the model learns to stop
-    first = examples[0]
+    for batch, rows, _ in _epoch(dm.val_dataloader()):
+        for row, sequence in enumerate(rows):
+            labels = batch["labels"][row].tolist()
+            expected = [-100] * len(labels)
+            for ex in sequence.turns:
+                p, a = len(ex.prompt_ids), len(ex.action_ids)
+                assert sequence.input_ids[: p + a] == ex.prompt_ids + ex.action_ids
+                expected[p : p + a] = ex.action_ids  # each reply is learnt, its state (earlier replies too) is context
+                assert ex.action_ids[-1] == tokenizer.eos_token_id  # the model learns to stop
+            assert labels == expected
+    first = dm.val_examples[0]
     conv = next(c for c in conversations if c.conversation_id == first.conversation_id)
     assert tokenizer.decode(first.action_ids) == render_suggestion(conv.turns[conv.agent_turns[0]].suggestion)
     assert tokenizer.decode(first.prompt_ids) == render_state(conv, conv.agent_turns[0])
@@ -128,8 +153,10 @@ def test_filtered_bc_keeps_successful_conversations_only(tokenizer, conversation
     (batch,) = list(dm.train_dataloader())
     n_success_turns = sum(len(c.agent_turns) for c in conversations if c.success)
     assert n_success_turns > 0
-    assert batch["input_ids"].shape[0] == n_success_turns
+    assert batch["target"].shape[0] == n_success_turns  # one entry per cloned turn
     assert batch["success"].tolist() == [1] * n_success_turns
+    n_reply_tokens = sum(len(e.action_ids) for e in dm.train_examples if e.success)
+    assert int((batch["labels"] != -100).sum()) == n_reply_tokens
 
 
 # -- policy prompts -------------------------------------------------------------------------
@@ -259,3 +286,153 @@ def test_for_phase_puts_the_settings_back_even_when_the_fit_fails(tokenizer, con
     with pytest.raises(ValueError, match="unknown phase"):
         with dm.for_phase("rl"):
             pass
+
+
+# -- conversation sequences and bucketed batches (data/batching.py) ---------------------------------------------
+
+
+def _key(e):
+    return (e.conversation_id, e.turn_index)
+
+
+def test_plain_conversations_are_one_sequence_holding_each_turns_row(tokenizer, conversations):
+    dm = _dm(tokenizer, conversations)
+    train_ids = _ids(dm.train_examples)
+    assert [s.turns[0].conversation_id for s in dm.train_sequences] == [
+        c.conversation_id for c in conversations if c.conversation_id in train_ids
+    ]
+    assert any(len(s.turns) > 1 for s in dm.train_sequences)
+    for sequence in dm.train_sequences + dm.val_sequences:
+        conv = next(c for c in conversations if c.conversation_id == sequence.turns[0].conversation_id)
+        assert [t.turn_index for t in sequence.turns] == conv.agent_turns
+        last = sequence.turns[-1]
+        assert sequence.input_ids == last.prompt_ids + last.action_ids  # up to the end of its last reply
+        for e, start, end in zip(sequence.turns, sequence.reply_starts, sequence.reply_ends):
+            assert sequence.input_ids[:end] == e.prompt_ids + e.action_ids and start == len(e.prompt_ids)
+    # The per-turn examples every other reader uses are the same objects, unchanged.
+    assert [t for s in dm.train_sequences for t in s.turns] == dm.train_examples
+
+
+def test_a_truncated_conversation_falls_back_to_per_turn_rows(tokenizer, conversations):
+    full = _dm(tokenizer, conversations, val_fraction=0.0)
+    lengths = sorted(len(e.prompt_ids) for e in full.train_examples)
+    limit = lengths[len(lengths) // 2]  # about half the states are cut
+    dm = _dm(tokenizer, conversations, val_fraction=0.0, max_prompt_tokens=limit)
+    truncated = {e.conversation_id for e in full.train_examples if len(e.prompt_ids) > limit}
+    assert truncated and truncated != _ids(full.train_examples)
+    for sequence in dm.train_sequences:
+        cid = sequence.turns[0].conversation_id
+        if cid in truncated:  # every turn of it is its own per-turn row, with the truncated ids
+            (e,) = sequence.turns
+            assert sequence.input_ids == e.prompt_ids + e.action_ids and len(e.prompt_ids) <= limit
+        else:
+            assert len(sequence.turns) == len(next(c for c in conversations if c.conversation_id == cid).agent_turns)
+    rows = Counter(s.turns[0].conversation_id for s in dm.train_sequences)
+    assert all(rows[cid] == sum(e.conversation_id == cid for e in dm.train_examples) for cid in truncated)
+    # Cut replies break the prefix too.
+    cut_replies = _dm(tokenizer, conversations, val_fraction=0.0, max_action_tokens=2)
+    assert all(len(s.turns) == 1 for s in cut_replies.train_sequences)
+
+
+def test_a_chat_template_packs_only_the_conversations_it_renders_as_prefixes(conversations):
+    from tiny_chat import train_chat_tokenizer
+
+    from iterppo_lightning.loop.bootstrap import corpus
+
+    dm = _dm(train_chat_tokenizer(corpus(conversations)), conversations, val_fraction=0.0)
+    rows = Counter(s.turns[0].conversation_id for s in dm.train_sequences)
+    for conv in conversations:
+        # The template writes the message sent where the plain format writes the suggestion: an edited or rejected
+        # reply before the last one makes the next state differ from [state | suggestion].
+        breaks = any(conv.turns[i].business_action in ("edit", "reject") for i in conv.agent_turns[:-1])
+        assert rows[conv.conversation_id] == (len(conv.agent_turns) if breaks else 1)
+    assert any(rows[c.conversation_id] > 1 for c in conversations) and any(
+        rows[c.conversation_id] == 1 and len(c.agent_turns) > 1 for c in conversations
+    )
+
+
+@pytest.mark.parametrize("phase", ["critic", "sft"])
+def test_every_turn_is_in_exactly_one_batch_per_epoch_with_its_values(tokenizer, conversations, phase):
+    lengths = sorted(len(e.prompt_ids) for e in _dm(tokenizer, conversations).train_examples)
+    dm = _dm(tokenizer, conversations, max_prompt_tokens=lengths[-len(lengths) // 4], critic_batch_size=6)
+    assert any(len(s.turns) == 1 for s in dm.train_sequences) and any(len(s.turns) > 1 for s in dm.train_sequences)
+    with dm.for_phase(phase, batch_size=6, bootstrap_members=2 if phase == "critic" else 1):
+        for seed in (0, 1):
+            epoch = _epoch(dm.train_dataloader(), seed)
+            turns = [_key(t) for _, _, ts in epoch for t in ts]
+            assert sorted(turns) == sorted(_key(e) for e in dm.train_examples)
+            assert len(epoch) == math.ceil(len(dm.train_examples) / 6)
+            for batch, rows, ts in epoch:
+                assert batch["target"].tolist() == pytest.approx([t.target for t in ts])
+                assert batch["success"].tolist() == [t.success for t in ts]
+                assert batch["read_rows"].tolist() == [r for r, row in enumerate(rows) for _ in row.turns]
+        val = _epoch(dm.val_dataloader(), 0)
+        assert sorted(_key(t) for _, _, ts in val for t in ts) == sorted(_key(e) for e in dm.val_examples)
+
+
+def test_set_targets_and_sft_turns_reach_the_batches(tokenizer, conversations):
+    dm = _dm(tokenizer, conversations, critic_batch_size=8, sft_batch_size=4)
+    targets = {_key(e): (hash(_key(e)) % 1000) / 1000 for e in dm.all_examples}
+    dm.set_targets(targets)
+    with dm.for_phase("critic"):
+        for batch, _, turns in _epoch(dm.train_dataloader(), 3):
+            assert batch["target"].tolist() == pytest.approx([targets[_key(t)] for t in turns])
+    # Behaviour cloning of one chosen turn per conversation: its reply alone is labelled, the row ends with it.
+    chosen = {(c.conversation_id, c.agent_turns[len(c.agent_turns) // 2]) for c in conversations}
+    with dm.for_phase("sft", sft_turns=chosen):
+        epoch = _epoch(dm.train_dataloader(), 3)
+    cloned = [_key(t) for _, _, ts in epoch for t in ts]
+    assert sorted(cloned) == sorted(_key(e) for e in dm.train_examples if _key(e) in chosen)
+    for batch, rows, _ in epoch:
+        for r, row in enumerate(rows):
+            (e,) = row.turns
+            p, a = len(e.prompt_ids), len(e.action_ids)
+            assert row.input_ids == e.prompt_ids + e.action_ids
+            assert batch["labels"][r, : p + a].tolist() == [-100] * p + e.action_ids
+            assert (batch["labels"][r, p + a :] == -100).all()
+
+
+def test_pooled_weights_and_bootstrap_counts_are_per_turn(tmp_path, tokenizer, conversations):
+    from iterppo_lightning.data.datamodule import bootstrap_count
+
+    old = save_buffer(conversations[:20], tmp_path / "old")
+    new = save_buffer(conversations[20:], tmp_path / "new")
+    dm = TrajectoryDataModule(val_fraction=0.3, critic_batch_size=8, split_seed=4)
+    dm.connect(tokenizer)
+    dm.load_buffers([str(new), str(old)], [1.0, 0.25])
+    old_ids = {c.conversation_id for c in conversations[:20]}
+    raw = {_key(e): 0.25 if e.conversation_id in old_ids else 1.0 for e in dm.all_examples}
+    mean = sum(raw.values()) / len(raw)
+    with dm.for_phase("critic", bootstrap_members=3):
+        for batch, _, turns in _epoch(dm.train_dataloader(), 0):
+            assert batch["weight"].tolist() == pytest.approx([raw[_key(t)] / mean for t in turns])
+            expected = [[bootstrap_count(t.conversation_id, m, 4) for t in turns] for m in range(3)]
+            assert batch["bootstrap"].tolist() == expected
+
+
+def test_bucketed_batches_pad_little_and_compute_fewer_tokens_than_per_turn_rows():
+    from conftest import make_conversations
+
+    from iterppo_lightning.loop.bootstrap import corpus
+    from iterppo_lightning.models.tiny_lm import train_word_tokenizer
+
+    conversations = make_conversations(400, seed0=50_000)
+    dm = _dm(train_word_tokenizer(corpus(conversations)), conversations, val_fraction=0.1)
+    for phase, batch_size in (("critic", 32), ("sft", 16)):
+        with dm.for_phase(phase, batch_size=batch_size):
+            for loader in (dm.train_dataloader(), dm.val_dataloader()):
+                torch.manual_seed(0)
+                masks = [b["attention_mask"] for b in loader]
+                real, computed = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+                assert computed <= 1.2 * real
+                turns = [e for s in loader.dataset for e in s.turns]
+                per_turn_rows = sum(len(e.prompt_ids) + len(e.action_ids) for e in turns)
+                assert computed < per_turn_rows  # fewer tokens than the per-turn rows, even before their padding
+
+
+def test_batches_are_a_function_of_the_seed(tokenizer, conversations):
+    for phase in ("critic", "sft"):
+        dm = _dm(tokenizer, conversations, critic_batch_size=8, sft_batch_size=8)
+        dm.use_phase(phase)
+        assert _same_batches(_draw(dm, 5), _draw(dm, 5))
+        assert not _same_batches(_draw(dm, 5), _draw(dm, 6))

@@ -42,6 +42,6 @@ def test_sft_turns_keep_only_the_given_turns(tokenizer, conversations):
     keep = {(conversations[0].conversation_id, conversations[0].agent_turns[0]), (conversations[1].conversation_id, 0)}
     with dm.for_phase("sft", sft_turns=keep):
         batches = list(dm.train_dataloader())
-    assert sum(b["input_ids"].shape[0] for b in batches) == 2
+    assert sum(b["target"].shape[0] for b in batches) == 2  # one entry per cloned turn
     with dm.for_phase("sft"):
-        assert sum(b["input_ids"].shape[0] for b in dm.train_dataloader()) == len(dm.train_examples)
+        assert sum(b["target"].shape[0] for b in dm.train_dataloader()) == len(dm.train_examples)

@@ -255,3 +255,52 @@ def test_ensemble_learns_and_round_trips_through_its_state_dict(base_dir, tokeni
 def test_bad_ensemble_settings_name_the_key(kwargs, named):
     with pytest.raises(ValueError, match=named):
         CriticModule(**kwargs)
+
+
+# -- one causal pass per conversation ---------------------------------------------------------------------------
+
+
+def _conversation_datamodule(tokenizer, conversations) -> TrajectoryDataModule:
+    dm = TrajectoryDataModule(val_fraction=0.0)
+    dm.connect(tokenizer)
+    dm.set_conversations(conversations)
+    assert len(dm.train_sequences) == len(conversations) < len(dm.train_examples), "plain conversations pack"
+    return dm
+
+
+@pytest.mark.parametrize("ensemble_size", [1, 3])
+def test_one_pass_per_conversation_reads_each_turns_q_of_its_own_row(base_dir, tokenizer, conversations, ensemble_size):
+    torch.manual_seed(0)
+    critic = CriticModule(ensemble_size=ensemble_size)
+    critic.build(base_dir)
+    with torch.no_grad():
+        for _, head in _members(critic):
+            head.weight.normal_(0, 1)  # Q depends on the hidden state read
+    critic.eval()
+    dm = _conversation_datamodule(tokenizer, conversations)
+    # Sequences list the same turns, in the same order, as the per-turn examples.
+    per_turn, one_pass = dm._collate_pairs(dm.train_examples), dm._collate_sequences(dm.train_sequences)
+    assert one_pass["attention_mask"].sum() < per_turn["attention_mask"].sum()  # the point: fewer tokens
+    with torch.no_grad():
+        expected, got = critic.batch_logits(per_turn), critic.batch_logits(one_pass)
+    n = len(dm.train_examples)
+    assert got.shape == expected.shape == ((n,) if ensemble_size == 1 else (ensemble_size, n))
+    assert (got - expected).abs().max() <= 1e-5
+    assert expected.std() > 1e-3  # the turns' Q differ: a read at the wrong position would show
+    assert torch.equal(one_pass["target"], per_turn["target"])
+    assert critic._loss(got[0] if ensemble_size > 1 else got, one_pass["target"]).item() == pytest.approx(
+        critic._loss(expected[0] if ensemble_size > 1 else expected, per_turn["target"]).item(), abs=1e-6
+    )
+
+
+def test_critic_loss_share_counts_turns_not_rows(base_dir, tokenizer, conversations, monkeypatch):
+    import iterppo_lightning.modules.critic as critic_module
+
+    counts = []
+    monkeypatch.setattr(critic_module, "global_share", lambda n: counts.append(int(n)))  # one process: None
+    critic = CriticModule()
+    critic.build(base_dir)
+    dm = _conversation_datamodule(tokenizer, conversations[:6])
+    batch = dm._collate_sequences(dm.train_sequences)
+    critic.training_step(batch, 0)
+    assert counts == [len(dm.train_examples)] and len(dm.train_examples) > batch["input_ids"].shape[0]
