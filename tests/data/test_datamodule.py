@@ -436,3 +436,14 @@ def test_batches_are_a_function_of_the_seed(tokenizer, conversations):
         dm.use_phase(phase)
         assert _same_batches(_draw(dm, 5), _draw(dm, 5))
         assert not _same_batches(_draw(dm, 5), _draw(dm, 6))
+
+
+def test_conversation_rows_off_gives_one_bucketed_row_per_turn(tokenizer, conversations):
+    dm = _dm(tokenizer, conversations, conversation_rows=False, critic_batch_size=8)
+    assert len(dm.train_sequences) == len(dm.train_examples)
+    for sequence, e in zip(dm.train_sequences, dm.train_examples):
+        assert sequence.turns == [e] and sequence.input_ids == e.prompt_ids + e.action_ids
+    dm.use_phase("critic")
+    epoch = _epoch(dm.train_dataloader(), 0)
+    assert sorted(_key(t) for _, _, ts in epoch for t in ts) == sorted(_key(e) for e in dm.train_examples)
+    assert all(b["input_ids"].shape[0] == b["target"].shape[0] for b, _, _ in epoch)  # a row per turn
