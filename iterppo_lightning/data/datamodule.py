@@ -106,7 +106,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         split_seed: int = 0,
         logs: str | None = None,
         pool_weights: list[float] | None = None,
-        conversation_rows: bool = True,
+        conversation_rows: bool = False,
     ):
         """
         Args:
@@ -130,13 +130,13 @@ class TrajectoryDataModule(L.LightningDataModule):
                 [1.0] (default) = only the current batch; [1.0, 0.5] adds the previous
                 batch at half weight. Pooling makes the data off-policy: pair it with
                 critic.target "fqe" (see docs/data.md).
-            conversation_rows: critic and SFT batch rows are whole conversations where every turn's
-                [state | suggestion] is a token prefix of the next (one causal pass reads all their
-                turns, about 4x fewer tokens at quickstart size); False = one row per turn. Both are
-                length-bucketed. A batch of conversation rows holds fewer distinct conversations
-                (about critic_batch_size / turns per conversation), so its gradient is noisier: at
-                quickstart size the critic's validation AUROC after critic_epochs was lower (see
-                docs/data.md).
+            conversation_rows: True = critic and SFT batch rows are whole conversations where every
+                turn's [state | suggestion] is a token prefix of the next (one causal pass reads all
+                their turns, about 4x fewer tokens at quickstart size); False (default) = one row per
+                turn. Both are length-bucketed. A batch of conversation rows holds fewer distinct
+                conversations (about critic_batch_size / turns per conversation), so its gradient is
+                noisier: at quickstart size the critic's validation AUROC and loss after critic_epochs
+                were worse, which is why it is off by default (see docs/data.md).
         """
         super().__init__()
         if not 0.0 < gamma <= 1.0:

@@ -296,7 +296,7 @@ def _key(e):
 
 
 def test_plain_conversations_are_one_sequence_holding_each_turns_row(tokenizer, conversations):
-    dm = _dm(tokenizer, conversations)
+    dm = _dm(tokenizer, conversations, conversation_rows=True)
     train_ids = _ids(dm.train_examples)
     assert [s.turns[0].conversation_id for s in dm.train_sequences] == [
         c.conversation_id for c in conversations if c.conversation_id in train_ids
@@ -314,10 +314,10 @@ def test_plain_conversations_are_one_sequence_holding_each_turns_row(tokenizer, 
 
 
 def test_a_truncated_conversation_falls_back_to_per_turn_rows(tokenizer, conversations):
-    full = _dm(tokenizer, conversations, val_fraction=0.0)
+    full = _dm(tokenizer, conversations, val_fraction=0.0, conversation_rows=True)
     lengths = sorted(len(e.prompt_ids) for e in full.train_examples)
     limit = lengths[len(lengths) // 2]  # about half the states are cut
-    dm = _dm(tokenizer, conversations, val_fraction=0.0, max_prompt_tokens=limit)
+    dm = _dm(tokenizer, conversations, val_fraction=0.0, max_prompt_tokens=limit, conversation_rows=True)
     truncated = {e.conversation_id for e in full.train_examples if len(e.prompt_ids) > limit}
     assert truncated and truncated != _ids(full.train_examples)
     for sequence in dm.train_sequences:
@@ -339,7 +339,7 @@ def test_a_chat_template_packs_only_the_conversations_it_renders_as_prefixes(con
 
     from iterppo_lightning.loop.bootstrap import corpus
 
-    dm = _dm(train_chat_tokenizer(corpus(conversations)), conversations, val_fraction=0.0)
+    dm = _dm(train_chat_tokenizer(corpus(conversations)), conversations, val_fraction=0.0, conversation_rows=True)
     rows = Counter(s.turns[0].conversation_id for s in dm.train_sequences)
     for conv in conversations:
         # The template writes the message sent where the plain format writes the suggestion: an edited or rejected
@@ -354,7 +354,13 @@ def test_a_chat_template_packs_only_the_conversations_it_renders_as_prefixes(con
 @pytest.mark.parametrize("phase", ["critic", "sft"])
 def test_every_turn_is_in_exactly_one_batch_per_epoch_with_its_values(tokenizer, conversations, phase):
     lengths = sorted(len(e.prompt_ids) for e in _dm(tokenizer, conversations).train_examples)
-    dm = _dm(tokenizer, conversations, max_prompt_tokens=lengths[-len(lengths) // 4], critic_batch_size=6)
+    dm = _dm(
+        tokenizer,
+        conversations,
+        max_prompt_tokens=lengths[-len(lengths) // 4],
+        critic_batch_size=6,
+        conversation_rows=True,
+    )
     assert any(len(s.turns) == 1 for s in dm.train_sequences) and any(len(s.turns) > 1 for s in dm.train_sequences)
     with dm.for_phase(phase, batch_size=6, bootstrap_members=2 if phase == "critic" else 1):
         for seed in (0, 1):
@@ -417,7 +423,7 @@ def test_bucketed_batches_pad_little_and_compute_fewer_tokens_than_per_turn_rows
     from iterppo_lightning.models.tiny_lm import train_word_tokenizer
 
     conversations = make_conversations(400, seed0=50_000)
-    dm = _dm(train_word_tokenizer(corpus(conversations)), conversations, val_fraction=0.1)
+    dm = _dm(train_word_tokenizer(corpus(conversations)), conversations, val_fraction=0.1, conversation_rows=True)
     for phase, batch_size in (("critic", 32), ("sft", 16)):
         with dm.for_phase(phase, batch_size=batch_size):
             for loader in (dm.train_dataloader(), dm.val_dataloader()):

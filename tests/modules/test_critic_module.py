@@ -261,7 +261,7 @@ def test_bad_ensemble_settings_name_the_key(kwargs, named):
 
 
 def _conversation_datamodule(tokenizer, conversations) -> TrajectoryDataModule:
-    dm = TrajectoryDataModule(val_fraction=0.0)
+    dm = TrajectoryDataModule(val_fraction=0.0, conversation_rows=True)
     dm.connect(tokenizer)
     dm.set_conversations(conversations)
     assert len(dm.train_sequences) == len(conversations) < len(dm.train_examples), "plain conversations pack"

@@ -10,7 +10,7 @@ from iterppo_lightning.modules.sft import BehaviourCloningModule
 
 
 def _setup(tiny_model, tokenizer, conversations):
-    dm = TrajectoryDataModule(val_fraction=0.0)
+    dm = TrajectoryDataModule(val_fraction=0.0, conversation_rows=True)
     dm.connect(tokenizer)
     dm.set_conversations(conversations)
     dm.use_phase("sft")
