@@ -167,6 +167,8 @@ def sample_scored_replies(
     and one `torch.multinomial` over the whole batch, a row that has ended gets pad, stop when every row has
     ended or after `max_new_tokens`. So it draws the same tokens as `sample_responses` from the same random
     state (tests/models/test_generation.py), and the log-probs are those of the distribution sampled from.
+    Unlike `generate`, a row that has ended leaves the decoding forwards (its cache rows are dropped); the
+    draw of each step still spans the whole batch, so the running rows' draws are unchanged.
     `reply_seeds`: each row from its own stream (PerReplyGumbelSampler), as in `sample_responses`.
 
     `prefill_groups` (lists of row indices covering every row once, e.g. `ppo_math.length_groups` of the
@@ -194,6 +196,7 @@ def sample_scored_replies(
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
         position = prompt_mask.long().sum(1, keepdim=True)  # the next token's position id
         unfinished = torch.ones(batch, dtype=torch.long, device=prompt_ids.device)
+        running = torch.arange(batch, device=prompt_ids.device)  # the rows the cache (and each step) holds
         tokens, logprobs, hiddens = [], [], []
         for step in range(max_new_tokens):
             scores = logits if temperature == 1.0 else logits / temperature
@@ -208,15 +211,25 @@ def sample_scored_replies(
             unfinished = unfinished & (next_tokens != eos_id).long()
             if step + 1 == max_new_tokens or not bool(unfinished.any()):
                 break
+            # Rows that have ended leave the decoding steps (their tokens would be pad anyway). The draw above
+            # still covers the whole batch, so every running row gets the draw generate would give it.
+            keep = unfinished[running].bool()
+            if not bool(keep.all()):
+                kept = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(kept)
+                running = running[kept]
             out = model(
-                input_ids=next_tokens[:, None],
-                attention_mask=mask[:, : width + step + 1],
-                position_ids=position + step,
+                input_ids=next_tokens[running, None],
+                attention_mask=mask[running, : width + step + 1],
+                position_ids=position[running] + step,
                 cache=cache,
                 use_cache=True,
                 output_hidden_states=True,
             )
             logits, hidden = out.logits[:, -1].float(), out.hidden_states[-1][:, -1]
+            if len(running) < batch:  # ended rows: any distribution (uniform), their draws are replaced by pad
+                logits = logits.new_zeros(batch, logits.shape[-1]).index_copy_(0, running, logits)
+                hidden = hidden.new_zeros(batch, hidden.shape[-1]).index_copy_(0, running, hidden)
     finally:
         model.train(was_training)
     response, response_mask = truncate_after_eos(torch.stack(tokens, dim=1), eos_id, pad_id)

@@ -8,7 +8,7 @@ import inspect
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import ends_often, make_trainer
 from torch import nn
 
 from iterppo_lightning.data.datamodule import TrajectoryDataModule
@@ -534,15 +534,6 @@ def test_pin_reference_from_a_saved_pi0_after_a_restart(tmp_path, tiny_model, to
 TOL = 1e-5
 
 
-def _ends_often(model, tokenizer):
-    """Bias the random model towards <end> so that replies end at many different lengths (p(<end>) ~ 0.2)."""
-    with torch.no_grad():
-        eos = model.transformer.wte.weight[tokenizer.eos_token_id]
-        model.transformer.ln_f.weight.mul_(0.2)
-        model.transformer.ln_f.bias.copy_(25.0 * eos / eos.norm())
-    return model
-
-
 def _random_critic(model, tmp_path):
     from iterppo_lightning.modules.critic import CriticModule
 
@@ -557,7 +548,7 @@ def _random_critic(model, tmp_path):
 @pytest.fixture()
 def whole_and_split(tiny_model, tokenizer, conversations, tmp_path):
     """One batch of 16 prompts and two equal modules on it (unsplit / split), with a random critic."""
-    _ends_often(tiny_model, tokenizer)
+    ends_often(tiny_model, tokenizer)
     critic = _random_critic(tiny_model, tmp_path)
     settings = dict(
         critic=critic, max_new_tokens=8, score_norm="whiten", entropy_coef=0.01, ppo_epochs=2, minibatches=2
