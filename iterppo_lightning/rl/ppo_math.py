@@ -221,15 +221,16 @@ def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token entropy from a log-softmax over the last dim: ``[B, T, V] -> [B, T]``.
 
     ``H = -sum(p * log p)`` with ``p = exp(log p)``; terms with ``p = 0``
-    (``log p = -inf``) count 0, not ``nan``. Equals :func:`entropy_from_logits`
-    of the logits the log-softmax came from.
+    (``log p = -inf``, clamped to the lowest finite float) count 0, not
+    ``nan``. Equals :func:`entropy_from_logits` of the logits the log-softmax
+    came from.
 
     Why: PPO already takes the log-softmax over the vocabulary for the
     sampled tokens' log-probs; reading the entropy from it saves a second
     softmax and a logsumexp over ``[B, T, V]``.
     """
-    p = torch.exp(logprobs)
-    return -torch.where(p > 0, p * logprobs, torch.zeros_like(p)).sum(dim=-1)
+    finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)
+    return -(torch.exp(logprobs) * finite).sum(dim=-1)
 
 
 # --------------------------------------------------------------------------- #
