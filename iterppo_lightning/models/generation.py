@@ -107,41 +107,6 @@ class ScoredReplies:
     input); 0 after the reply."""
 
 
-class _AppendingLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values live in storage sized once for the prompt and the whole reply:
-    each decoding step writes its entries in place, where `DynamicLayer` concatenates (copies) the whole
-    cache. `keys` / `values` are the filled part, as `DynamicLayer`'s are."""
-
-    def __init__(self, batch: int, like: torch.Tensor, capacity: int):
-        super().__init__()
-        self.storage_keys = like.new_zeros(batch, like.shape[1], capacity, like.shape[3])
-        self.storage_values = like.new_zeros(batch, like.shape[1], capacity, like.shape[3])
-        self.length = 0
-        self.device, self.is_initialized = like.device, True
-        self._view()
-
-    def _view(self) -> None:
-        self.keys = self.storage_keys[:, :, : self.length]
-        self.values = self.storage_values[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        self.storage_keys[:, :, self.length : end] = key_states
-        self.storage_values[:, :, self.length : end] = value_states
-        self.length = end
-        self._view()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.storage_keys = self.storage_keys[indices]
-        self.storage_values = self.storage_values[indices]
-        self._view()
-
-
-def _plain(cache: DynamicCache) -> bool:
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
 def _prefill(model, ids, mask, cache):
     out = model(
         input_ids=ids,
@@ -155,52 +120,33 @@ def _prefill(model, ids, mask, cache):
     return out.logits[:, -1].float(), out.hidden_states[-1][:, -1]
 
 
-def _appending_cache(layers: list[_AppendingLayer], width: int) -> DynamicCache:
-    cache = DynamicCache()
-    for layer in layers:
-        layer.length = width
-        layer._view()
-    cache.layers = list(layers)
-    return cache
-
-
-def _prefilled(model, prompt_ids, prompt_mask, groups, capacity: int):
-    """Logits and hidden states at each prompt's last token, and the cache for the decoding steps.
-
-    Every group of rows runs trimmed to its longest prompt; the groups' keys and values go into one cache for
-    the whole batch, left-padded with zeros (masked keys) to the batch's prompt width, in storage for
-    `capacity` positions (`_AppendingLayer`). Models whose cache is not a plain `DynamicLayer` per layer
-    prefill the batch at once and keep their own cache."""
+def _grouped_prefill(model, prompt_ids, prompt_mask, groups):
+    """Prefill every group trimmed to its longest prompt, then one cache for the whole batch, left-padded
+    with zeros (masked keys) to the batch's prompt width. None when the cache is not a plain one per layer."""
     batch, width = prompt_ids.shape
-    if len(groups) == 1:
-        cache = DynamicCache(config=model.config)
-        logits, hidden = _prefill(model, prompt_ids, prompt_mask, cache)
-        if not _plain(cache):
-            return logits, hidden, cache
-        layers = [_AppendingLayer(batch, layer.keys, capacity) for layer in cache.layers]
-        for target, layer in zip(layers, cache.layers):
-            target.storage_keys[:, :, :width] = layer.keys
-            target.storage_values[:, :, :width] = layer.values
-        return logits, hidden, _appending_cache(layers, width)
     logits = hidden = None
-    layers: list[_AppendingLayer] = []
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
     for rows in groups:
         index = torch.as_tensor(rows, dtype=torch.long, device=prompt_ids.device)
         mask = prompt_mask[index]
         trim = width - int(mask.sum(1).max())
         cache = DynamicCache(config=model.config)
         group_logits, group_hidden = _prefill(model, prompt_ids[index, trim:], mask[:, trim:], cache)
-        if not _plain(cache):
-            return _prefilled(model, prompt_ids, prompt_mask, [list(range(batch))], capacity)
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None
         if logits is None:
             logits = group_logits.new_empty(batch, group_logits.shape[-1])
             hidden = group_hidden.new_empty(batch, group_hidden.shape[-1])
-            layers = [_AppendingLayer(batch, layer.keys, capacity) for layer in cache.layers]
+            for layer in cache.layers:
+                k, v = layer.keys, layer.values
+                keys.append(k.new_zeros(batch, k.shape[1], width, k.shape[3]))
+                values.append(v.new_zeros(batch, v.shape[1], width, v.shape[3]))
         logits[index], hidden[index] = group_logits, group_hidden
-        for target, layer in zip(layers, cache.layers):
-            target.storage_keys[index, :, trim:width] = layer.keys
-            target.storage_values[index, :, trim:width] = layer.values
-    return logits, hidden, _appending_cache(layers, width)
+        for layer, k, v in zip(cache.layers, keys, values):
+            k[index, :, trim:] = layer.keys
+            v[index, :, trim:] = layer.values
+    return logits, hidden, DynamicCache(ddp_cache_data=list(zip(keys, values)))
 
 
 @torch.no_grad()
@@ -228,10 +174,8 @@ def sample_scored_replies(
     `prefill_groups` (lists of row indices covering every row once, e.g. `ppo_math.length_groups` of the
     prompt lengths): the prompts' forward runs per group, trimmed to the group's longest prompt, and the
     groups' KV caches are joined into one, left-padded to P, for the decoding steps (one forward per step
-    for the whole batch). The joined cache is allocated once for P + max_new_tokens positions and each step
-    writes into it (`_AppendingLayer`), instead of `DynamicCache` copying the whole cache every step. Only
-    models whose cache is a plain `DynamicLayer` per layer get either; others prefill the batch at once and
-    decode with their own cache.
+    for the whole batch). Only models whose cache is a plain `DynamicLayer` per layer are split; others
+    prefill the batch at once.
     """
     batch, width = prompt_ids.shape
     if reply_seeds is not None and len(reply_seeds) != batch:
@@ -239,8 +183,14 @@ def sample_scored_replies(
     was_training = model.training
     model.eval()
     try:
-        groups = prefill_groups if prefill_groups is not None and len(prefill_groups) > 1 else [list(range(batch))]
-        logits, hidden, cache = _prefilled(model, prompt_ids, prompt_mask, groups, width + max_new_tokens)
+        first = None
+        if prefill_groups is not None and len(prefill_groups) > 1:
+            first = _grouped_prefill(model, prompt_ids, prompt_mask, prefill_groups)
+        if first is None:
+            cache = DynamicCache(config=model.config)
+            logits, hidden = _prefill(model, prompt_ids, prompt_mask, cache)
+        else:
+            logits, hidden, cache = first
         sampler = PerReplyGumbelSampler(reply_seeds, temperature) if reply_seeds is not None else None
         # The mask of every step's input, grown by one column per step (as generate grows it).
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)

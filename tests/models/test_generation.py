@@ -109,12 +109,12 @@ def test_sampling_restores_the_models_mode(tiny_model, tokenizer, prompts):
     assert tiny_model.training
 
 
-def test_models_with_other_caches_prefill_whole_and_keep_their_cache(eos_model, tokenizer, prompts, monkeypatch):
-    """A model whose cache layers are not plain `DynamicLayer`s (e.g. sliding-window layers) is neither split nor
-    given the appending cache: the same tokens all the same."""
+def test_models_with_other_caches_prefill_the_batch_at_once(eos_model, tokenizer, prompts, monkeypatch):
+    """A model whose cache layers are not plain `DynamicLayer`s (e.g. sliding-window layers) is not split: its
+    groups' caches could not be joined. The same tokens all the same."""
     from iterppo_lightning.models import generation
 
-    monkeypatch.setattr(generation, "_plain", lambda cache: False)
+    monkeypatch.setattr(generation, "DynamicLayer", type("OtherLayer", (), {}))
     ids, mask, groups = prompts
     (response, _), ours = _both(eos_model, tokenizer, ids, mask, 10, 0, 1.0, groups)
     assert torch.equal(ours.response, response)
