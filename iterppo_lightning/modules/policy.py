@@ -70,9 +70,11 @@ class Rollout:
     response_mask: torch.Tensor
     """[B, R] long: 1 on the reply's tokens up to and including its first EOS."""
     logprobs: torch.Tensor
-    """[B, R] float: log-probs of the reply tokens under the rollout policy (PPO's "old" log-probs)."""
+    """[B, R] float: log-probs of the reply tokens under the rollout policy (PPO's "old" log-probs), as the
+    sampling passes computed them; 0 after the reply."""
     values: torch.Tensor
-    """[B, R] float: the value head at each reply position under the rollout policy (the "old" values)."""
+    """[B, R] float: the value head at each reply position under the rollout policy (the "old" values); 0 after
+    the reply."""
     advantages: torch.Tensor
     """[B, R] float: per-token advantages (GAE, or the group baseline), whitened when asked."""
     returns: torch.Tensor
