@@ -250,6 +250,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         """With LoRA: the folder of the weights the adapter applies to (recorded in saved cards)."""
         self._reference_pinned = False
         """kl_anchor pi_0: the reference is pi_0 and no fit resets it (see pin_reference)."""
+        self._policy_is_reference = False
+        """The policy's weights were the reference's when it was made, and no optimizer step ran since (under
+        ZeRO-3 the weights cannot be compared after setup, so this flag, not a comparison, says so): the
+        rollout's reference log-probs are then its own, and its KL exactly 0."""
         self.timings: dict[str, float] = defaultdict(float)
         self._step_stats: list[dict[str, float]] = []
         self._rollouts = 0
@@ -275,6 +279,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             self.reference = copy.deepcopy(model)
             self.reference.requires_grad_(False).eval()
         self._reference_pinned = False
+        self._policy_is_reference = True
 
     def pin_reference(self, pi0_dir: str | Path | None = None) -> None:
         """kl_anchor pi_0: keep the reference as it is for the whole run (no fit resets it to pi_k).
@@ -288,6 +293,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 self._reference_adapter = saved_adapter_state(self.policy, pi0_dir)
             else:
                 self.reference = load_policy(pi0_dir)[0].requires_grad_(False).eval()
+            self._policy_is_reference = self._same_weights_as_reference()
         self._reference_pinned = True
 
     def load(self, path: str | Path) -> None:
@@ -330,12 +336,24 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k
         # (unless kl_anchor pi_0 pinned it to pi_0).
         if self._reference_pinned:
-            pass
+            self._policy_is_reference = self._same_weights_as_reference()
         elif self.reference is None:
             self._reference_adapter = adapter_state(self.policy)
+            self._policy_is_reference = True
         else:
             self.reference.load_state_dict(self.policy.state_dict())
             self.reference.requires_grad_(False).eval()
+            self._policy_is_reference = True
+
+    def _same_weights_as_reference(self) -> bool:
+        """Whether the policy's weights are the reference's, bit for bit (before any ZeRO-3 partitioning)."""
+        if self.reference is None:
+            current = adapter_state(self.policy)
+            return current.keys() == self._reference_adapter.keys() and all(
+                torch.equal(current[k], self._reference_adapter[k]) for k in current
+            )
+        mine, theirs = self.policy.state_dict(), self.reference.state_dict()
+        return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
     def on_fit_start(self) -> None:
         self.policy.train()
@@ -524,19 +542,26 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             groups = self._groups(
                 all_rows, prompt_lengths, resp_mask.sum(1).tolist(), self._split_forwards(), response.device
             )
-            ref_parts, score_parts = [], []
-            with self._reference_model() as reference:
-                for g in groups:
-                    ids, mask = self._trimmed(full_ids, full_mask, prompt_len, g)
-                    ref_logits = causal_lm_forward(reference, ids, mask, logits_to_keep=self._reply_positions(g))[0]
-                    ref_parts.append(
-                        pm.logprobs_from_logits(self._tempered(ref_logits), response[g.rows, : g.reply_width])
-                    )
+            if self._policy_is_reference and self._same_weights_as_reference():
+                # pi_k itself (a fit's first rollout): the same log-probs, so the KL is exactly 0. The flag is
+                # cleared by the first optimizer step; the comparison catches weights changed outside a fit.
+                ref_logprobs = old_logprobs
+            else:
+                ref_parts = []
+                with self._reference_model() as reference:
+                    for g in groups:
+                        ids, mask = self._trimmed(full_ids, full_mask, prompt_len, g)
+                        keep = self._reply_positions(g)
+                        ref_logits = causal_lm_forward(reference, ids, mask, logits_to_keep=keep)[0]
+                        ref_parts.append(
+                            pm.logprobs_from_logits(self._tempered(ref_logits), response[g.rows, : g.reply_width])
+                        )
+                ref_logprobs = self._in_order(ref_parts, groups, width)
+            score_parts = []
             for g in groups:
                 # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
                 ids, mask = self._trimmed(full_ids, full_mask, prompt_len, g)
                 score_parts.append(self.critic.score(ids, mask))
-            ref_logprobs = self._in_order(ref_parts, groups, width)
             score = self._in_order(score_parts, groups)
         ended = (response == tok.eos_token_id).any(dim=1)
         raw_score = score.clone()
@@ -630,6 +655,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 with self._timed("optimizer_step"):
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                     optimizer.step()
+                self._policy_is_reference = False
                 agg["policy_loss"].append(pg_loss.item())
                 agg["entropy"].append(entropy.item())
                 agg["clip_frac"].append(float(pg_stats["clip_frac"]))

@@ -562,6 +562,15 @@ def whole_and_split(tiny_model, tokenizer, conversations, tmp_path):
     return modules, batch
 
 
+def _moved_away_from_the_reference(module: PolicyModule) -> PolicyModule:
+    """The policy as after some updates (seeded noise on every weight): the rollout then runs the reference."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    return module
+
+
 def _rollouts(modules, batch) -> dict[str, Rollout]:
     out = {}
     for name, module in modules.items():
@@ -576,6 +585,8 @@ def _close(actual, expected):
 
 def test_a_split_rollout_equals_the_unsplit_computation(whole_and_split):
     modules, batch = whole_and_split
+    for module in modules.values():
+        _moved_away_from_the_reference(module)
     rollouts = _rollouts(modules, batch)
     whole, split = rollouts["whole"], rollouts["split"]
     prompt_lengths = batch["attention_mask"].sum(1)
@@ -605,11 +616,28 @@ def test_a_split_rollout_equals_the_unsplit_computation(whole_and_split):
         _close(rollout.seq_kl, ((logprobs - ref) * real).sum(1))
         _close(rollout.scores, score)
         assert (rollout.logprobs[~real] == 0).all() and (rollout.values[~real] == 0).all()
+    assert whole.seq_kl.abs().min() > 1e-3, "the reference forwards ran"
+
+
+def test_until_the_first_update_the_reference_log_probs_are_the_policys_own(whole_and_split, tokenizer, conversations):
+    """pi_k is the reference at the start of a fit: its log-probs serve as the reference's, so the first rollout's
+    KL is exactly 0 (as when both came from the same forward) and no reference forward runs; after the first
+    optimizer step the reference runs."""
+    modules, batch = whole_and_split
+    module = modules["split"]
+    calls = []
+    module.reference.register_forward_pre_hook(lambda *_: calls.append(1))
+    first = module.make_rollout(batch["input_ids"], batch["attention_mask"])
+    assert (first.seq_kl == 0).all() and not calls
+    make_trainer().fit(module, datamodule=_policy_dm(tokenizer, conversations, batch_size=16, batches=1))
+    assert module.fit_stats["kl"] == 0.0 and not calls  # one rollout: the fit's first
+    module.make_rollout(batch["input_ids"], batch["attention_mask"])  # the updated policy against pi_k
+    assert calls
 
 
 def test_split_update_forwards_give_the_unsplit_losses_and_gradients(whole_and_split):
     modules, batch = whole_and_split
-    module = modules["split"]
+    module = _moved_away_from_the_reference(modules["split"])
     rollout = _rollouts({"split": module}, batch)["split"]
     torch.manual_seed(2)
     idx = torch.randperm(16)[:8]  # a minibatch in random order, as ppo_update draws them
