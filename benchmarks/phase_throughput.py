@@ -60,6 +60,27 @@ Usage
     python benchmarks/phase_throughput.py --phase bc --threads 1
 
 The last line of stdout is one JSON object with every number and the arguments.
+
+The PPO policy phase (`--phase ppo`)
+------------------------------------
+One outer iteration's policy phase as `loop/variants.py` runs it: a fit of
+`iterppo_lightning.modules.policy.PolicyModule` in a real Trainer inside `for_phase("policy")`, over
+`data.policy_batches` (30) rollouts of `data.policy_batch_size` (64) states drawn with replacement from
+the states of `loop.episodes_per_iteration` (1024) simulator conversations, with the config's
+`model.policy` settings (quickstart: 20 new tokens, 4 PPO epochs x 2 minibatches, target_kl 0.02,
+score_norm whiten). pi is the tiny GPT-2 of `bootstrap.model`, behaviour-cloned for `--bc-steps` (300)
+steps on the conversations first, so that its replies end with <end> at lengths like pi_0's (a random
+policy never ends one); Q_k is a random critic of the same shape (only its forward costs time). A
+separate fit of `--warmup-batches` (1) rollouts runs first and is discarded; the measured fit starts
+from a fixed seed, so every version of the module sees the same prompts.
+
+It reports seconds per iteration (the measured fit's wall time), the module's stage timers
+(`PolicyModule.timings`: generate, score_forward, update_forward, update_backward, optimizer_step) and
+their shares, and real against computed tokens of generation, scoring and the update: forward hooks
+on the policy, the reference and the critic count every call's input positions (computed) and their
+attention-mask ones (real; for generation, the prompts' tokens and each reply's tokens but its last).
+
+    python benchmarks/phase_throughput.py --phase ppo --threads 1
 """
 
 from __future__ import annotations
@@ -94,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--phase", choices=("critic", "bc"), required=True)
+    p.add_argument("--phase", choices=("critic", "bc", "ppo"), required=True)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="fit config whose sizes are the defaults")
     p.add_argument(
         "--episodes",
@@ -120,8 +141,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=None, help="default: bootstrap.model.n_head")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    add_ppo_arguments(p)
     args = p.parse_args(argv)
-    fill_defaults(args, p)
+    if args.phase == "ppo":
+        fill_ppo_defaults(args, p)
+    else:
+        fill_defaults(args, p)
     return args
 
 
@@ -334,6 +359,8 @@ def build_phase(args, sections: dict, tokenizer, model, datamodule):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.phase == "ppo":
+        return main_ppo(args)
     sections = args.config_sections
     prepare_run(args.threads, args.seed)
 
@@ -458,6 +485,352 @@ def main(argv=None) -> dict:
     print(
         f"share outside forward/backward/optimizer step: {result['outside_share']:.1%} "
         f"(validation {result['validation_share']:.1%}, between batches and other {result['other_share']:.1%})"
+    )
+    warn_if_busy(load_before, load_after)
+    print_json_line(result)
+    return result
+
+
+# -- --phase ppo: the PPO policy phase at the config's size --------------------------------------------------------
+PPO_STAGES = ("generate", "score_forward", "update_forward", "update_backward", "optimizer_step")
+PPO_TOKEN_STAGES = ("generation", "scoring", "update")
+
+
+def add_ppo_arguments(p: argparse.ArgumentParser) -> None:
+    """The options only `--phase ppo` reads (its batch is --batch, its conversations --episodes)."""
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="ppo: rollouts (prompt batches) in the measured fit (default: data.policy_batches)",
+    )
+    p.add_argument("--warmup-batches", type=int, default=1, help="ppo: rollouts of the separate, discarded warm-up fit")
+    p.add_argument(
+        "--bc-steps",
+        type=int,
+        default=300,
+        help="ppo: behaviour-cloning steps on the conversations before the fit, so the random policy's replies end "
+        "with <end> at realistic lengths, as pi_0's do (0: keep the random policy, whose replies never end)",
+    )
+
+
+def fill_ppo_defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """`--phase ppo`: sizes from the config's data, model.policy, model.loop and model.bootstrap sections."""
+    with open(args.config) as f:
+        config = yaml.safe_load(f) or {}
+    model = config.get("model") or {}
+    bootstrap = model.get("bootstrap") or {}
+    loop = model.get("loop") or {}
+    data = config.get("data") or {}
+    shape = bootstrap.get("model") or {}
+    from iterppo_lightning.data.datamodule import TrajectoryDataModule
+    from iterppo_lightning.loop.bootstrap import BootstrapConfig
+    from iterppo_lightning.loop.config import LoopConfig
+    from iterppo_lightning.models.tiny_lm import TinyLMConfig
+
+    dm_defaults = {k: v.default for k, v in inspect.signature(TrajectoryDataModule).parameters.items()}
+    for name, value in (
+        ("episodes", loop.get("episodes_per_iteration", LoopConfig.episodes_per_iteration)),
+        ("batch", data.get("policy_batch_size", dm_defaults["policy_batch_size"])),
+        ("batches", data.get("policy_batches", dm_defaults["policy_batches"])),
+        ("layers", shape.get("n_layer", TinyLMConfig.n_layer)),
+        ("dim", shape.get("n_embd", TinyLMConfig.n_embd)),
+        ("heads", shape.get("n_head", TinyLMConfig.n_head)),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, int(value))
+    args.config_sections = {
+        "data": data,
+        "policy": model.get("policy") or {},
+        "environment": model.get("environment") or {},
+        "behaviour": bootstrap.get("behaviour") or {},
+        "bootstrap_lr": bootstrap.get("lr", BootstrapConfig.lr),
+        "bootstrap_batch_size": bootstrap.get("batch_size", BootstrapConfig.batch_size),
+        "n_positions": shape.get("n_positions", TinyLMConfig.n_positions),
+    }
+    if args.episodes < 1 or args.batch < 1 or args.batches < 1:
+        p.error("--episodes, --batch and --batches must be >= 1")
+    if args.warmup_batches < 0 or args.bc_steps < 0:
+        p.error("--warmup-batches and --bc-steps must be >= 0")
+
+
+class PpoTokenCounter:
+    """Real and computed tokens of every model pass of the policy phase, by stage.
+
+    Forward pre-hooks on the policy, the reference and the critic's backbone count each call's query positions
+    (computed: input_ids rows x width) and their attention-mask ones (real). The stage is the method running:
+    `make_rollout` (generation: policy calls with the KV cache on; scoring: every other call) or `ppo_update`
+    (update). Generation's real tokens are the inputs whose output is used: the prompts' tokens and each reply's
+    tokens but its last (up to the first EOS), read from the rollout, since a decoding step's mask also marks the
+    tokens sampled after EOS.
+    """
+
+    def __init__(self, module):
+        self.module = module
+        self.stage: str | None = None
+        self.computed = dict.fromkeys(PPO_TOKEN_STAGES, 0)
+        self.real = dict.fromkeys(PPO_TOKEN_STAGES, 0)
+        self.calls = dict.fromkeys(PPO_TOKEN_STAGES, 0)
+        self.rollouts = 0
+        self.rows = 0
+        self.prompt_tokens = 0
+        self.prompt_width = 0
+        self.reply_tokens = 0
+        self.active = False
+        self._handles = []
+        self._patched: list[str] = []
+
+    def _hook(self, is_policy: bool):
+        def pre_hook(mod, args, kwargs):
+            if not self.active or self.stage is None:
+                return
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            if ids is None:
+                return
+            if self.stage == "update":
+                stage = "update"
+            else:
+                stage = "generation" if is_policy and kwargs.get("use_cache") else "scoring"
+            self.calls[stage] += 1
+            self.computed[stage] += ids.numel()
+            if stage != "generation" and mask is not None:
+                self.real[stage] += int(mask[:, -ids.shape[1] :].sum())
+
+        return pre_hook
+
+    def attach(self, critic) -> None:
+        module = self.module
+        targets = [(module.policy, True)]
+        if module.reference is not None:
+            targets.append((module.reference, False))
+        targets.append((critic.backbone, False))
+        for member in getattr(critic, "extra_members", []):
+            targets.append((member["backbone"], False))
+        for model, is_policy in targets:
+            self._handles.append(model.register_forward_pre_hook(self._hook(is_policy), with_kwargs=True))
+        self._wrap("make_rollout", "rollout")
+        self._wrap("ppo_update", "update")
+
+    def _wrap(self, name: str, stage: str) -> None:
+        original = getattr(self.module, name)
+
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            self.stage = stage
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self.stage = None
+            if stage == "rollout" and self.active:
+                self._count_rollout(out)
+            return out
+
+        setattr(self.module, name, wrapped)
+        self._patched.append(name)
+
+    def _count_rollout(self, rollout) -> None:
+        prompt_width = rollout.query_responses.shape[1] - rollout.responses.shape[1]
+        prompt_tokens = int(rollout.attention_mask[:, :prompt_width].sum())
+        reply_tokens = int(rollout.response_mask.sum())
+        self.rollouts += 1
+        self.rows += rollout.responses.shape[0]
+        self.prompt_tokens += prompt_tokens
+        self.prompt_width += prompt_width * rollout.responses.shape[0]
+        self.reply_tokens += reply_tokens
+        # A reply's last token (EOS, or the max_new_tokens-th) is never fed back: L - 1 useful inputs per reply.
+        self.real["generation"] += prompt_tokens + reply_tokens - rollout.responses.shape[0]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for name in self._patched:
+            delattr(self.module, name)  # the class's method again
+        self._patched.clear()
+
+
+def behaviour_clone_briefly(model, datamodule, sections: dict, steps: int) -> float:
+    """`steps` behaviour-cloning steps on the conversations' suggestions (pi_0's recipe, cut short); loss at the end."""
+    from iterppo_lightning.modules.sft import BehaviourCloningModule
+
+    module = BehaviourCloningModule(lr=float(sections["bootstrap_lr"]))
+    module.attach(model)
+    trainer = make_trainer(max_steps=steps, max_epochs=-1, devices=1, num_sanity_val_steps=0, limit_val_batches=0)
+    with datamodule.for_phase("sft", batch_size=int(sections["bootstrap_batch_size"])):
+        trainer.fit(module, datamodule=datamodule)
+    loss = trainer.callback_metrics.get("sft/train_loss")
+    return float(loss) if loss is not None else float("nan")
+
+
+def ppo_policy_fit(module, datamodule, batches: int, callbacks=()) -> float:
+    """One policy-phase fit of `batches` rollouts, as the loop runs it; its wall seconds."""
+    saved = datamodule.policy_batches
+    datamodule.policy_batches = batches
+    trainer = make_trainer(list(callbacks), max_epochs=1, devices=1, use_distributed_sampler=False)
+    try:
+        with datamodule.for_phase("policy"):
+            t0 = time.perf_counter()
+            trainer.fit(module, datamodule=datamodule)
+            return time.perf_counter() - t0
+    finally:
+        datamodule.policy_batches = saved
+
+
+class LoopWindow(L.Callback):
+    """Wall time of the training loop alone (first batch start to epoch end)."""
+
+    def __init__(self):
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.end = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start if self.start is not None and self.end is not None else float("nan")
+
+
+def main_ppo(args: argparse.Namespace) -> dict:
+    """`--phase ppo`: one outer iteration's policy phase (PolicyModule, real Trainer, prompts of simulator states)."""
+    sections = args.config_sections
+    prepare_run(args.threads, args.seed)
+
+    from iterppo_lightning.data.datamodule import TrajectoryDataModule
+    from iterppo_lightning.loop.bootstrap import corpus
+    from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm, train_word_tokenizer
+    from iterppo_lightning.modules.critic import CriticModule
+    from iterppo_lightning.modules.policy import PolicyModule
+
+    load_before = os.getloadavg()[0]
+    t_setup = time.perf_counter()
+    conversations = make_conversations(args, sections)
+    tokenizer = train_word_tokenizer(corpus(conversations))
+    shape = TinyLMConfig(
+        n_layer=args.layers, n_embd=args.dim, n_head=args.heads, n_positions=int(sections["n_positions"])
+    )
+    model = build_tiny_causal_lm(tokenizer, shape, seed=args.seed)
+    datamodule = TrajectoryDataModule(**{**sections["data"], "policy_batch_size": args.batch})
+    datamodule.connect(tokenizer)
+    datamodule.set_conversations(conversations)
+    bc_loss = behaviour_clone_briefly(model, datamodule, sections, args.bc_steps) if args.bc_steps else None
+    critic = CriticModule(init_from_policy=False)  # random Q_k: only its forward pass costs time
+    with tempfile.TemporaryDirectory(prefix="phase_bench_") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        critic.build(tmp)
+    module = PolicyModule(**sections["policy"])
+    module.attach(model, tokenizer)
+    module.attach_critic(critic)
+    setup_s = time.perf_counter() - t_setup
+
+    counter = PpoTokenCounter(module)
+    counter.attach(critic)
+    warm_wall = ppo_policy_fit(module, datamodule, args.warmup_batches) if args.warmup_batches else None
+    module.timings.clear()  # discard what the warm-up accumulated
+    counter.active = True
+    window = LoopWindow()
+    torch.manual_seed(args.seed + 1)  # the same prompts, whatever the warm-up drew
+    fit_wall = ppo_policy_fit(module, datamodule, args.batches, [window])
+    counter.detach()
+    load_after = os.getloadavg()[0]
+
+    # -- derived numbers ------------------------------------------------------------------------
+    timings = {k: float(v) for k, v in module.timings.items()}
+    for k in PPO_STAGES:
+        timings.setdefault(k, 0.0)
+    stats = dict(module.fit_stats)
+    model_s = sum(timings.values())
+    other_s = fit_wall - model_s
+    rows = counter.rows
+
+    def rate(n, s):
+        return n / s if s > 0 else None
+
+    update_s = timings["update_forward"] + timings["update_backward"]
+    stage_seconds = {"generation": timings["generate"], "scoring": timings["score_forward"], "update": update_s}
+    tokens = {
+        stage: {
+            "real": counter.real[stage],
+            "computed": counter.computed[stage],
+            "padding_factor": counter.computed[stage] / counter.real[stage] if counter.real[stage] else None,
+            "model_calls": counter.calls[stage],
+            "computed_tokens_per_s": rate(counter.computed[stage], stage_seconds[stage]),
+            "real_tokens_per_s": rate(counter.real[stage], stage_seconds[stage]),
+        }
+        for stage in PPO_TOKEN_STAGES
+    }
+    result = {
+        "phase": "ppo",
+        "iteration_wall_s": fit_wall,
+        "loop_wall_s": window.seconds,
+        "rollouts": counter.rollouts,
+        "rollouts_per_s": rate(counter.rollouts, fit_wall),
+        "episodes_per_s": rate(rows, fit_wall),
+        "timings_s": timings,
+        "other_s": other_s,
+        "shares": {k: v / fit_wall for k, v in {**timings, "other": other_s}.items()},
+        "outside_share": 1.0 - (timings["generate"] + timings["score_forward"] + update_s) / fit_wall,
+        "tokens": tokens,
+        "mean_prompt_tokens": counter.prompt_tokens / rows if rows else None,
+        "mean_prompt_width_padded": counter.prompt_width / rows if rows else None,
+        "mean_response_length": counter.reply_tokens / rows if rows else None,
+        "ended_frac": stats.get("ended_frac"),
+        "epochs_run": stats.get("epochs_run"),
+        "early_stopped": stats.get("early_stopped"),
+        "approx_kl": stats.get("approx_kl"),
+        "bc_steps": args.bc_steps,
+        "bc_final_loss": bc_loss,
+        "warmup": f"separate fit of {args.warmup_batches} rollout(s), timings discarded" if warm_wall else "none",
+        "warmup_wall_s": warm_wall,
+        "setup_s": setup_s,
+        "conversations": len(conversations),
+        "prompts": len(datamodule.all_examples),
+        "tokenizer_size": len(tokenizer),
+        "policy_settings": dict(sections["policy"]),
+        "model_params": sum(p.numel() for p in model.parameters()),
+        **machine_info(),
+        "loadavg_1min_before": load_before,
+        "loadavg_1min_after": load_after,
+        "args": {k: v for k, v in vars(args).items() if k != "config_sections"},
+    }
+
+    # -- report -----------------------------------------------------------------------------------
+    print(
+        f"PPO policy phase: GPT-2 {args.layers}x{args.dim} ({args.heads} heads, {result['model_params']:,} params), "
+        f"tokenizer {len(tokenizer)}, {len(conversations)} conversations -> {result['prompts']} prompts, "
+        f"{args.batches} rollouts of {args.batch}, policy settings {sections['policy']}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"pi: random GPT-2 behaviour-cloned for {args.bc_steps} steps (final loss {bc_loss}); Q: random critic; "
+        f"warm-up: {result['warmup']}; setup {setup_s:.2f}s"
+    )
+    table = [(k, timings[k], None) for k in timings]
+    table.append(("other", other_s, None))
+    print_stage_table(table, fit_wall, "iteration (fit)", [("  training loop", window.seconds)])
+    print(f"{'tokens':<12}{'real':>12}{'computed':>12}{'x pad':>8}{'calls':>8}{'computed/s':>12}")
+    for stage in PPO_TOKEN_STAGES:
+        t = tokens[stage]
+        factor = f"{t['padding_factor']:.2f}" if t["padding_factor"] else ""
+        print(
+            f"{stage:<12}{t['real']:>12,}{t['computed']:>12,}{factor:>8}{t['model_calls']:>8}"
+            f"{t['computed_tokens_per_s'] or 0:>12,.0f}"
+        )
+    print(
+        f"prompts: mean {result['mean_prompt_tokens']:.1f} real tokens, "
+        f"padded width {result['mean_prompt_width_padded']:.1f}; "
+        f"replies: mean {result['mean_response_length']:.1f} tokens, ended {result['ended_frac']}; "
+        f"epochs run {result['epochs_run']}"
+    )
+    print(
+        f"seconds per iteration: {fit_wall:.2f} "
+        f"({counter.rollouts} rollouts, {result['episodes_per_s']:.1f} episodes/s)"
     )
     warn_if_busy(load_before, load_after)
     print_json_line(result)

@@ -27,22 +27,25 @@ imports) do not skew the numbers.
 
 What is measured
 ----------------
-`PolicyModule.timings` accumulates seconds per stage: `generate` (HF
-`generate` with KV cache), `score_forward` (policy + value head, reference
-and Q forwards over [prompt; reply]), `update_forward`, `update_backward`,
-`optimizer_step` (grad clip + AdamW). The phase wall time is the wall time of
+`PolicyModule.timings` accumulates seconds per stage: `generate` (sampling
+with the KV cache, which also yields the rollout policy's log-probs and the
+value head's inputs), `score_forward` (value head, reference and Q forwards
+over [prompt; reply]), `update_forward`, `update_backward`, `optimizer_step`
+(grad clip + AdamW). The phase wall time is the wall time of
 the whole `trainer.fit` call (Trainer setup and teardown included: that is
 what the outer loop pays per iteration); the time inside the training loop
 alone is shown too. Everything not in generate / forward / backward (PPO
 maths, GAE, optimizer step, Lightning bookkeeping, logging, `.item()` calls)
 counts as "outside"; the target is that the outside share stays under 25 %.
 
-Token rates count padded tokens, i.e. what the model actually computes:
-generation = batch * resp_len tokens per update / generate seconds; scoring =
-batch * (padded prompt width + resp_len) sequence positions per update, each
-pushed through the 3 scorer models (policy, reference, Q) / score seconds;
-PPO update = epochs_run * batch * (prompt width + resp_len) / (update forward +
-backward seconds).
+Token rates count the batch's padded positions (the nominal work, the same
+for every version of the module; the module itself trims each forward to
+groups of similar length, so it computes fewer): generation = batch *
+resp_len tokens per update / generate seconds; scoring = batch * (padded
+prompt width + resp_len) sequence positions per update / score seconds (the
+reference and Q read every position); PPO update = epochs_run * batch *
+(prompt width + resp_len) / (update forward + backward seconds).
+`phase_throughput.py --phase ppo` counts real against computed tokens.
 
 Reference point (measured side by side with benchmarks/trl_ppo_reference.py, see benchmarks/README.md): TRL 1.12's
 PPO trainer on this 2-core CPU, 2-layer 128-wide GPT-2, vocab 2048, batch 64,
@@ -264,7 +267,7 @@ def main(argv=None) -> dict:
     print_stage_table(rows, phase_wall, "phase (fit wall)", [("  training loop", loop_wall)])
     print(
         "tokens/s: generate = batch*resp_len/s; score_forward = padded [prompt;reply] positions/s through "
-        "policy+value, reference and Q; update = epochs*padded positions/s"
+        "reference and Q; update = epochs*padded positions/s (nominal: the forwards are trimmed to length groups)"
     )
     print(f"PPO update tokens/s (forward+backward): {fmt_rate(result['update_tokens_per_s'])}")
     verdict = "PASS" if result["outside_share_pass"] else "FAIL"

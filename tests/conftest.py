@@ -71,6 +71,16 @@ def tiny_model(tokenizer):
     return build_tiny_causal_lm(tokenizer, TINY_SHAPE, seed=0)
 
 
+def ends_often(model, tokenizer):
+    """Bias a random tiny GPT-2 towards <end> (p ~ 0.2 per token, in place), so that its replies end at many
+    lengths; a random model almost never samples <end>."""
+    with torch.no_grad():
+        eos = model.transformer.wte.weight[tokenizer.eos_token_id]
+        model.transformer.ln_f.weight.mul_(0.2)
+        model.transformer.ln_f.bias.copy_(25.0 * eos / eos.norm())
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _quiet_lightning():
     """Lightning's tips and eval-mode notices are noise in test output."""

@@ -42,14 +42,16 @@ def causal_lm_forward(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     want_hidden: bool = False,
-    logits_to_keep: int = 0,
+    logits_to_keep: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits [B, T, V] (or of the last `logits_to_keep` positions) and, when asked, last hidden states [B, T, H].
+    """Logits [B, T, V] (or of the last `logits_to_keep` positions, or of the positions a 1-D tensor lists) and,
+    when asked, last hidden states [B, T, H].
 
     PPO only needs logits at the reply positions; skipping the LM head over the
     prompt saves a large share of the forward and backward on long states.
     """
-    extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+    keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+    extra = {} if keep_all else {"logits_to_keep": logits_to_keep}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -1,12 +1,21 @@
 """`PolicyModule`: token-level PPO against a frozen Q-critic with a KL penalty to pi_k.
 
 One `training_step` = one PPO rollout and update on a batch of logged states:
-sample replies (batched, KV cache) -> score them (old log-probs and values,
-reference log-probs, Q_k at the last reply token) -> per-token rewards
-(-beta * KL + Q at the end) -> GAE -> `ppo_epochs` x `minibatches` clipped
-updates, stopping early when the approximate KL to the rollout policy passes
-`target_kl`. The reference is reset to the current weights (pi_k) at the start
-of every fit, i.e. every outer iteration, as Theorem 2 requires.
+sample replies (batched, KV cache; the old log-probs and values come from the
+sampling passes) -> score them (reference log-probs, Q_k at the last reply
+token) -> per-token rewards (-beta * KL + Q at the end) -> GAE -> `ppo_epochs`
+x `minibatches` clipped updates, stopping early when the approximate KL to the
+rollout policy passes `target_kl`. The reference is reset to the current
+weights (pi_k) at the start of every fit, i.e. every outer iteration, as
+Theorem 2 requires.
+
+Padding: the prompts are left-padded to the batch's longest and the replies
+right-padded to its longest. Every forward (generation's prefill, the scoring
+forwards, each update minibatch) runs over groups of rows of similar length
+(`ppo_math.length_groups`), each trimmed to its own longest prompt and reply;
+the group outputs are put back in row order before any loss or statistic, so
+the batch statistics, the minibatches and the losses are those of the unsplit
+batch (`length_group_cost`).
 """
 
 from __future__ import annotations
@@ -19,15 +28,17 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from iterppo_lightning.distributed import collectives as dist_utils
 from iterppo_lightning.distributed.zero import gathered_for_generation, zero_stage
 from iterppo_lightning.models.fused_ops import adamw
-from iterppo_lightning.models.generation import sample_responses
+from iterppo_lightning.models.generation import sample_scored_replies
 from iterppo_lightning.models.lora import LoraSettings, adapter_state, adapter_weights, add_lora, is_lora
 from iterppo_lightning.models.modeling import causal_lm_forward
 from iterppo_lightning.models.policy_folder import (
@@ -60,9 +71,11 @@ class Rollout:
     response_mask: torch.Tensor
     """[B, R] long: 1 on the reply's tokens up to and including its first EOS."""
     logprobs: torch.Tensor
-    """[B, R] float: log-probs of the reply tokens under the rollout policy (PPO's "old" log-probs)."""
+    """[B, R] float: log-probs of the reply tokens under the rollout policy (PPO's "old" log-probs), as the
+    sampling passes computed them; 0 after the reply."""
     values: torch.Tensor
-    """[B, R] float: the value head at each reply position under the rollout policy (the "old" values)."""
+    """[B, R] float: the value head at each reply position under the rollout policy (the "old" values); 0 after
+    the reply."""
     advantages: torch.Tensor
     """[B, R] float: per-token advantages (GAE, or the group baseline), whitened when asked."""
     returns: torch.Tensor
@@ -87,6 +100,19 @@ class Rollout:
     def rows(self, index: torch.Tensor) -> Rollout:
         """The rollout restricted to rows `index` (a minibatch), every field indexed alike."""
         return Rollout(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+
+class _Group(NamedTuple):
+    """Rows that one forward computes together, trimmed to their own widths (`PolicyModule._groups`)."""
+
+    positions: torch.Tensor
+    """Where the rows are in the list the groups were made from (to put outputs back in its order)."""
+    rows: torch.Tensor
+    """The rows' indices in the rollout."""
+    prompt_width: int
+    """Longest prompt of the group: the prompt columns kept (the last ones)."""
+    reply_width: int
+    """Longest reply of the group: the reply columns kept (the first ones)."""
 
 
 class PolicyModule(OptimizerCarryMixin, L.LightningModule):
@@ -119,6 +145,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         advantage: str = "gae",
         group_size: int = 1,
         kl_anchor: str = "pi_k",
+        length_group_cost: float | None = 48.0,
     ):
         """
         Args:
@@ -164,12 +191,22 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 group_size replies. grpo and rloo need >= 2.
             kl_anchor: the KL reference: "pi_k" (reset to the current policy every outer
                 iteration, Theorem 2) or "pi_0" (the initial policy for the whole run).
+            length_group_cost: run each forward (generation's prefill, scoring, every update
+                minibatch) over groups of rows of similar length, each trimmed to its own longest
+                prompt and reply (`ppo_math.length_groups`); this is the cost of one more model call,
+                in padded positions, that the split weighs against the padding it saves (48: measured
+                for the tiny CPU models). None: no split, every forward over the whole padded batch.
+                The groups change only the padding: losses, gradients and statistics are those of the
+                unsplit batch (to float rounding). Under ZeRO-3 the scoring and update forwards are
+                never split (every rank must run the same number of forwards).
         """
         super().__init__()
         if score_norm not in ("none", "whiten", "center"):
             raise ValueError(f"policy.score_norm must be none, whiten or center, got {score_norm!r}")
         if ppo_epochs < 1 or minibatches < 1:
             raise ValueError("policy.ppo_epochs and policy.minibatches must be >= 1")
+        if length_group_cost is not None and length_group_cost < 0:
+            raise ValueError(f"policy.length_group_cost must be >= 0 or None, got {length_group_cost}")
         pm.check_solver_settings(advantage, group_size, kl_anchor)
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -201,6 +238,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         self.advantage: str = advantage
         self.group_size: int = group_size
         self.kl_anchor: str = kl_anchor
+        self.length_group_cost: float | None = length_group_cost
         self.kl_controller = (
             pm.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else pm.FixedKLController(kl_coef)
         )
@@ -213,6 +251,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         """With LoRA: the folder of the weights the adapter applies to (recorded in saved cards)."""
         self._reference_pinned = False
         """kl_anchor pi_0: the reference is pi_0 and no fit resets it (see pin_reference)."""
+        self._policy_is_reference = False
+        """The policy's weights were the reference's when it was made, and no optimizer step ran since (under
+        ZeRO-3 the weights cannot be compared after setup, so this flag, not a comparison, says so): the
+        rollout's reference log-probs are then its own, and its KL exactly 0."""
         self.timings: dict[str, float] = defaultdict(float)
         self._step_stats: list[dict[str, float]] = []
         self._rollouts = 0
@@ -238,6 +280,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             self.reference = copy.deepcopy(model)
             self.reference.requires_grad_(False).eval()
         self._reference_pinned = False
+        self._policy_is_reference = True
 
     def pin_reference(self, pi0_dir: str | Path | None = None) -> None:
         """kl_anchor pi_0: keep the reference as it is for the whole run (no fit resets it to pi_k).
@@ -251,6 +294,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 self._reference_adapter = saved_adapter_state(self.policy, pi0_dir)
             else:
                 self.reference = load_policy(pi0_dir)[0].requires_grad_(False).eval()
+            self._policy_is_reference = self._same_weights_as_reference()
         self._reference_pinned = True
 
     def load(self, path: str | Path) -> None:
@@ -293,12 +337,24 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k
         # (unless kl_anchor pi_0 pinned it to pi_0).
         if self._reference_pinned:
-            pass
+            self._policy_is_reference = self._same_weights_as_reference()
         elif self.reference is None:
             self._reference_adapter = adapter_state(self.policy)
+            self._policy_is_reference = True
         else:
             self.reference.load_state_dict(self.policy.state_dict())
             self.reference.requires_grad_(False).eval()
+            self._policy_is_reference = True
+
+    def _same_weights_as_reference(self) -> bool:
+        """Whether the policy's weights are the reference's, bit for bit (before any ZeRO-3 partitioning)."""
+        if self.reference is None:
+            current = adapter_state(self.policy)
+            return current.keys() == self._reference_adapter.keys() and all(
+                torch.equal(current[k], self._reference_adapter[k]) for k in current
+            )
+        mine, theirs = self.policy.state_dict(), self.reference.state_dict()
+        return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
     def on_fit_start(self) -> None:
         self.policy.train()
@@ -333,7 +389,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         return logits if self.temperature == 1.0 else logits / self.temperature
 
     def _policy_outputs(self, full_ids, full_mask, prompt_len, response):
-        """Response log-probs [B, R], values [B, R] and logits of the response positions."""
+        """Response log-probs [B, R], values [B, R] and logits of the response positions, in one forward over the
+        padded batch (the unsplit computation `_grouped_policy_outputs` must match; tests compare them)."""
         resp_len = response.shape[1]
         # Position t of the sequence predicts token t+1: the reply's logits are
         # those of positions prompt_len-1 .. end-1, i.e. the last resp_len+1 minus the final one.
@@ -346,10 +403,102 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         return logprobs, values, resp_logits
 
     def _reference_logits(self, full_ids, full_mask, keep: int) -> torch.Tensor:
-        if self.reference is None:  # LoRA: the same weights with pi_k's adapter
+        with self._reference_model() as reference:
+            return causal_lm_forward(reference, full_ids, full_mask, logits_to_keep=keep)[0]
+
+    @contextlib.contextmanager
+    def _reference_model(self):
+        """The reference pi_k as a model to call (with LoRA: the policy under pi_k's adapter snapshot)."""
+        if self.reference is None:
             with adapter_weights(self.policy, self._reference_adapter):
-                return causal_lm_forward(self.policy, full_ids, full_mask, logits_to_keep=keep)[0]
-        return causal_lm_forward(self.reference, full_ids, full_mask, logits_to_keep=keep)[0]
+                yield self.policy
+        else:
+            yield self.reference
+
+    # -- length groups ----------------------------------------------------------------
+    def _split_forwards(self) -> bool:
+        # ZeRO-3 gathers each layer's weights in every forward, a collective: every rank must run the same
+        # number of forwards, so the scoring and update forwards stay whole there.
+        return self.length_group_cost is not None and zero_stage(self._trainer) != 3
+
+    def _groups(
+        self,
+        rows: list[int],
+        prompt_lengths: list[int],
+        reply_lengths: list[int] | None,
+        split: bool,
+        device: torch.device | None = None,
+    ) -> list[_Group]:
+        """The rollout rows `rows` in length groups (one group, trimmed to the rows' longest prompt and reply, when
+        not `split`)."""
+        plens = [prompt_lengths[r] for r in rows]
+        rlens = None if reply_lengths is None else [reply_lengths[r] for r in rows]
+        cost = self.length_group_cost if split else float("inf")
+        groups = []
+        for group in pm.length_groups(plens, rlens, cost):
+            groups.append(
+                _Group(
+                    positions=torch.tensor(group, dtype=torch.long, device=device),
+                    rows=torch.tensor([rows[i] for i in group], dtype=torch.long, device=device),
+                    prompt_width=max(plens[i] for i in group),
+                    reply_width=0 if rlens is None else max(rlens[i] for i in group),
+                )
+            )
+        return groups
+
+    @staticmethod
+    def _trimmed(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, group: _Group):
+        """The group's rows of [prompt | reply], cut to its longest prompt and reply (only padding is cut)."""
+        cols = slice(prompt_len - group.prompt_width, prompt_len + group.reply_width)
+        return ids[group.rows, cols], mask[group.rows, cols]
+
+    @staticmethod
+    def _reply_positions(group: _Group) -> torch.Tensor:
+        """The positions of a trimmed [prompt | reply] row whose logits predict the reply tokens (the last prompt
+        token up to the reply's last but one): `logits_to_keep` for them only."""
+        return torch.arange(
+            group.prompt_width - 1, group.prompt_width + group.reply_width - 1, device=group.rows.device
+        )
+
+    @staticmethod
+    def _in_order(parts: list[torch.Tensor], groups: list[_Group], width: int | None = None) -> torch.Tensor:
+        """Per-group outputs ([n_g] or [n_g, R_g], then right-padded with 0 to `width`) joined in the order of the
+        rows the groups were made from (differentiable: a concatenation and one row gather)."""
+        if width is not None:
+            parts = [p if p.shape[1] == width else F.pad(p, (0, width - p.shape[1])) for p in parts]
+        joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+        order = torch.cat([g.positions for g in groups])
+        if torch.equal(order, torch.arange(len(order), device=order.device)):
+            return joined
+        return joined[torch.argsort(order)]
+
+    def _grouped_policy_outputs(
+        self, rollout: Rollout, groups: list[_Group]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_policy_outputs` of the grouped rows, one forward per group: log-probs, values and entropies [n, R]
+        (0 on reply padding) in the order of the rows the groups were made from. Gradients flow into the
+        policy and the value head; into the entropy only when it is trained (entropy_coef)."""
+        prompt_len, width = rollout.prompt_len, rollout.responses.shape[1]
+        logprobs, values, entropies = [], [], []
+        for g in groups:
+            ids, mask = self._trimmed(rollout.query_responses, rollout.attention_mask, prompt_len, g)
+            logits, hidden = causal_lm_forward(
+                self.policy, ids, mask, want_hidden=True, logits_to_keep=self._reply_positions(g)
+            )
+            # One log-softmax over the vocabulary for the sampled tokens' log-probs and the entropy.
+            log_softmax = pm.log_softmax(self._tempered(logits))
+            logprobs.append(pm.gather_logprobs(log_softmax, rollout.responses[g.rows, : g.reply_width]))
+            values.append(self.value_head(hidden[:, g.prompt_width - 1 : -1]).squeeze(-1))
+            if self.entropy_coef:
+                entropies.append(pm.entropy_from_logprobs(log_softmax))
+            else:  # logged only: keep the full-vocabulary entropy out of the backward pass
+                with torch.no_grad():
+                    entropies.append(pm.entropy_from_logprobs(log_softmax.detach()))
+        return (
+            self._in_order(logprobs, groups, width),
+            self._in_order(values, groups, width),
+            self._in_order(entropies, groups, width),
+        )
 
     @torch.no_grad()
     def make_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
@@ -364,9 +513,16 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             base = int(torch.randint(0, 2**62, (1,)).item())
             offset, _ = dist_utils.global_offset(prompt_ids.shape[0])
             seeds = [base + offset + row for row in range(prompt_ids.shape[0])]
-        # Under ZeRO-3: gather the policy once and generate without per-layer hooks (zero.py).
+        batch, prompt_len = prompt_ids.shape
+        all_rows = list(range(batch))
+        prompt_lengths = prompt_mask.sum(1).tolist()
+        # Under ZeRO-3: gather the policy once and generate without per-layer hooks (zero.py). Generation is then
+        # local to each rank, so its prefill may be split whatever the strategy.
         with self._timed("generate"), gathered_for_generation(self, self.policy) as model:
-            response, resp_mask = sample_responses(
+            prefill = None
+            if self.length_group_cost is not None:
+                prefill = [g.rows.tolist() for g in self._groups(all_rows, prompt_lengths, None, True)]
+            sampled = sample_scored_replies(
                 model,
                 prompt_ids,
                 prompt_mask,
@@ -375,16 +531,40 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 self.max_new_tokens,
                 self.temperature,
                 reply_seeds=seeds,
+                prefill_groups=prefill,
             )
+        response, resp_mask = sampled.response, sampled.response_mask
         full_ids = torch.cat([prompt_ids, response], dim=1)
         full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
-        prompt_len = prompt_ids.shape[1]
-        with self._timed("score_forward"):  # policy + value, reference, and Q_k forwards
-            old_logprobs, old_values, _ = self._policy_outputs(full_ids, full_mask, prompt_len, response)
-            ref_logits = self._reference_logits(full_ids, full_mask, response.shape[1] + 1)
-            ref_logprobs = pm.logprobs_from_logits(self._tempered(ref_logits[:, :-1]), response)
-            # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
-            score = self.critic.score(full_ids, full_mask)
+        width = response.shape[1]
+        with self._timed("score_forward"):  # value head, reference and Q_k forwards
+            # The rollout policy's log-probs and hidden states come from the sampling passes themselves.
+            old_logprobs = sampled.logprobs
+            old_values = self.value_head(sampled.hidden).squeeze(-1).masked_fill(resp_mask == 0, 0.0)
+            groups = self._groups(
+                all_rows, prompt_lengths, resp_mask.sum(1).tolist(), self._split_forwards(), response.device
+            )
+            if self._policy_is_reference and self._same_weights_as_reference():
+                # pi_k itself (a fit's first rollout): the same log-probs, so the KL is exactly 0. The flag is
+                # cleared by the first optimizer step; the comparison catches weights changed outside a fit.
+                ref_logprobs = old_logprobs
+            else:
+                ref_parts = []
+                with self._reference_model() as reference:
+                    for g in groups:
+                        ids, mask = self._trimmed(full_ids, full_mask, prompt_len, g)
+                        keep = self._reply_positions(g)
+                        ref_logits = causal_lm_forward(reference, ids, mask, logits_to_keep=keep)[0]
+                        ref_parts.append(
+                            pm.logprobs_from_logits(self._tempered(ref_logits), response[g.rows, : g.reply_width])
+                        )
+                ref_logprobs = self._in_order(ref_parts, groups, width)
+            score_parts = []
+            for g in groups:
+                # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
+                ids, mask = self._trimmed(full_ids, full_mask, prompt_len, g)
+                score_parts.append(self.critic.score(ids, mask))
+            score = self._in_order(score_parts, groups)
         ended = (response == tok.eos_token_id).any(dim=1)
         raw_score = score.clone()
         if self.missing_eos_penalty is not None:
@@ -429,6 +609,9 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         agg: dict[str, list[float]] = defaultdict(list)
         stopped_early = False
         epochs_run = 0
+        split = self._split_forwards()
+        prompt_lengths = rollout.attention_mask[:, : rollout.prompt_len].sum(1).tolist()
+        reply_lengths = rollout.response_mask.sum(1).tolist()
         for _ in range(self.ppo_epochs):
             epochs_run += 1
             for chunk in torch.randperm(global_batch, device=rollout.responses.device).split(mb_size):
@@ -444,21 +627,19 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                     idx = torch.zeros(1, dtype=torch.long, device=chunk.device)
                 mb = rollout.rows(idx)
                 with self._timed("update_forward"):
-                    logprobs, values, resp_logits = self._policy_outputs(
-                        mb.query_responses, mb.attention_mask, mb.prompt_len, mb.responses
-                    )
+                    # One forward per length group, the outputs back in the minibatch's row order: the loss below
+                    # is the unsplit minibatch's, and one backward gives its gradient.
+                    groups = self._groups(idx.tolist(), prompt_lengths, reply_lengths, split, idx.device)
+                    logprobs, values, entropies = self._grouped_policy_outputs(rollout, groups)
                 mask = mb.response_mask
                 pg_loss, pg_stats = pm.policy_loss(logprobs, mb.logprobs, mb.advantages, mask, self.clip_eps)
                 loss = pg_loss
                 if self.advantage == "gae":  # grpo / rloo leave the value head untouched
                     vf_loss, vf_stats = pm.value_loss(values, mb.values, mb.returns, mask, self.value_clip)
                     loss = loss + self.vf_coef * vf_loss
+                entropy = pm.masked_mean(entropies, mask)
                 if self.entropy_coef:
-                    entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits), mask)
                     loss = loss - self.entropy_coef * entropy
-                else:  # logged only: keep the full-vocabulary softmax out of the backward pass
-                    with torch.no_grad():
-                        entropy = pm.masked_mean(pm.entropy_from_logits(resp_logits.detach()), mask)
                 tokens = torch.zeros(()) if empty else mask.sum()
                 share = dist_utils.global_share(tokens)  # token mean over the global minibatch (None: one process)
                 if share is not None:
@@ -476,6 +657,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 with self._timed("optimizer_step"):
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                     optimizer.step()
+                self._policy_is_reference = False
                 agg["policy_loss"].append(pg_loss.item())
                 agg["entropy"].append(entropy.item())
                 agg["clip_frac"].append(float(pg_stats["clip_frac"]))

@@ -20,6 +20,7 @@ No Lightning here: the trainer composes these pieces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,7 +31,10 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "logprobs_from_logits",
+    "log_softmax",
+    "gather_logprobs",
     "entropy_from_logits",
+    "entropy_from_logprobs",
     "per_token_rewards",
     "gae_advantages",
     "policy_loss",
@@ -46,6 +50,7 @@ __all__ = [
     "ensemble_lower_bound",
     "check_solver_settings",
     "KL_ANCHORS",
+    "length_groups",
 ]
 
 SCORE_NORMALIZATION_MODES: tuple[str, ...] = ("none", "whiten", "center")
@@ -181,8 +186,21 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     must already be aligned with ``labels`` (i.e. shifted by one relative to
     the model input for a causal LM).
     """
-    logp = torch.log_softmax(_upcast(logits), dim=-1)
-    return torch.gather(logp, dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)
+    return gather_logprobs(log_softmax(logits), labels)
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the last dim, half-precision logits upcast to float32 first (see ``_upcast``)."""
+    return torch.log_softmax(_upcast(logits), dim=-1)
+
+
+def gather_logprobs(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log_probs[..., labels]``: ``[B, T, V]`` and ``[B, T]`` -> ``[B, T]``.
+
+    Why: with the log-softmax at hand (e.g. to read the entropy from it too,
+    :func:`entropy_from_logprobs`), the tokens' log-probs need no second pass.
+    """
+    return torch.gather(log_probs, dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -197,6 +215,22 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     z = _upcast(logits)
     p = torch.softmax(z, dim=-1)
     return torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
+
+
+def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy from a log-softmax over the last dim: ``[B, T, V] -> [B, T]``.
+
+    ``H = -sum(p * log p)`` with ``p = exp(log p)``; terms with ``p = 0``
+    (``log p = -inf``, clamped to the lowest finite float) count 0, not
+    ``nan``. Equals :func:`entropy_from_logits` of the logits the log-softmax
+    came from.
+
+    Why: PPO already takes the log-softmax over the vocabulary for the
+    sampled tokens' log-probs; reading the entropy from it saves a second
+    softmax and a logsumexp over ``[B, T, V]``.
+    """
+    finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)
+    return -(torch.exp(logprobs) * finite).sum(dim=-1)
 
 
 # --------------------------------------------------------------------------- #
@@ -574,3 +608,61 @@ def check_solver_settings(advantage: str, group_size: int, kl_anchor: str) -> No
         )
     if kl_anchor not in KL_ANCHORS:
         raise ValueError(f"model.policy.kl_anchor must be one of {KL_ANCHORS}, got {kl_anchor!r}")
+
+
+# --------------------------------------------------------------------------- #
+# Length groups: forwards over rows of similar length, each trimmed to its own width
+# --------------------------------------------------------------------------- #
+def length_groups(
+    prompt_lengths: Sequence[int], reply_lengths: Sequence[int] | None = None, call_cost: float = 0.0
+) -> list[list[int]]:
+    """Split rows into groups whose forward passes are each padded only to the group's own width.
+
+    Row ``i`` holds ``prompt_lengths[i]`` real prompt tokens (left-padded) and
+    ``reply_lengths[i]`` real reply tokens (right-padded; ``None``: no reply).
+    A group ``g`` of ``n_g`` rows, laid out ``[prompt | reply]`` and trimmed
+    to its longest prompt ``Pmax_g`` and longest reply ``Rmax_g``, costs
+    ``n_g * (Pmax_g + Rmax_g) + call_cost`` positions, ``call_cost`` being the
+    fixed cost of one more model call (Python dispatch, per-op overhead)
+    counted in positions. Rows are sorted by total length (ties: by index) and
+    the contiguous split of that order with the least total cost is found by
+    dynamic programming (``O(B^2)``); ties keep the split found first, i.e.
+    the fewest rows in the last group.
+
+    Returns the groups as lists of row indices, shortest group first, each
+    ascending by total length; every row is in exactly one group. With
+    ``call_cost = inf`` it is one group (the unsplit, fully padded batch).
+
+    Why: a batch left-padded to its longest prompt computes every pad
+    position; the statistics PPO takes over the batch do not depend on how
+    its rows are grouped for the forward passes, only the padding does.
+    """
+    n = len(prompt_lengths)
+    if reply_lengths is None:
+        reply_lengths = [0] * n
+    if len(reply_lengths) != n:
+        raise ValueError(f"{len(reply_lengths)} reply lengths for {n} prompt lengths")
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: (prompt_lengths[i] + reply_lengths[i], i))
+    if call_cost == float("inf"):
+        return [order]
+    prompts = [int(prompt_lengths[i]) for i in order]
+    replies = [int(reply_lengths[i]) for i in order]
+    # best[j]: least cost of the first j sorted rows; start[j]: where its last group starts.
+    best = [0.0] + [float("inf")] * n
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        p_max = r_max = 0
+        for i in range(j - 1, -1, -1):  # last group = sorted rows i .. j-1
+            p_max = max(p_max, prompts[i])
+            r_max = max(r_max, replies[i])
+            cost = best[i] + (j - i) * (p_max + r_max) + call_cost
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[start[j] : j])
+        j = start[j]
+    return groups[::-1]

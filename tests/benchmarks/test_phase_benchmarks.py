@@ -93,3 +93,44 @@ def test_ppo_phase_json_line():
     for key in ("episodes_per_s", "outside_share", "timings_s", "torch_threads", "loadavg_1min_before", "args"):
         assert key in result, key
     assert result["torch_threads"] == 1
+
+
+def test_phase_throughput_ppo_json_line():
+    batch, batches = 4, 2
+    result = run_benchmark(
+        "phase_throughput.py",
+        *("--phase", "ppo", "--episodes", "12", "--batch", str(batch), "--batches", str(batches)),
+        *("--warmup-batches", "1", "--bc-steps", "2"),
+        *TINY_MODEL,
+    )
+    for key in (
+        "iteration_wall_s",
+        "loop_wall_s",
+        "episodes_per_s",
+        "timings_s",
+        "shares",
+        "outside_share",
+        "tokens",
+        "mean_prompt_tokens",
+        "mean_response_length",
+        "loadavg_1min_before",
+        "torch_threads",
+        "args",
+    ):
+        assert key in result, key
+    assert result["phase"] == "ppo" and result["args"]["phase"] == "ppo"
+    assert result["torch_threads"] == 1
+    # Only the measured fit's rollouts are counted (not the warm-up's), each of `batch` episodes.
+    assert result["rollouts"] == batches
+    assert result["episodes_per_s"] * result["iteration_wall_s"] == pytest.approx(batch * batches)
+    assert {"generate", "score_forward", "update_forward", "update_backward", "optimizer_step"} <= set(
+        result["timings_s"]
+    )
+    assert sum(result["timings_s"].values()) <= result["iteration_wall_s"]
+    assert sum(result["shares"].values()) == pytest.approx(1.0)
+    for stage in ("generation", "scoring", "update"):
+        tokens = result["tokens"][stage]
+        assert 0 < tokens["real"] <= tokens["computed"], stage
+        assert tokens["model_calls"] > 0, stage
+    assert result["mean_prompt_tokens"] <= result["mean_prompt_width_padded"]
+    assert 1 <= result["mean_response_length"] <= 20  # quickstart's max_new_tokens

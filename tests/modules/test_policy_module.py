@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import ends_often, make_trainer
 from torch import nn
 
 from iterppo_lightning.data.datamodule import TrajectoryDataModule
@@ -16,6 +17,7 @@ from iterppo_lightning.models.generation import sample_responses, truncate_after
 from iterppo_lightning.models.modeling import causal_lm_forward
 from iterppo_lightning.models.policy_folder import VALUE_HEAD_FILE, load_policy
 from iterppo_lightning.modules.policy import PolicyModule, Rollout
+from iterppo_lightning.rl import ppo_math as pm
 
 REWARDED_WORD = "bonus"  # in the vocabulary, never in a simulator prompt
 
@@ -395,6 +397,7 @@ def test_load_policy_on_a_folder_without_weights_says_so(tmp_path, tiny_model, t
         ({"group_size": 0}, "model.policy.group_size"),
         ({"advantage": "reinforce", "group_size": 2}, "model.policy.advantage"),
         ({"kl_anchor": "sft"}, "model.policy.kl_anchor"),
+        ({"length_group_cost": -1.0}, "policy.length_group_cost"),
     ],
 )
 def test_bad_settings_are_rejected(kwargs, match):
@@ -521,3 +524,180 @@ def test_pin_reference_from_a_saved_pi0_after_a_restart(tmp_path, tiny_model, to
     assert _same(_state(restarted.reference), pi0)
     assert _same(_state(restarted.policy), _state(module.policy))
     assert not any(p.requires_grad for p in restarted.reference.parameters())
+
+
+# -- length groups: the split forwards change only the padding ----------------------------------------------
+# A module with length_group_cost None runs every forward over the whole padded batch (one group); with 0.0 it
+# splits as far as the padding allows. Both must give the rollout, the losses and the gradients of the unsplit
+# computation (the plain forwards `_policy_outputs`, `_reference_logits`, `critic.score` over the padded batch),
+# to float rounding: 1e-5.
+TOL = 1e-5
+
+
+def _random_critic(model, tmp_path):
+    from iterppo_lightning.modules.critic import CriticModule
+
+    critic = CriticModule(init_from_policy=False)
+    model.save_pretrained(tmp_path / "critic_base")
+    critic.build(tmp_path / "critic_base")
+    with torch.no_grad():  # a zero head would score every reply 0.5
+        critic.head.weight.normal_(0.0, 1.0)
+    return critic
+
+
+@pytest.fixture()
+def whole_and_split(tiny_model, tokenizer, conversations, tmp_path):
+    """One batch of 16 prompts and two equal modules on it (unsplit / split), with a random critic."""
+    ends_often(tiny_model, tokenizer)
+    critic = _random_critic(tiny_model, tmp_path)
+    settings = dict(
+        critic=critic, max_new_tokens=8, score_norm="whiten", entropy_coef=0.01, ppo_epochs=2, minibatches=2
+    )
+    modules = {
+        name: _module(copy.deepcopy(tiny_model), tokenizer, length_group_cost=cost, **settings)
+        for name, cost in (("whole", None), ("split", 0.0))
+    }
+    torch.manual_seed(0)
+    batch = next(iter(_policy_dm(tokenizer, conversations, batch_size=16, batches=1).train_dataloader()))
+    return modules, batch
+
+
+def _moved_away_from_the_reference(module: PolicyModule) -> PolicyModule:
+    """The policy as after some updates (seeded noise on every weight): the rollout then runs the reference."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def _rollouts(modules, batch) -> dict[str, Rollout]:
+    out = {}
+    for name, module in modules.items():
+        torch.manual_seed(1)
+        out[name] = module.make_rollout(batch["input_ids"], batch["attention_mask"])
+    return out
+
+
+def _close(actual, expected):
+    torch.testing.assert_close(actual, expected, atol=TOL, rtol=0)
+
+
+def test_a_split_rollout_equals_the_unsplit_computation(whole_and_split):
+    modules, batch = whole_and_split
+    for module in modules.values():
+        _moved_away_from_the_reference(module)
+    rollouts = _rollouts(modules, batch)
+    whole, split = rollouts["whole"], rollouts["split"]
+    prompt_lengths = batch["attention_mask"].sum(1)
+    reply_lengths = whole.response_mask.sum(1)
+    # The batch has prompts and replies of many lengths, and the split module really splits it.
+    assert len(set(prompt_lengths.tolist())) > 4 and len(set(reply_lengths.tolist())) > 3
+    groups = modules["split"]._groups(list(range(16)), prompt_lengths.tolist(), reply_lengths.tolist(), True)
+    assert len(groups) > 3
+    assert any(g.prompt_width < whole.prompt_len and g.reply_width < whole.responses.shape[1] for g in groups)
+
+    # The same replies (generation's split prefill does not change the draws), the same rollout to 1e-5.
+    assert torch.equal(split.responses, whole.responses) and torch.equal(split.response_mask, whole.response_mask)
+    for name in ("logprobs", "values", "advantages", "returns", "scores", "seq_kl"):
+        _close(getattr(split, name), getattr(whole, name))
+
+    # And both equal the plain forwards over the padded batch (log-probs and values are read from the sampling
+    # passes; the reference and Q_k ran on trimmed groups).
+    module, real = modules["whole"], whole.response_mask.bool()
+    full, full_mask, width = whole.query_responses, whole.attention_mask, whole.responses.shape[1]
+    with torch.no_grad():
+        logprobs, values, _ = module._policy_outputs(full, full_mask, whole.prompt_len, whole.responses)
+        ref = pm.logprobs_from_logits(module._reference_logits(full, full_mask, width + 1)[:, :-1], whole.responses)
+        score = module.critic.score(full, full_mask)
+    for rollout in (whole, split):
+        _close(rollout.logprobs[real], logprobs[real])
+        _close(rollout.values[real], values[real])
+        _close(rollout.seq_kl, ((logprobs - ref) * real).sum(1))
+        _close(rollout.scores, score)
+        assert (rollout.logprobs[~real] == 0).all() and (rollout.values[~real] == 0).all()
+    assert whole.seq_kl.abs().min() > 1e-3, "the reference forwards ran"
+
+
+def test_until_the_first_update_the_reference_log_probs_are_the_policys_own(whole_and_split, tokenizer, conversations):
+    """pi_k is the reference at the start of a fit: its log-probs serve as the reference's, so the first rollout's
+    KL is exactly 0 (as when both came from the same forward) and no reference forward runs; after the first
+    optimizer step the reference runs."""
+    modules, batch = whole_and_split
+    module = modules["split"]
+    calls = []
+    module.reference.register_forward_pre_hook(lambda *_: calls.append(1))
+    first = module.make_rollout(batch["input_ids"], batch["attention_mask"])
+    assert (first.seq_kl == 0).all() and not calls
+    make_trainer().fit(module, datamodule=_policy_dm(tokenizer, conversations, batch_size=16, batches=1))
+    assert module.fit_stats["kl"] == 0.0 and not calls  # one rollout: the fit's first
+    module.make_rollout(batch["input_ids"], batch["attention_mask"])  # the updated policy against pi_k
+    assert calls
+
+
+def test_split_update_forwards_give_the_unsplit_losses_and_gradients(whole_and_split):
+    modules, batch = whole_and_split
+    module = _moved_away_from_the_reference(modules["split"])
+    rollout = _rollouts({"split": module}, batch)["split"]
+    torch.manual_seed(2)
+    idx = torch.randperm(16)[:8]  # a minibatch in random order, as ppo_update draws them
+    mb = rollout.rows(idx)
+    prompt_lengths = rollout.attention_mask[:, : rollout.prompt_len].sum(1).tolist()
+    reply_lengths = rollout.response_mask.sum(1).tolist()
+    params = [p for p in module.policy.parameters()] + list(module.value_head.parameters())
+
+    def loss_and_grads(split: bool):
+        if split:
+            groups = module._groups(idx.tolist(), prompt_lengths, reply_lengths, True)
+            assert len(groups) > 2
+            logprobs, values, entropies = module._grouped_policy_outputs(rollout, groups)
+        else:
+            logprobs, values, logits = module._policy_outputs(
+                mb.query_responses, mb.attention_mask, mb.prompt_len, mb.responses
+            )
+            entropies = pm.entropy_from_logits(logits)
+        mask = mb.response_mask
+        pg, pg_stats = pm.policy_loss(logprobs, mb.logprobs, mb.advantages, mask, module.clip_eps)
+        vf, _ = pm.value_loss(values, mb.values, mb.returns, mask, module.value_clip)
+        entropy = pm.masked_mean(entropies, mask)
+        loss = pg + module.vf_coef * vf - module.entropy_coef * entropy
+        grads = torch.autograd.grad(loss, params)
+        real = mask.bool()
+        return {
+            "logprobs": logprobs.detach()[real],
+            "values": values.detach()[real],
+            "entropy": entropy.detach(),
+            "loss": loss.detach(),
+            "approx_kl": pg_stats["approx_kl"],
+            "clip_frac": pg_stats["clip_frac"],
+        }, grads
+
+    whole, whole_grads = loss_and_grads(False)
+    split, split_grads = loss_and_grads(True)
+    for key in whole:
+        _close(split[key], whole[key])
+    assert any(g.abs().max() > 1e-3 for g in whole_grads), "the test needs real gradients"
+    for a, b in zip(split_grads, whole_grads):
+        _close(a, b)
+
+
+def test_a_split_fit_trains_like_an_unsplit_one(whole_and_split, tokenizer, conversations):
+    """One rollout and 2 x 2 clipped updates: the same statistics and weights.
+
+    Weights to 1e-4, not 1e-5: Adam divides by the root of the squared-gradient average, so a last-bit
+    difference in a gradient that is nearly 0 moves that weight by up to ~lr * 1e-2 (see
+    tests/distributed/test_zero_pipeline.py); a wrong gradient would differ by ~lr = 1e-3 everywhere.
+    """
+    modules, _ = whole_and_split
+    stats, weights = {}, {}
+    for name, module in modules.items():
+        torch.manual_seed(3)
+        make_trainer().fit(module, datamodule=_policy_dm(tokenizer, conversations, batch_size=16, batches=1))
+        stats[name], weights[name] = module.fit_stats, _state(module.policy)
+    assert stats["whole"].keys() == stats["split"].keys()
+    for key in stats["whole"]:
+        assert stats["split"][key] == pytest.approx(stats["whole"][key], abs=TOL), key
+    moved = max((weights["whole"][k] - module.reference.state_dict()[k]).abs().max() for k in weights["whole"])
+    assert moved > 1e-4
+    for k in weights["whole"]:
+        torch.testing.assert_close(weights["split"][k], weights["whole"][k], atol=1e-4, rtol=0)
