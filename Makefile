@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# One torch thread: the tiny models gain little from a second one, and a fixed thread
-# count makes the run reproduce the README's numbers exactly (float reduction order
-# depends on it). Override with `make quickstart THREADS=2`.
-THREADS ?= 1
+# Two torch threads: on this 2-core machine, when nothing else runs, every phase is about 1.5x
+# faster with 2 than with 1 (docs/performance.md). A run repeats exactly at a fixed thread count
+# (float reduction order depends on it). On a machine shared with other jobs use
+# `make quickstart THREADS=1`: more threads than free cores slows every phase.
+THREADS ?= 2
 
 quickstart: $(VENV)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/iterppo fit --config $(CONFIG) --run_dir $(RUN_DIR)

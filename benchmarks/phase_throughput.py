@@ -22,8 +22,9 @@ Everything defaults to the sizes of `--config` (configs/quickstart.yaml):
   with the config's `model.critic` settings (`init_from_policy`: backbone loaded from that folder);
 * data: `TrajectoryDataModule(**config["data"])` (gamma, batch sizes; max_prompt_tokens 384,
   max_action_tokens 24 and val_fraction 0.1 are its defaults), batched and collated as the loop
-  does: rows of whole conversations (one causal pass for all their turns) or of single turns,
-  about `--batch` turns per batch, bucketed by length and right-padded to the longest row;
+  does: one row per turn (or, with `--conversation-rows`, whole conversations: one causal pass for
+  all their turns), about `--batch` turns per batch, bucketed by length and right-padded to the
+  longest row;
 * Trainer: CPU, one device, no logger, checkpoints, progress bar or model summary (the loop's
   Trainers add a progress bar and a logger; their cost is not counted here). Sanity validation
   runs, as in the loop, before the first epoch.
@@ -141,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=None, help="default: bootstrap.model.n_head")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--conversation-rows",
+        action="store_true",
+        help="critic / bc: data.conversation_rows true (whole conversations as rows) instead of the config's choice",
+    )
     add_ppo_arguments(p)
     args = p.parse_args(argv)
     if args.phase == "ppo":
@@ -357,6 +363,25 @@ def build_phase(args, sections: dict, tokenizer, model, datamodule):
     return module, datamodule.for_phase("critic", batch_size=args.batch, bootstrap_members=module.ensemble_size)
 
 
+def data_and_model(args: argparse.Namespace, sections: dict, data_settings: dict):
+    """Simulator conversations, a word-level tokenizer trained on them, a random tiny GPT-2 of the config's
+    shape, and a TrajectoryDataModule holding the conversations."""
+    from iterppo_lightning.data.datamodule import TrajectoryDataModule
+    from iterppo_lightning.loop.bootstrap import corpus
+    from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm, train_word_tokenizer
+
+    conversations = make_conversations(args, sections)
+    tokenizer = train_word_tokenizer(corpus(conversations))
+    shape = TinyLMConfig(
+        n_layer=args.layers, n_embd=args.dim, n_head=args.heads, n_positions=int(sections["n_positions"])
+    )
+    model = build_tiny_causal_lm(tokenizer, shape, seed=args.seed)
+    datamodule = TrajectoryDataModule(**data_settings)
+    datamodule.connect(tokenizer)
+    datamodule.set_conversations(conversations)
+    return conversations, tokenizer, model, datamodule
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.phase == "ppo":
@@ -364,21 +389,10 @@ def main(argv=None) -> dict:
     sections = args.config_sections
     prepare_run(args.threads, args.seed)
 
-    from iterppo_lightning.data.datamodule import TrajectoryDataModule
-    from iterppo_lightning.loop.bootstrap import corpus
-    from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm, train_word_tokenizer
-
     load_before = os.getloadavg()[0]
     t_setup = time.perf_counter()
-    conversations = make_conversations(args, sections)
-    tokenizer = train_word_tokenizer(corpus(conversations))
-    shape = TinyLMConfig(
-        n_layer=args.layers, n_embd=args.dim, n_head=args.heads, n_positions=int(sections["n_positions"])
-    )
-    model = build_tiny_causal_lm(tokenizer, shape, seed=args.seed)
-    datamodule = TrajectoryDataModule(**sections["data"])
-    datamodule.connect(tokenizer)
-    datamodule.set_conversations(conversations)
+    data_settings = {**sections["data"], **({"conversation_rows": True} if args.conversation_rows else {})}
+    conversations, tokenizer, model, datamodule = data_and_model(args, sections, data_settings)
     module, phase_block = build_phase(args, sections, tokenizer, model, datamodule)
     setup_s = time.perf_counter() - t_setup
 
@@ -701,23 +715,13 @@ def main_ppo(args: argparse.Namespace) -> dict:
     sections = args.config_sections
     prepare_run(args.threads, args.seed)
 
-    from iterppo_lightning.data.datamodule import TrajectoryDataModule
-    from iterppo_lightning.loop.bootstrap import corpus
-    from iterppo_lightning.models.tiny_lm import TinyLMConfig, build_tiny_causal_lm, train_word_tokenizer
     from iterppo_lightning.modules.critic import CriticModule
     from iterppo_lightning.modules.policy import PolicyModule
 
     load_before = os.getloadavg()[0]
     t_setup = time.perf_counter()
-    conversations = make_conversations(args, sections)
-    tokenizer = train_word_tokenizer(corpus(conversations))
-    shape = TinyLMConfig(
-        n_layer=args.layers, n_embd=args.dim, n_head=args.heads, n_positions=int(sections["n_positions"])
-    )
-    model = build_tiny_causal_lm(tokenizer, shape, seed=args.seed)
-    datamodule = TrajectoryDataModule(**{**sections["data"], "policy_batch_size": args.batch})
-    datamodule.connect(tokenizer)
-    datamodule.set_conversations(conversations)
+    data_settings = {**sections["data"], "policy_batch_size": args.batch}
+    conversations, tokenizer, model, datamodule = data_and_model(args, sections, data_settings)
     bc_loss = behaviour_clone_briefly(model, datamodule, sections, args.bc_steps) if args.bc_steps else None
     critic = CriticModule(init_from_policy=False)  # random Q_k: only its forward pass costs time
     with tempfile.TemporaryDirectory(prefix="phase_bench_") as tmp:
