@@ -156,21 +156,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def fill_defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
-    """Unset sizes come from the config's YAML; a key it lacks takes the default of the class that reads it."""
-    with open(args.config) as f:
+def config_sections(path: str) -> tuple[dict, dict, dict, dict, dict, dict]:
+    """The config's model, model.bootstrap, model.loop, data and bootstrap.model sections (empty when absent),
+    and the TrajectoryDataModule's defaults for the data keys the config leaves out."""
+    from iterppo_lightning.data.datamodule import TrajectoryDataModule
+
+    with open(path) as f:
         config = yaml.safe_load(f) or {}
     model = config.get("model") or {}
     bootstrap = model.get("bootstrap") or {}
-    loop = model.get("loop") or {}
-    data = config.get("data") or {}
-    shape = bootstrap.get("model") or {}
-    from iterppo_lightning.data.datamodule import TrajectoryDataModule
+    dm_defaults = {k: v.default for k, v in inspect.signature(TrajectoryDataModule).parameters.items()}
+    loop, data, shape = model.get("loop") or {}, config.get("data") or {}, bootstrap.get("model") or {}
+    return model, bootstrap, loop, data, shape, dm_defaults
+
+
+def fill_defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Unset sizes come from the config's YAML; a key it lacks takes the default of the class that reads it."""
+    model, bootstrap, loop, data, shape, dm_defaults = config_sections(args.config)
     from iterppo_lightning.loop.bootstrap import BootstrapConfig
     from iterppo_lightning.loop.config import LoopConfig
     from iterppo_lightning.models.tiny_lm import TinyLMConfig
 
-    dm_defaults = {k: v.default for k, v in inspect.signature(TrajectoryDataModule).parameters.items()}
     if args.phase == "critic":
         episodes = loop.get("episodes_per_iteration", LoopConfig.episodes_per_iteration)
         batch = data.get("critic_batch_size", dm_defaults.get("critic_batch_size"))
@@ -530,19 +536,11 @@ def add_ppo_arguments(p: argparse.ArgumentParser) -> None:
 
 def fill_ppo_defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     """`--phase ppo`: sizes from the config's data, model.policy, model.loop and model.bootstrap sections."""
-    with open(args.config) as f:
-        config = yaml.safe_load(f) or {}
-    model = config.get("model") or {}
-    bootstrap = model.get("bootstrap") or {}
-    loop = model.get("loop") or {}
-    data = config.get("data") or {}
-    shape = bootstrap.get("model") or {}
-    from iterppo_lightning.data.datamodule import TrajectoryDataModule
+    model, bootstrap, loop, data, shape, dm_defaults = config_sections(args.config)
     from iterppo_lightning.loop.bootstrap import BootstrapConfig
     from iterppo_lightning.loop.config import LoopConfig
     from iterppo_lightning.models.tiny_lm import TinyLMConfig
 
-    dm_defaults = {k: v.default for k, v in inspect.signature(TrajectoryDataModule).parameters.items()}
     for name, value in (
         ("episodes", loop.get("episodes_per_iteration", LoopConfig.episodes_per_iteration)),
         ("batch", data.get("policy_batch_size", dm_defaults["policy_batch_size"])),
