@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import sys
+import time
 import warnings
 
 import lightning as L
@@ -106,3 +107,22 @@ def print_json_line(result: dict) -> None:
     """The last line of stdout: one JSON object with every number."""
     sys.stdout.flush()
     print(json.dumps(result, sort_keys=True))
+
+
+class LoopTimer(L.Callback):
+    """Wall time of the training loop alone (first batch start to epoch end), without Trainer setup and teardown."""
+
+    def __init__(self):
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.end = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start if self.start is not None and self.end is not None else float("nan")

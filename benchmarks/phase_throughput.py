@@ -98,6 +98,7 @@ import lightning as L
 import torch
 import yaml
 from _common import (
+    LoopTimer,
     machine_info,
     make_trainer,
     prepare_run,
@@ -170,12 +171,37 @@ def config_sections(path: str) -> tuple[dict, dict, dict, dict, dict, dict]:
     return model, bootstrap, loop, data, shape, dm_defaults
 
 
+def fill_sizes_and_sections(
+    args: argparse.Namespace, model: dict, bootstrap: dict, data: dict, shape: dict, sizes: dict, sections: dict
+) -> None:
+    """Set every size the command line left unset (the phase's `sizes`, then the model shape) and store the
+    config sections the phase reads as `args.config_sections` (the shared ones plus the phase's `sections`)."""
+    from iterppo_lightning.loop.bootstrap import BootstrapConfig
+    from iterppo_lightning.models.tiny_lm import TinyLMConfig
+
+    shape_sizes = {
+        "layers": shape.get("n_layer", TinyLMConfig.n_layer),
+        "dim": shape.get("n_embd", TinyLMConfig.n_embd),
+        "heads": shape.get("n_head", TinyLMConfig.n_head),
+    }
+    for name, value in {**sizes, **shape_sizes}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, int(value))
+    args.config_sections = {
+        "data": data,
+        "environment": model.get("environment") or {},
+        "behaviour": bootstrap.get("behaviour") or {},
+        "bootstrap_lr": bootstrap.get("lr", BootstrapConfig.lr),
+        "n_positions": shape.get("n_positions", TinyLMConfig.n_positions),
+        **sections,
+    }
+
+
 def fill_defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     """Unset sizes come from the config's YAML; a key it lacks takes the default of the class that reads it."""
     model, bootstrap, loop, data, shape, dm_defaults = config_sections(args.config)
     from iterppo_lightning.loop.bootstrap import BootstrapConfig
     from iterppo_lightning.loop.config import LoopConfig
-    from iterppo_lightning.models.tiny_lm import TinyLMConfig
 
     if args.phase == "critic":
         episodes = loop.get("episodes_per_iteration", LoopConfig.episodes_per_iteration)
@@ -185,24 +211,15 @@ def fill_defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         episodes = bootstrap.get("episodes", BootstrapConfig.episodes)
         batch = bootstrap.get("batch_size", BootstrapConfig.batch_size)
         epochs = bootstrap.get("epochs", BootstrapConfig.epochs)
-    for name, value in (
-        ("episodes", episodes),
-        ("batch", batch),
-        ("epochs", epochs),
-        ("layers", shape.get("n_layer", TinyLMConfig.n_layer)),
-        ("dim", shape.get("n_embd", TinyLMConfig.n_embd)),
-        ("heads", shape.get("n_head", TinyLMConfig.n_head)),
-    ):
-        if getattr(args, name) is None:
-            setattr(args, name, int(value))
-    args.config_sections = {
-        "data": data,
-        "critic": model.get("critic") or {},
-        "environment": model.get("environment") or {},
-        "behaviour": bootstrap.get("behaviour") or {},
-        "bootstrap_lr": bootstrap.get("lr", BootstrapConfig.lr),
-        "n_positions": shape.get("n_positions", TinyLMConfig.n_positions),
-    }
+    fill_sizes_and_sections(
+        args,
+        model,
+        bootstrap,
+        data,
+        shape,
+        sizes={"episodes": episodes, "batch": batch, "epochs": epochs},
+        sections={"critic": model.get("critic") or {}},
+    )
     if args.episodes < 1 or args.batch < 1:
         p.error("--episodes >= 1 and --batch >= 1 are required")
     if args.warmup_epochs < 0 or args.epochs <= args.warmup_epochs:
@@ -539,27 +556,23 @@ def fill_ppo_defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> N
     model, bootstrap, loop, data, shape, dm_defaults = config_sections(args.config)
     from iterppo_lightning.loop.bootstrap import BootstrapConfig
     from iterppo_lightning.loop.config import LoopConfig
-    from iterppo_lightning.models.tiny_lm import TinyLMConfig
 
-    for name, value in (
-        ("episodes", loop.get("episodes_per_iteration", LoopConfig.episodes_per_iteration)),
-        ("batch", data.get("policy_batch_size", dm_defaults["policy_batch_size"])),
-        ("batches", data.get("policy_batches", dm_defaults["policy_batches"])),
-        ("layers", shape.get("n_layer", TinyLMConfig.n_layer)),
-        ("dim", shape.get("n_embd", TinyLMConfig.n_embd)),
-        ("heads", shape.get("n_head", TinyLMConfig.n_head)),
-    ):
-        if getattr(args, name) is None:
-            setattr(args, name, int(value))
-    args.config_sections = {
-        "data": data,
-        "policy": model.get("policy") or {},
-        "environment": model.get("environment") or {},
-        "behaviour": bootstrap.get("behaviour") or {},
-        "bootstrap_lr": bootstrap.get("lr", BootstrapConfig.lr),
-        "bootstrap_batch_size": bootstrap.get("batch_size", BootstrapConfig.batch_size),
-        "n_positions": shape.get("n_positions", TinyLMConfig.n_positions),
-    }
+    fill_sizes_and_sections(
+        args,
+        model,
+        bootstrap,
+        data,
+        shape,
+        sizes={
+            "episodes": loop.get("episodes_per_iteration", LoopConfig.episodes_per_iteration),
+            "batch": data.get("policy_batch_size", dm_defaults["policy_batch_size"]),
+            "batches": data.get("policy_batches", dm_defaults["policy_batches"]),
+        },
+        sections={
+            "policy": model.get("policy") or {},
+            "bootstrap_batch_size": bootstrap.get("batch_size", BootstrapConfig.batch_size),
+        },
+    )
     if args.episodes < 1 or args.batch < 1 or args.batches < 1:
         p.error("--episodes, --batch and --batches must be >= 1")
     if args.warmup_batches < 0 or args.bc_steps < 0:
@@ -689,25 +702,6 @@ def ppo_policy_fit(module, datamodule, batches: int, callbacks=()) -> float:
         datamodule.policy_batches = saved
 
 
-class LoopWindow(L.Callback):
-    """Wall time of the training loop alone (first batch start to epoch end)."""
-
-    def __init__(self):
-        self.start: float | None = None
-        self.end: float | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.start is None:
-            self.start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.end = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start if self.start is not None and self.end is not None else float("nan")
-
-
 def main_ppo(args: argparse.Namespace) -> dict:
     """`--phase ppo`: one outer iteration's policy phase (PolicyModule, real Trainer, prompts of simulator states)."""
     sections = args.config_sections
@@ -736,7 +730,7 @@ def main_ppo(args: argparse.Namespace) -> dict:
     warm_wall = ppo_policy_fit(module, datamodule, args.warmup_batches) if args.warmup_batches else None
     module.timings.clear()  # discard what the warm-up accumulated
     counter.active = True
-    window = LoopWindow()
+    window = LoopTimer()
     torch.manual_seed(args.seed + 1)  # the same prompts, whatever the warm-up drew
     fit_wall = ppo_policy_fit(module, datamodule, args.batches, [window])
     counter.detach()

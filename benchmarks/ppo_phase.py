@@ -68,9 +68,9 @@ import random
 import tempfile
 import time
 
-import lightning as L
 import torch
 from _common import (
+    LoopTimer,
     fmt_rate,
     machine_info,
     make_trainer,
@@ -124,25 +124,6 @@ def make_batches(tok, args, n_batches: int, gen: random.Random) -> list[dict[str
         ids, mask = pad_left(seqs, tok.pad_token_id)
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
-
-
-class LoopTimer(L.Callback):
-    """Wall time of the training loop alone (first batch start to epoch end)."""
-
-    def __init__(self):
-        self.t_start = None
-        self.t_end = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.t_start is None:
-            self.t_start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.t_end = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return (self.t_end - self.t_start) if self.t_start is not None and self.t_end is not None else float("nan")
 
 
 def run_fit(module, batches) -> tuple[float, float]:
