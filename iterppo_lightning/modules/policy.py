@@ -181,14 +181,15 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 reply's position in the global batch (Gumbel-max), instead of torch's global stream. The
                 replies then do not depend on how many processes share the batch, so a multi-process run
                 reproduces a single-process one; a little slower (one noise draw per reply per token).
-            advantage: the single-turn solver: "gae" (PPO with a value head and GAE), "grpo" or
-                "rloo" (a group of replies per state is the baseline; no value head is trained and
+            advantage: the single-turn solver: "gae" (PPO with a value head and GAE), "grpo", "rloo" or
+                "group_mean" (a group of replies per state is the baseline; no value head is trained and
                 vf_coef is ignored). Per reply, with KL penalty P = -kl_coef * sum of per-token KL:
                 grpo = (Q - group mean Q) / (group std Q + 1e-4) + (P - group mean P); rloo =
-                (Q + P) - mean of (Q + P) over the other replies. Applied to every reply token
+                (Q + P) - mean of (Q + P) over the other replies; group_mean = (Q + P) - group mean of
+                (Q + P), GRPO in Q's own units. Applied to every reply token
                 (ppo_math.group_token_advantages, docs/variants.md).
             group_size: replies sampled per state: a rollout is policy_batch_size states x
-                group_size replies. grpo and rloo need >= 2.
+                group_size replies. The group baselines need >= 2.
             kl_anchor: the KL reference: "pi_k" (reset to the current policy every outer
                 iteration, Theorem 2) or "pi_0" (the initial policy for the whole run).
             length_group_cost: run each forward (generation's prefill, scoring, every update
@@ -576,7 +577,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         rewards, kl = pm.per_token_rewards(score, old_logprobs, ref_logprobs, resp_mask, self.kl_controller.value)
         if self.advantage == "gae":
             advantages, returns = pm.gae_advantages(rewards, old_values, resp_mask, self.gamma_token, self.gae_lambda)
-        else:  # grpo / rloo: the other replies to the state are the baseline; no value target
+        else:  # grpo / rloo / group_mean: the other replies to the state are the baseline; no value target
             advantages = pm.group_token_advantages(score, rewards, resp_mask, self.group_size, self.advantage)
             returns = torch.zeros_like(old_values)
         if self.whiten_advantages:
@@ -634,7 +635,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 mask = mb.response_mask
                 pg_loss, pg_stats = pm.policy_loss(logprobs, mb.logprobs, mb.advantages, mask, self.clip_eps)
                 loss = pg_loss
-                if self.advantage == "gae":  # grpo / rloo leave the value head untouched
+                if self.advantage == "gae":  # the group baselines leave the value head untouched
                     vf_loss, vf_stats = pm.value_loss(values, mb.values, mb.returns, mask, self.value_clip)
                     loss = loss + self.vf_coef * vf_loss
                 entropy = pm.masked_mean(entropies, mask)

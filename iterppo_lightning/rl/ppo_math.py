@@ -55,7 +55,7 @@ __all__ = [
 
 SCORE_NORMALIZATION_MODES: tuple[str, ...] = ("none", "whiten", "center")
 
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "grpo", "rloo")
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "grpo", "rloo", "group_mean")
 """Inner single-turn solvers: PPO with a value head and GAE, or a critic-free group baseline."""
 
 KL_ANCHORS: tuple[str, ...] = ("pi_k", "pi_0")
@@ -529,7 +529,10 @@ def group_advantages(returns: torch.Tensor, group_size: int, method: str, eps: f
 
     * ``"grpo"``: ``(R_i - mean(R)) / (std(R) + eps)``, ``std`` the sample
       (Bessel-corrected, ``G - 1``) standard deviation;
-    * ``"rloo"``: ``R_i - mean_{j != i} R_j`` (leave-one-out baseline).
+    * ``"rloo"``: ``R_i - mean_{j != i} R_j`` (leave-one-out baseline);
+    * ``"group_mean"``: ``R_i - mean(R)``: GRPO without the division by the group's std, so the
+      advantage stays in the critic's units (a group whose replies Q barely separates gets a small
+      advantage, not a unit one). It equals ``(G - 1) / G`` times RLOO's.
 
     Why: the other replies to the same state estimate its value without a
     learned value head (GRPO: Shao et al. 2024; RLOO: Ahmadian et al. 2024).
@@ -545,8 +548,10 @@ def group_advantages(returns: torch.Tensor, group_size: int, method: str, eps: f
     elif method == "rloo":
         others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
         advantages = grouped - others
+    elif method == "group_mean":
+        advantages = grouped - grouped.mean(dim=1, keepdim=True)
     else:
-        raise ValueError(f"unknown group baseline {method!r}; allowed: 'grpo', 'rloo'")
+        raise ValueError(f"unknown group baseline {method!r}; allowed: 'grpo', 'rloo', 'group_mean'")
     return advantages.reshape(-1)
 
 
@@ -562,7 +567,8 @@ def group_token_advantages(
 
     * ``"rloo"``: ``A_i = R_i - mean_{j != i} R_j`` (the KL-penalised return, leave-one-out);
     * ``"grpo"``: ``A_i = (score_i - mean(score)) / (std(score) + eps) + (P_i - mean(P))``: the
-      score is standardised within the group, the KL penalty is centred but keeps its scale.
+      score is standardised within the group, the KL penalty is centred but keeps its scale;
+    * ``"group_mean"``: ``A_i = R_i - mean(R)``: score and penalty both keep their units.
 
     Why GRPO does not standardise ``R`` itself: when a group's scores tie, ``std(R)`` is the
     spread of the KL penalty alone, and dividing by it blows tiny KL differences up to unit

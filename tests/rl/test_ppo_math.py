@@ -408,7 +408,20 @@ def test_group_token_advantages_put_the_sequence_advantage_on_every_reply_token(
     z = 0.5 / (math.sqrt(0.5) + 1e-4)
     grpo = group_token_advantages(score, rewards, mask, 2, "grpo")
     close(grpo, [[z, z, z], [-z, 0.0, 0.0]], atol=1e-6)
-    assert not rloo.requires_grad and not grpo.requires_grad
+    # group_mean: R = [0.8, -0.2], mean 0.3 -> +-0.5, in Q's units (half of RLOO's difference with G = 2).
+    unscaled = group_token_advantages(score, rewards, mask, 2, "group_mean")
+    close(unscaled, [[0.5, 0.5, 0.5], [-0.5, 0.0, 0.0]], atol=1e-6)
+    assert not rloo.requires_grad and not grpo.requires_grad and not unscaled.requires_grad
+
+
+def test_group_mean_keeps_the_critics_scale_where_grpo_blows_it_up() -> None:
+    # A nearly flat critic: scores 0.51 and 0.49 at one state. GRPO divides by their std (0.01414, plus 1e-4) and
+    # gives +-0.702; group_mean keeps the difference it was given: +-0.01. Three replies: returns
+    # [0.3, 0.6, 0.9], mean 0.6 -> [-0.3, 0.0, 0.3] = (G - 1) / G x RLOO's [-0.45, 0, 0.45].
+    close(group_advantages(torch.tensor([0.51, 0.49]), 2, "grpo"), [0.70214, -0.70214], atol=1e-4)
+    close(group_advantages(torch.tensor([0.51, 0.49]), 2, "group_mean"), [0.01, -0.01], atol=1e-6)
+    close(group_advantages(torch.tensor([0.3, 0.6, 0.9]), 3, "group_mean"), [-0.3, 0.0, 0.3], atol=1e-6)
+    close(group_advantages(torch.tensor([0.3, 0.6, 0.9]), 3, "rloo"), [-0.45, 0.0, 0.45], atol=1e-6)
 
 
 def test_grpo_standardises_the_score_but_not_the_kl_penalty() -> None:
