@@ -14,7 +14,17 @@ if TYPE_CHECKING:
 
 
 def evaluate_policy(loop: LoopView, iteration: int) -> dict:
-    """The policy module's current policy on the run's fixed evaluation customers."""
+    """The policy module's current policy on the run's fixed evaluation customers; with eval_greedy_also, its
+    greedy decoding on the same customers too (greedy_success_rate, greedy_ci95)."""
+    cfg = loop.config
+    result = _success_on_eval_customers(loop, iteration, greedy=cfg.eval_greedy)
+    if cfg.eval_greedy_also and not cfg.eval_greedy:
+        greedy = _success_on_eval_customers(loop, iteration, greedy=True)
+        result.update(greedy_success_rate=greedy["success_rate"], greedy_ci95=greedy["ci95"])
+    return result
+
+
+def _success_on_eval_customers(loop: LoopView, iteration: int, greedy: bool) -> dict:
     cfg, policy = loop.config, loop.policy
     # Same evaluation customers for every policy of the run (namespace "eval",
     # iteration fixed at 0): differences between iterations are the policy's, not the customers'.
@@ -26,7 +36,7 @@ def evaluate_policy(loop: LoopView, iteration: int) -> dict:
         iteration=iteration,
         max_new_tokens=policy.max_new_tokens,
         max_prompt_tokens=cfg.max_prompt_tokens,
-        greedy=cfg.eval_greedy,
+        greedy=greedy,
         batch_size=cfg.rollout_batch_size,
     )
     stats = summarize_conversations(conversations, gamma=loop.datamodule.gamma)

@@ -106,11 +106,20 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def fmt_ci(values: list[float]) -> str:
+def fmt_ci(values: list[float], bounds: tuple[float, float] | None = None) -> str:
+    """Mean [interval]; `bounds` clips the interval to the values' range (a rate's interval stays in [0, 1])."""
     mean, low, high = mean_ci(values)
     if mean is None:
         return "-"
-    return _fmt(mean) if low is None else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+    if low is None:
+        return _fmt(mean)
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+RATE = (0.0, 1.0)
+"""Success rates, and the probe's correlations' and accuracies' natural ranges, for `fmt_ci`."""
 
 
 # -- reading runs -------------------------------------------------------------------------------------------
@@ -139,6 +148,17 @@ class Run:
         rates = [as_number(r.get("success_rate")) for r in self.records]
         rates = [r for r in rates if r is not None]
         return max(rates) if rates else None
+
+    @property
+    def final_greedy(self) -> float | None:
+        """The last policy's greedy success (model.loop.eval_greedy_also), on the same customers."""
+        return as_number(self.records[-1].get("greedy_success_rate")) if self.records else None
+
+    def probe(self, key: str, iteration: int = 0) -> float | None:
+        """Q_k's critic-probe number `key` (e.g. within_state_corr), None when the run had no probe there."""
+        if len(self.records) <= iteration:
+            return None
+        return as_number(lookup(self.records[iteration], f"critic_probe.{key}"))
 
     @property
     def ope_gap(self) -> float | None:
@@ -347,11 +367,15 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
             else ""
         )
         + ". *OPE gap* is the critic's estimate of the final policy's discounted return minus its true value (> 0: "
-        "over-estimate).",
+        "over-estimate). *Greedy* is the final policy's success with greedy decoding on the same customers "
+        "(`model.loop.eval_greedy_also`). *Q_0 corr* and *Q_0 pairs* are the critic probe's `within_state_corr` and "
+        "`pairwise_acc` for the first critic (`model.loop.critic_probe`): how well Q_0 ranks replies at one state "
+        "against the simulator's ground truth (docs/critic.md). Intervals of rates, correlations and accuracies are "
+        "clipped to [0, 1]; '-' where a run did not measure it.",
         "",
-        "| experiment | seeds | pi_0 success | final success | best-iteration success | conversations | wall (min) "
-        "| OPE gap |",
-        "|---|---|---|---|---|---|---|---|",
+        "| experiment | seeds | pi_0 success | final success | greedy | best-iteration success | Q_0 corr | Q_0 pairs "
+        "| conversations | wall (min) | OPE gap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary: dict[str, dict] = {}
     for name, runs in experiments.items():
@@ -361,9 +385,13 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
         conversations = [r.conversations[-1] for r in runs if r.conversations]
         seconds = [r.seconds for r in runs if r.seconds is not None]
         gaps = [g for g in (r.ope_gap for r in runs) if g is not None]
-        summary[name] = {"final": finals, "best": bests, "seconds": seconds}
+        greedy = [g for g in (r.final_greedy for r in runs) if g is not None]
+        corr = [c for c in (r.probe("within_state_corr") for r in runs) if c is not None]
+        pairs = [p for p in (r.probe("pairwise_acc") for r in runs) if p is not None]
+        summary[name] = {"final": finals, "best": bests, "seconds": seconds, "greedy": greedy}
         lines.append(
-            f"| {name} | {len(runs)} | {fmt_ci(initials)} | {fmt_ci(finals)} | {fmt_ci(bests)} | "
+            f"| {name} | {len(runs)} | {fmt_ci(initials, RATE)} | {fmt_ci(finals, RATE)} | {fmt_ci(greedy, RATE)} | "
+            f"{fmt_ci(bests, RATE)} | {fmt_ci(corr, (-1.0, 1.0))} | {fmt_ci(pairs, RATE)} | "
             f"{_fmt(sum(conversations) / len(conversations), '.0f') if conversations else '-'} | "
             f"{_minutes(seconds)} | {fmt_ci(gaps)} |"
         )
@@ -379,16 +407,16 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
         "",
         "## Runs",
         "",
-        "| experiment | seed | iterations | pi_0 success | final success | best success | conversations | wall (min) "
-        "| run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| experiment | seed | iterations | pi_0 success | final success | greedy | best success | Q_0 corr "
+        "| Q_0 pairs | conversations | wall (min) | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in experiments.items():
         for r in sorted(runs, key=lambda r: r.seed):
             lines.append(
                 f"| {name} | {r.seed} | {len(r.records)} | {_fmt(as_number(lookup(r.initial, 'success_rate')))} | "
-                f"{_fmt(r.final)} | "
-                f"{_fmt(r.best)} | {_fmt(r.conversations[-1] if r.conversations else None, '.0f')} | "
+                f"{_fmt(r.final)} | {_fmt(r.final_greedy)} | {_fmt(r.best)} | {_fmt(r.probe('within_state_corr'))} | "
+                f"{_fmt(r.probe('pairwise_acc'))} | {_fmt(r.conversations[-1] if r.conversations else None, '.0f')} | "
                 f"{_fmt(None if r.seconds is None else r.seconds / 60, '.1f')}"
                 f"{' (incl. pi_0)' if r.seconds_include_pi0 else ''} | `{r.run_dir}` |"
             )

@@ -23,6 +23,9 @@ class LoopConfig:
     """Sampling temperature while collecting (1.0 = on-policy Monte Carlo)."""
     eval_greedy: bool = False
     """Evaluate with greedy decoding instead of sampling from the policy."""
+    eval_greedy_also: bool = False
+    """Also measure greedy decoding on the same evaluation customers (recorded as greedy_success_rate and
+    greedy_ci95 beside the sampled success_rate); ignored when eval_greedy is already true."""
     rollout_batch_size: int = 256
     """Conversations advanced together in one batched generate call."""
     max_prompt_tokens: int = 384

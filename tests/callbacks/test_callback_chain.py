@@ -138,7 +138,7 @@ def test_two_callbacks_of_one_class_keep_their_own_state_across_a_resume():
 def test_a_user_callback_from_yaml_runs_in_a_real_fit_and_sees_the_loop_view(tmp_path, capsys):
     config = tmp_path / "user.yaml"
     config.write_text(
-        "model:\n  loop:\n    iterations: 1\n    extra_callbacks:\n"
+        "model:\n  loop:\n    iterations: 1\n    eval_greedy_also: true\n    extra_callbacks:\n"
         "      - class_path: test_callback_chain.RecordingCallback\n"
     )
     run_dir = tmp_path / "run"
@@ -148,4 +148,6 @@ def test_a_user_callback_from_yaml_runs_in_a_real_fit_and_sees_the_loop_view(tmp
     assert seen == ["run_start:LoopView", "iteration_end_0:LoopView", "run_end:LoopView"]
     record = json.loads((run_dir / "run_state.json").read_text())["history"][0]
     # It ran last: every default callback had written its part of the record (ope, evaluation).
-    assert {"ope", "success_rate", "critic", "ppo"} <= set(record["user"])
+    assert {"ope", "success_rate", "greedy_success_rate", "critic", "ppo"} <= set(record["user"])
+    # eval_greedy_also: greedy decoding on the same customers, beside the sampled rate.
+    assert 0.0 <= record["greedy_success_rate"] <= 1.0 and len(record["greedy_ci95"]) == 2

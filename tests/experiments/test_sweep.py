@@ -207,17 +207,19 @@ def test_report_tables_and_plots(sweep, capsys):
         finals = [rec[-1]["success_rate"] for rec in records]
         bests = [max(x["success_rate"] for x in rec) for rec in records]
 
-        def cell(values):
+        def cell(values):  # a rate's interval is clipped to [0, 1]
             mean, half = statistics.mean(values), T975_DF1 * statistics.stdev(values) / math.sqrt(len(values))
-            return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+            return f"{mean:.3f} [{max(mean - half, 0.0):.3f}, {min(mean + half, 1.0):.3f}]"
 
         seconds = [sum(v for x in rec for v in x["seconds"].values()) for rec in records]
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {len(SEEDS)} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[3] == cell(finals)
-        assert cells[4] == cell(bests)
-        assert cells[5] == str(ITERATIONS * EPISODES)  # conversations collected (from collect.episodes)
-        assert cells[6] == f"{statistics.mean(seconds) / 60:.1f}"
+        assert cells[4] == "-"  # no greedy evaluation asked for
+        assert cells[5] == cell(bests)
+        assert cells[6] == cells[7] == "-"  # no critic probe
+        assert cells[8] == str(ITERATIONS * EPISODES)  # conversations collected (from collect.episodes)
+        assert cells[9] == f"{statistics.mean(seconds) / 60:.1f}"
     for png in ("success_vs_conversations.png", "reward_hacking.png"):
         data = (output.parent / "results" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -243,6 +245,15 @@ def test_report_appends_the_conclusions_verbatim_and_names_a_missing_notes_file(
         str(tmp_path / "nope.md"),
     )
     assert missing.returncode == 2 and "nope.md" in missing.stderr and not (tmp_path / "x.md").exists()
+
+
+def test_a_rates_interval_stays_in_zero_one_and_other_intervals_are_not_clipped():
+    from iterppo_lightning.experiments.report import RATE, fmt_ci
+
+    # Two seeds, 0.9 and 1.0: mean 0.95, half-width 12.706 * 0.0707 / sqrt(2) = 0.635.
+    assert fmt_ci([0.9, 1.0], RATE) == "0.950 [0.315, 1.000]"
+    assert fmt_ci([0.9, 1.0]) == "0.950 [0.315, 1.585]"  # an OPE gap is not a rate
+    assert fmt_ci([0.05, 0.15], RATE) == "0.100 [0.000, 0.735]"
 
 
 def test_report_counts_conversations_from_the_records_or_the_config():
