@@ -247,9 +247,7 @@ def _same(x, y) -> bool:
 
 
 def _same_batches(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x) for x, y in zip(a, b)
-    )
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize(
