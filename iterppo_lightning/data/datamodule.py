@@ -348,9 +348,15 @@ class TrajectoryDataModule(L.LightningDataModule):
         `_collate_sequences`."""
         return self._collate_sequences([SequenceExample.single_turn(e) for e in batch])
 
-    def _collate_prompts(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:
+    def _collate_prompts(self, batch: list[TurnExample]) -> dict:
+        """The policy phase's states left-padded, and `state_keys`: each one's (conversation_id, turn_index) (what
+        the oracle critic replays; a plain list, which batch transfer leaves as it is)."""
         ids, mask = pad_left([e.prompt_ids for e in batch], self.tokenizer.pad_token_id)
-        return {"input_ids": ids, "attention_mask": mask}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "state_keys": [(e.conversation_id, e.turn_index) for e in batch],
+        }
 
     # -- loaders --------------------------------------------------------------
     def _clones(self, e: TurnExample) -> bool:

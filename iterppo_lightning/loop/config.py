@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from iterppo_lightning.callbacks.base import IterationCallback
-from iterppo_lightning.loop.probe_config import CriticProbeConfig
+from iterppo_lightning.loop.probe_config import CriticProbeConfig, OracleCriticConfig
 
 
 @dataclass
@@ -46,6 +46,11 @@ class LoopConfig:
     """After each critic fit, measure Q_k against the simulator's ground truth at sampled logged states (its
     numbers go to metrics.jsonl under "critic_probe"; docs/critic.md). None = off. Simulated runs only: refused
     with data.logs or an LLM customer, which have no ground truth to replay."""
+    oracle_critic: OracleCriticConfig | None = None
+    """PPO against Q from simulator continuations instead of a learned critic: no critic is fitted, and each
+    rollout reply's Q is its mean discounted return over simulated continuations in which pi_k plays the rest
+    (the critic probe's ground truth; docs/critic.md, "The oracle critic"). None = off (the learned Q_k).
+    Simulated runs of iterative_ppo only: refused with data.logs, an LLM customer or filtered_bc."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "episodes_per_iteration", "critic_epochs", "rollout_batch_size"):

@@ -41,6 +41,7 @@ from iterppo_lightning.env.episodes import summarize_conversations
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.loop.bootstrap import behaviour_clone, make_pi0
 from iterppo_lightning.loop.critic_probe import ProbeContext, run_critic_probe
+from iterppo_lightning.loop.oracle_critic import OracleCritic, make_oracle_critic
 from iterppo_lightning.loop.run_dir import WORLD_SIZE_KEYS, OpenSettings, RunFolder, write_bootstrap_record
 from iterppo_lightning.loop.run_state import IterationProgress, RunState, RunStateError
 from iterppo_lightning.loop.variants import (
@@ -116,6 +117,8 @@ class OuterLoop:
         self.view: LoopView | None = None
         self.record: dict = {}
         self.base_model_dir: Path | None = None
+        self.oracle: OracleCritic | None = None
+        """model.loop.oracle_critic: the oracle of the current policy phase (None when off, or before the phase)."""
 
     @property
     def run_dir(self) -> Path:
@@ -277,12 +280,28 @@ class OuterLoop:
 
     # -- Q_k ----------------------------------------------------------------------------------
     def fit_critic(self, k: int, progress: IterationProgress) -> None:
-        """Q_k on D_k (or, offline, Q_0 again); filtered BC fits none."""
+        """Q_k on D_k (or, offline, Q_0 again); filtered BC fits none, nor does a run with the oracle critic (its
+        Q comes from simulator continuations during the policy phase: `policy_critic`)."""
         if not self.improvement.uses_critic:
             return
         reused_from = self.source.critic_iteration(k)
+        oracle = self.config.oracle_critic
         if progress.critic_fitted:
             self.load_training_data(k)
+        elif oracle is not None:
+            self.load_training_data(k)
+            self.record["critic"] = {
+                "oracle": True,
+                "fits": 0,
+                "continuations": oracle.continuations,
+                "persona": oracle.persona,
+                "seed": oracle.seed,
+            }
+            self.record["seconds"]["critic"] = 0.0
+            if self.config.critic_probe is not None:
+                self.record["critic_probe"] = {"skipped": "model.loop.oracle_critic: no critic is fitted to probe"}
+            progress.critic_fitted = True
+            self.folder.commit()
         elif reused_from != k:  # offline: Q_0 (fitted once, in iteration 0) serves every iteration
             self.load_training_data(k)
             critic = self.view.history[reused_from]["critic"]
@@ -344,23 +363,36 @@ class OuterLoop:
             return
         start = time.perf_counter()
         dm, policy = self.datamodule, self.policy
-        context = ProbeContext(
+        conversations = [c for c in dm.conversations if c.iteration == k]  # D_k itself, not pooled buffers
+        self.record["critic_probe"] = run_critic_probe(
+            self.system.critic, policy.policy, policy.tokenizer, conversations, settings, self.simulation_context(k)
+        )
+        self.record["seconds"]["critic_probe"] = time.perf_counter() - start
+
+    def simulation_context(self, k: int) -> ProbeContext:
+        """The run's settings for simulated continuations in iteration k (the critic probe, the oracle critic)."""
+        dm = self.datamodule
+        return ProbeContext(
             simulator=self.system.environment,
             gamma=dm.gamma,
             run_seed=self.seed,
             iteration=k,
-            max_new_tokens=policy.max_new_tokens,
+            max_new_tokens=self.policy.max_new_tokens,
             temperature=self.config.collect_temperature,
             policy_prompt_tokens=self.config.max_prompt_tokens,
             critic_prompt_tokens=dm.max_prompt_tokens,
             critic_action_tokens=dm.max_action_tokens,
             batch_size=self.config.rollout_batch_size,
         )
-        conversations = [c for c in dm.conversations if c.iteration == k]  # D_k itself, not pooled buffers
-        self.record["critic_probe"] = run_critic_probe(
-            self.system.critic, policy.policy, policy.tokenizer, conversations, settings, context
-        )
-        self.record["seconds"]["critic_probe"] = time.perf_counter() - start
+
+    def policy_critic(self, k: int):
+        """What scores PPO's replies in iteration k's policy phase: Q_k, or with model.loop.oracle_critic an oracle
+        of pi_k as it is now (call it before the fit) on the DataModule's states."""
+        settings = self.config.oracle_critic
+        if settings is None:
+            return self.system.critic
+        self.oracle = make_oracle_critic(self.policy, self.datamodule, settings, self.simulation_context(k))
+        return self.oracle
 
     # -- pi_(k+1) -------------------------------------------------------------------------------
     def improve_policy(self, k: int, progress: IterationProgress) -> None:
@@ -373,6 +405,9 @@ class OuterLoop:
             start = time.perf_counter()
             self.record[key] = self._guarded(k, lambda k: self.improvement.fit(self, k))
             self.record["seconds"]["policy"] = time.perf_counter() - start
+            if self.oracle is not None:  # its seconds are part of the policy phase's
+                self.record["oracle_critic"] = dict(self.oracle.stats)
+                self.oracle = None
             if self.main:
                 self.policy.save(self.folder.policy_dir(k + 1), card=self._policy_card(k, progress.source))
             if self.improvement.keeps_optimizer_state:

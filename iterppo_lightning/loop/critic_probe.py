@@ -57,7 +57,8 @@ DECISIONS = {
 
 @dataclass
 class ProbeContext:
-    """What the probe needs besides Q_k, pi_k and the buffer: the run's settings."""
+    """What the probe (and the oracle critic's continuations) need besides Q_k, pi_k and the buffer: the run's
+    settings."""
 
     simulator: SimulatorConfig
     """model.environment: the simulator the buffer was collected on."""
@@ -180,6 +181,58 @@ def _play(model, tokenizer, episodes: list[tuple[SalesEpisode, tuple]], ctx: Pro
                 ep.step(reply)
 
 
+def continuation_returns(
+    model,
+    tokenizer,
+    candidates: list[tuple[Conversation, int, list[str | None]]],
+    base: tuple,
+    continuations: int,
+    persona: str,
+    ctx: ProbeContext,
+    posteriors: dict | None = None,
+) -> list[list[list[float]]]:
+    """The true values of replies at logged states under pi_k, as simulated returns: `returns[i][c][j]` is the
+    discounted return (ctx.gamma) from the state on of continuation j after reply c of `candidates[i]` =
+    (conversation, turn, replies), in which pi_k (`model`) plays the rest. The critic probe's ground truth and the
+    oracle critic's Q (loop/oracle_critic.py) are their means over j.
+
+    Continuation j of a state draws only from streams of (*base, conversation id, turn, j): its hidden customer
+    (`persona` "posterior": drawn from the personas consistent with the state; "logged": the logged one), the
+    business's and the customer's streams, and pi_k's per-reply sampling streams. They are the same for every
+    reply at the state (common random numbers), and a reply's returns do not depend on what else is computed
+    with it (nor on ctx.batch_size). `posteriors`: a cache of the states' posteriors by (conversation id, turn),
+    kept by a caller that meets the same states again.
+    """
+    episodes: list[tuple[SalesEpisode, tuple]] = []
+    slots: list[tuple[int, int, int]] = []
+    returns: list[list[list[float]]] = []
+    for i, (conversation, turn, texts) in enumerate(candidates):
+        cid = conversation.conversation_id
+        posterior = None
+        if persona == "posterior":
+            cache = {} if posteriors is None else posteriors
+            if (cid, turn) not in cache:
+                cache[(cid, turn)] = posterior_personas(ctx.simulator, conversation, turn)
+            posterior = cache[(cid, turn)]
+        at_state: dict = {}
+        returns.append([[0.0] * continuations for _ in texts])
+        for j in range(continuations):
+            customer = None if posterior is None else draw_persona(posterior, derive_uniform(*base, cid, turn, j))
+            key = None if customer is None else tuple(customer.to_dict().values())
+            if key not in at_state:
+                at_state[key] = replay(ctx.simulator, conversation, turn, customer)
+            stream = derive_seed(*base, cid, turn, j, "stream")
+            for c, text in enumerate(texts):
+                episode = at_state[key].fork(stream)
+                episode.step(text)
+                episodes.append((episode, (*base, cid, turn, j)))
+                slots.append((i, c, j))
+    _play(model, tokenizer, episodes, ctx)
+    for (episode, _), (i, c, j) in zip(episodes, slots):
+        returns[i][c][j] = episode.conversation.returns(ctx.gamma)[candidates[i][1]]
+    return returns
+
+
 def run_critic_probe(
     critic, model, tokenizer, conversations: list[Conversation], settings: CriticProbeConfig, ctx: ProbeContext
 ) -> dict:
@@ -226,29 +279,10 @@ def run_critic_probe(
     _score(critic, tokenizer, states, ctx)
 
     # M continuations per candidate, continuation j sharing its customer and streams across the candidates.
-    episodes: list[tuple[SalesEpisode, tuple]] = []
-    slots: list[tuple[_State, int, int]] = []
-    for st in states:
-        cid = st.conversation.conversation_id
-        posterior = None
-        if settings.persona == "posterior":
-            posterior = posterior_personas(ctx.simulator, st.conversation, st.turn)
-        at_state: dict = {}
-        st.returns = [[0.0] * settings.continuations for _ in st.texts]
-        for j in range(settings.continuations):
-            persona = None if posterior is None else draw_persona(posterior, derive_uniform(*base, cid, st.turn, j))
-            key = None if persona is None else tuple(persona.to_dict().values())
-            if key not in at_state:
-                at_state[key] = replay(ctx.simulator, st.conversation, st.turn, persona)
-            stream = derive_seed(*base, cid, st.turn, j, "stream")
-            for c, text in enumerate(st.texts):
-                episode = at_state[key].fork(stream)
-                episode.step(text)
-                episodes.append((episode, (*base, cid, st.turn, j)))
-                slots.append((st, c, j))
-    _play(model, tokenizer, episodes, ctx)
-    for (episode, _), (st, c, j) in zip(episodes, slots):
-        st.returns[c][j] = episode.conversation.returns(ctx.gamma)[st.turn]
+    candidates = [(st.conversation, st.turn, st.texts) for st in states]
+    returns = continuation_returns(model, tokenizer, candidates, base, settings.continuations, settings.persona, ctx)
+    for st, at_state in zip(states, returns):
+        st.returns = at_state
 
     return summarize(states, settings, ctx)
 

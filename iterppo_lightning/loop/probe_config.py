@@ -1,4 +1,6 @@
-"""`CriticProbeConfig`: the settings of the critic probe (model.loop.critic_probe, `iterppo probe-critic`).
+"""`CriticProbeConfig`: the settings of the critic probe (model.loop.critic_probe, `iterppo probe-critic`), and
+`OracleCriticConfig`: those of the oracle critic (model.loop.oracle_critic), which computes Q the way the probe
+computes its ground truth.
 
 A module of its own, importing nothing heavy, so `iterppo probe-critic --help` starts without torch.
 """
@@ -42,3 +44,30 @@ class CriticProbeConfig:
             raise ValueError(f"model.loop.critic_probe.pair_threshold must be in [0, 1), got {self.pair_threshold}")
         if self.persona not in PROBE_PERSONAS:
             raise ValueError(f"model.loop.critic_probe.persona must be one of {PROBE_PERSONAS}, got {self.persona!r}")
+
+
+@dataclass
+class OracleCriticConfig:
+    """PPO against Q computed from simulator continuations instead of a learned critic (model.loop.oracle_critic;
+    docs/critic.md, "The oracle critic"): the ceiling a learned critic is measured against.
+
+    Each rollout reply's Q is the mean discounted return (data.gamma) of `continuations` simulated continuations
+    after it, from the logged state rebuilt from its episode seed, in which pi_k (frozen at the start of the
+    policy phase) plays the rest: the critic probe's ground truth (loop/critic_probe.py), for every reply PPO samples.
+    """
+
+    continuations: int = 16
+    """Simulated continuations per (state, reply) whose mean discounted return is the reply's Q."""
+    persona: str = "posterior"
+    """The customer the continuations play: "posterior" = drawn per continuation from the hidden customers
+    consistent with the state (Q of the observable state, what a critic can know), "logged" = the logged
+    customer's own persona (more than any critic can know)."""
+    seed: int = 0
+    """Seed of the continuations (with the run's seed, the iteration and the rollout): the same seed gives the
+    same Q."""
+
+    def __post_init__(self) -> None:
+        if self.continuations < 1:
+            raise ValueError(f"model.loop.oracle_critic.continuations must be >= 1, got {self.continuations}")
+        if self.persona not in PROBE_PERSONAS:
+            raise ValueError(f"model.loop.oracle_critic.persona must be one of {PROBE_PERSONAS}, got {self.persona!r}")

@@ -60,6 +60,9 @@ class PhaseContext(Protocol):
     def warn(self, message: str) -> None:
         """Print a warning and record it in the iteration's metrics."""
 
+    def policy_critic(self, k: int) -> Any:
+        """What scores PPO's replies in iteration k: Q_k, or the oracle critic of pi_k (model.loop.oracle_critic)."""
+
 
 # -- where the conversations come from ------------------------------------------------------------
 
@@ -129,22 +132,38 @@ class OfflineSource(SimulatorSource):
         return 0
 
 
+def _no_simulated_truth(system, datamodule) -> str | None:
+    """Why a run has no simulator to replay its logged states in (what its critic's ground truth needs), or None."""
+    if datamodule.logs:
+        return f"data.logs ({datamodule.logs}): logged customers cannot be replayed"
+    if system.llm_customer is not None:
+        return "an LLM customer (model.llm_customer): it cannot be replayed from a seed"
+    if system.algorithm == "filtered_bc":
+        return "model.algorithm filtered_bc, which fits no critic"
+    return None
+
+
 def check_variant_settings(system, datamodule) -> None:
     """Refuse combinations the baselines do not define, before any run_dir exists."""
-    if system.loop.critic_probe is not None:
-        no_truth = (
-            f"data.logs ({datamodule.logs}): logged customers cannot be replayed"
-            if datamodule.logs
-            else "an LLM customer (model.llm_customer): it cannot be replayed from a seed"
-            if system.llm_customer is not None
-            else "model.algorithm filtered_bc, which fits no critic"
-            if system.algorithm == "filtered_bc"
-            else None
-        )
+    uses = (
+        ("critic_probe", "measures Q_k against the embedded simulator's ground truth"),
+        ("oracle_critic", "computes Q from the embedded simulator's continuations"),
+    )
+    for key, what in uses:
+        if getattr(system.loop, key, None) is None:
+            continue
+        no_truth = _no_simulated_truth(system, datamodule)
         if no_truth is not None:
             raise ValueError(
-                "model.loop.critic_probe measures Q_k against the embedded simulator's ground truth, which a run on "
-                f"{no_truth}. Remove model.loop.critic_probe (set it to null)"
+                f"model.loop.{key} {what}, which a run on {no_truth}. Remove model.loop.{key} (set it to null)"
+            )
+    if getattr(system.loop, "oracle_critic", None) is not None:
+        critic = system.critic
+        if critic.target != "mc" or critic.ensemble_size > 1:
+            raise ValueError(
+                "model.loop.oracle_critic replaces the critic: no critic is fitted, so model.critic.target "
+                f"{critic.target!r} and model.critic.ensemble_size {critic.ensemble_size} would be ignored. Leave "
+                "them at their defaults (mc, 1), or remove model.loop.oracle_critic"
             )
     if system.loop.offline and datamodule.logs:
         raise ValueError(
@@ -279,7 +298,7 @@ class PPOImprovement(PolicyImprovement):
 
     def fit(self, loop: PhaseContext, k: int) -> dict:
         policy, dm = loop.system.policy, loop.datamodule
-        policy.attach_critic(loop.system.critic)
+        policy.attach_critic(loop.policy_critic(k))
         with dm.for_phase("policy"):
             loop.fit_phase("policy", policy, k, max_epochs=1, logs="policy_logs")
         return dict(policy.fit_stats)

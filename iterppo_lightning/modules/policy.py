@@ -309,6 +309,25 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         critic.requires_grad_(False).eval()
         self.critic = critic
 
+    def _critic_score(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        rows: torch.Tensor,
+        states: list[tuple[str, int]] | None,
+        rollout_index: int,
+    ) -> torch.Tensor:
+        """Q of the [state; reply] rows `rows` of the rollout. A critic with `needs_states` (the oracle critic,
+        loop/oracle_critic.py) also gets each row's logged state and the rollout's index."""
+        if not getattr(self.critic, "needs_states", False):
+            return self.critic.score(ids, mask)
+        if states is None:
+            raise RuntimeError(
+                f"{type(self.critic).__name__} scores a reply from its logged state, but the policy batch carries no "
+                "state_keys (TrajectoryDataModule's policy batches do)"
+            )
+        return self.critic.score(ids, mask, [states[r] for r in rows.tolist()], rollout_index)
+
     def save(self, path: str | Path, card: dict | None = None, merge: bool | None = None) -> Path:
         """Write the policy folder (models.policy_folder): model, tokenizer, value head and the lineage `card`.
 
@@ -502,12 +521,22 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         )
 
     @torch.no_grad()
-    def make_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
-        """Sample replies to the left-padded prompts [B, P] and score them (no gradient)."""
+    def make_rollout(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        states: list[tuple[str, int]] | None = None,
+        rollout_index: int = 0,
+    ) -> Rollout:
+        """Sample replies to the left-padded prompts [B, P] and score them (no gradient).
+
+        `states` (the batch's "state_keys": each prompt's logged (conversation id, turn)) and `rollout_index`
+        (the rollout's number in this fit) are read only by a critic that needs them (`_critic_score`)."""
         tok = self.tokenizer
         if self.group_size > 1:  # group_size replies per state, the replies to one state on adjacent rows
             prompt_ids = prompt_ids.repeat_interleave(self.group_size, dim=0)
             prompt_mask = prompt_mask.repeat_interleave(self.group_size, dim=0)
+            states = None if states is None else [s for s in states for _ in range(self.group_size)]
         seeds = None
         if self.seed_per_reply:
             # One draw from the global stream (identical on every rank), then one seed per global row.
@@ -564,7 +593,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             for g in groups:
                 # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
                 ids, mask = self._trimmed(full_ids, full_mask, prompt_len, g)
-                score_parts.append(self.critic.score(ids, mask))
+                score_parts.append(self._critic_score(ids, mask, g.rows, states, rollout_index))
             score = self._in_order(score_parts, groups)
         ended = (response == tok.eos_token_id).any(dim=1)
         raw_score = score.clone()
@@ -680,7 +709,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         return stats
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        rollout = self.make_rollout(batch["input_ids"], batch["attention_mask"])
+        rollout = self.make_rollout(batch["input_ids"], batch["attention_mask"], batch.get("state_keys"), batch_idx)
         stats = self.ppo_update(rollout)
         self._rollouts += 1
         if dist_utils.is_distributed():  # rollout statistics over every rank's rows: the KL controller and

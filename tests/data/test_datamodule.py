@@ -241,10 +241,13 @@ def _draw(dm, seed: int) -> list[dict]:
     return list(dm.train_dataloader()) + list(dm.val_dataloader() or [])
 
 
+def _same(x, y) -> bool:
+    """Batch values: tensors, or plain lists (the policy batches' state_keys)."""
+    return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
 def _same_batches(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
-    )
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize(

@@ -31,9 +31,9 @@ def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def test_there_are_ten_experiments_and_a_base():
+def test_there_are_eleven_experiments_and_a_base():
     assert BASE.is_file()
-    assert len(OVERLAYS) == 10 and "iterative_ppo.yaml" in {p.name for p in OVERLAYS}
+    assert len(OVERLAYS) == 11 and {"iterative_ppo.yaml", "oracle_critic.yaml"} <= {p.name for p in OVERLAYS}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
@@ -61,7 +61,7 @@ def test_the_sweep_applies_the_base_first_and_never_runs_it(tmp_path):
     experiments = _experiments([str(p) for p in sorted(FOLDER.glob("*.yaml"))], quick=False, share_pi0=True)
     assert [e.name for e in experiments] == [p.stem for p in OVERLAYS]
     assert all(e.base == BASE and e.configs == [BASE, e.path] for e in experiments)
-    assert len({e.pi0_key for e in experiments}) == 1, "one shared pi_0 recipe for all ten"
+    assert len({e.pi0_key for e in experiments}) == 1, "one shared pi_0 recipe for all of them"
     pi0, runs = plan(experiments[:1], [0], tmp_path / "out")
     config_args = ["--config", str(BASE), "--config", str(experiments[0].path)]
     assert runs[0].args[1:5] == config_args and pi0[0].args[1:5] == config_args

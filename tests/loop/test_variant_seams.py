@@ -133,7 +133,7 @@ def test_the_controller_provides_everything_a_seam_may_use(tmp_path):
     }
     assert names == {
         "system", "datamodule", "folder", "view", "trainer_factory",
-        "seed_step", "fit_phase", "load_training_data", "warn",
+        "seed_step", "fit_phase", "load_training_data", "warn", "policy_critic",
     }  # fmt: skip
     missing = sorted(name for name in names if not hasattr(loop, name))
     assert not missing, f"OuterLoop lacks {missing} of PhaseContext"
