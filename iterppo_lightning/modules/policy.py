@@ -354,6 +354,12 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 "policy.lora with ZeRO-3 in the policy phase is not supported (the reference pi_k swaps the adapter's "
                 "weights, which ZeRO-3 partitions); use ZeRO-2 for policy_strategy, or train the policy without LoRA"
             )
+        if getattr(self.critic, "needs_states", False) and zero_stage(self._trainer) == 3:
+            raise ValueError(
+                "model.loop.oracle_critic with ZeRO-3 in the policy phase is not supported (the oracle's copy of pi_k "
+                "would be partitioned, and ranks simulate different numbers of steps); use ZeRO-2 or DDP for "
+                "policy_strategy, or the learned critic"
+            )
         # Theorem 2's KL anchor is the CURRENT policy: reset the reference to pi_k
         # (unless kl_anchor pi_0 pinned it to pi_0).
         if self._reference_pinned:
