@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
@@ -54,6 +54,10 @@ class TurnExample:
     turn_index: int = 0
     weight: float = 1.0
     """Sample weight (data.pool_weights: older buffers may count less)."""
+    next_ids: list[int] = field(default_factory=list)
+    """What follows the reply in the conversation up to the customer's next message included (the next state's
+    tokens after [state | reply], at most `max_action_tokens` of them): the critic's auxiliary next-message
+    targets (model.critic.aux_next_message_coef). Empty when no customer message follows."""
 
 
 class _ListDataset(Dataset):
@@ -89,6 +93,25 @@ def bootstrap_count(conversation_id: str, member: int, seed: int) -> int:
         term /= count
         cdf += term
     return count
+
+
+def _with_next_messages(sequence: SequenceExample) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """A critic row with each turn's next customer message: (token ids, [(position predicting the token, token,
+    turn offset in the row)]). A turn's next message is where the row already holds it (a conversation row's
+    next state), or appended after the row's last reply; any other turn (its message would go in the middle of
+    the row, which never happens for the rows data/batching.py makes) gets none."""
+    ids = list(sequence.input_ids)
+    out = []
+    for t, (turn, end) in enumerate(zip(sequence.turns, sequence.reply_ends)):
+        following = turn.next_ids
+        if not following:
+            continue
+        if ids[end : end + len(following)] != following:
+            if end != len(ids):
+                continue
+            ids.extend(following)
+        out.extend((end - 1 + j, token, t) for j, token in enumerate(following))
+    return ids, out
 
 
 class TrajectoryDataModule(L.LightningDataModule):
@@ -168,6 +191,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Behaviour-clone only these (conversation_id, turn index) pairs (None = every turn); see for_phase."""
         self.bootstrap_members = 1
         """Critic ensemble size: with > 1, critic batches carry each member's bootstrap counts."""
+        self.next_messages = False
+        """Critic batches carry each turn's next customer message (`aux_*` tensors, see _collate_sequences)."""
         self.conversations: list[Conversation] = []
         self.train_examples: list[TurnExample] = []
         self.val_examples: list[TurnExample] = []
@@ -196,6 +221,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         batch_size: int | None = None,
         sft_turns: set[tuple[str, int]] | None = None,
         bootstrap_members: int = 1,
+        next_messages: bool = False,
     ) -> Iterator[TrajectoryDataModule]:
         """The fits inside the block train `phase` with these settings; the previous ones come back after it,
         whatever happens inside.
@@ -207,18 +233,21 @@ class TrajectoryDataModule(L.LightningDataModule):
             sft_turns: behaviour-clone only these (conversation_id, turn index) pairs (None = every turn).
             bootstrap_members: critic ensemble size: with > 1, critic batches carry each member's
                 Poisson bootstrap counts.
+            next_messages: critic batches carry each turn's next customer message as auxiliary
+                next-token targets (model.critic.aux_next_message_coef).
         """
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         size_attribute = _BATCH_SIZE_ATTRIBUTE[phase]
-        saved = (self.phase, getattr(self, size_attribute), self.sft_turns, self.bootstrap_members)
+        saved = (self.phase, getattr(self, size_attribute), self.sft_turns, self.bootstrap_members, self.next_messages)
         self.phase, self.sft_turns, self.bootstrap_members = phase, sft_turns, bootstrap_members
+        self.next_messages = next_messages
         if batch_size is not None:
             setattr(self, size_attribute, batch_size)
         try:
             yield self
         finally:
-            self.phase, own_batch_size, self.sft_turns, self.bootstrap_members = saved
+            self.phase, own_batch_size, self.sft_turns, self.bootstrap_members, self.next_messages = saved
             setattr(self, size_attribute, own_batch_size)
 
     def set_conversations(self, conversations: list[Conversation], weights: list[float] | None = None) -> None:
@@ -277,6 +306,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Every agent turn's `TurnExample`, and the sequences critic and SFT batches are made of (data/batching.py):
         one per conversation whose untruncated turns are token prefixes of its last one, else one per turn."""
         states, actions, meta, spans = [], [], [], []
+        next_messages: list[str | None] = []  # per agent turn: the customer's next message, if one follows
+        closing_states, closing_of = [], {}
         for n, conv in enumerate(conversations):
             returns = conv.returns(self.gamma)
             weight = 1.0 if weights is None else weights[n]
@@ -285,15 +316,27 @@ class TrajectoryDataModule(L.LightningDataModule):
                 states.append(render_state(conv, i, self.tokenizer))
                 actions.append(render_suggestion(conv.turns[i].suggestion, self.tokenizer))
                 meta.append((g, int(conv.success), conv.conversation_id, i, weight))
+                following = conv.turns[i + 1] if i + 1 < len(conv.turns) else None
+                next_messages.append(None if following is None else following.customer)
+                if following is not None and following.terminal:  # the closing message: a state no turn renders
+                    closing_of[len(states) - 1] = len(closing_states)
+                    closing_states.append(render_state(conv, i + 1, self.tokenizer))
             spans.append((first, len(states)))
         if not states:
             return [], []
         prompt_ids = self._encode(states)
         action_ids = self._encode(actions)
+        closing_ids = self._encode(closing_states) if closing_states else []
         examples = [
             TurnExample(p[-self.max_prompt_tokens :], a[: self.max_action_tokens], g, s, cid, i, w)
             for p, a, (g, s, cid, i, w) in zip(prompt_ids, action_ids, meta)
         ]
+        for first, stop in spans:
+            for j in range(first, stop):
+                if next_messages[j] is None:
+                    continue  # the log stops after this reply: no customer message follows it
+                following = closing_ids[closing_of[j]] if j in closing_of else prompt_ids[j + 1]
+                examples[j].next_ids = self._next_message_ids(prompt_ids[j], action_ids[j], following, next_messages[j])
         sequences: list[SequenceExample] = []
         for first, stop in spans:
             prompts, replies, turns = prompt_ids[first:stop], action_ids[first:stop], examples[first:stop]
@@ -306,17 +349,48 @@ class TrajectoryDataModule(L.LightningDataModule):
             sequences.extend([whole] if whole is not None else [SequenceExample.single_turn(e) for e in turns])
         return examples, sequences
 
+    def _next_message_ids(self, prompt: list[int], reply: list[int], following: list[int], message: str) -> list[int]:
+        """The auxiliary targets of one turn: the next state's tokens after [state | reply] (what a conversation row
+        holds there: an edit or rejection, then the customer's next message and its markers) when [state | reply]
+        is a token prefix of the next state, else the customer's message alone; at most max_action_tokens tokens.
+        Empty for a truncated reply (what follows a cut reply is not what followed it)."""
+        if len(reply) > self.max_action_tokens:
+            return []
+        whole = prompt + reply
+        if following[: len(whole)] == whole:
+            tail = following[len(whole) :]
+        else:
+            tail = self._encode([message])[0]
+        return tail[: self.max_action_tokens]
+
     # -- collation ----------------------------------------------------------
     def _collate_sequences(self, batch: list[SequenceExample]) -> dict[str, torch.Tensor]:
         """Sequences right-padded, for the critic and for SFT. Per-row tensors: `input_ids`, `attention_mask`,
         `labels` (the turns' reply tokens, -100 elsewhere: behaviour cloning learns the replies only). Per-turn
         tensors, one entry per turn of the batch in row order: `read_rows` and `read_positions` (where Q_k of
-        the turn is read: its reply's last token), `target`, `success`, and `weight` / `bootstrap` when used."""
+        the turn is read: its reply's last token), `target`, `success`, and `weight` / `bootstrap` when used.
+        With `next_messages` (critic phase), each turn's next customer message (TurnExample.next_ids) is in its
+        row (conversation rows hold it already; the last turn's is appended), and per-token tensors say where:
+        `aux_rows`, `aux_positions` (the position whose hidden state predicts the token: the one before it),
+        `aux_targets` (the token) and `aux_turns` (its turn's index among the batch's turns). Appended tokens
+        come after every read position, so causal attention leaves Q unchanged."""
         pad = self.tokenizer.pad_token_id
-        ids, mask = pad_right([s.input_ids for s in batch], pad)
+        aux = self.phase == "critic" and self.next_messages
+        rows_ids, aux_parts = [], []
+        for sequence in batch:
+            row_ids, row_aux = _with_next_messages(sequence) if aux else (sequence.input_ids, [])
+            rows_ids.append(row_ids)
+            aux_parts.append(row_aux)
+        ids, mask = pad_right(rows_ids, pad)
         labels = torch.full_like(ids, -100)
         rows, positions, turns = [], [], []
+        aux_rows, aux_positions, aux_targets, aux_turns = [], [], [], []
         for row, sequence in enumerate(batch):
+            for position, target, t in aux_parts[row]:
+                aux_rows.append(row)
+                aux_positions.append(position)
+                aux_targets.append(target)
+                aux_turns.append(len(turns) + t)
             for turn, start, end in zip(sequence.turns, sequence.reply_starts, sequence.reply_ends):
                 labels[row, start:end] = ids[row, start:end]
                 rows.append(row)
@@ -341,6 +415,11 @@ class TrajectoryDataModule(L.LightningDataModule):
                 ],
                 dtype=torch.float32,
             )
+        if aux:
+            out["aux_rows"] = torch.tensor(aux_rows, dtype=torch.long)
+            out["aux_positions"] = torch.tensor(aux_positions, dtype=torch.long)
+            out["aux_targets"] = torch.tensor(aux_targets, dtype=torch.long)
+            out["aux_turns"] = torch.tensor(aux_turns, dtype=torch.long)
         return out
 
     def _collate_pairs(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:

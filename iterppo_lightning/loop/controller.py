@@ -306,8 +306,9 @@ class OuterLoop:
         critic, dm = self.system.critic, self.datamodule
         paths = self.load_training_data(k)
         rule = choose_critic_targets(critic.target)
-        # An ensemble trains each member on its own bootstrap resample of the conversations.
-        with dm.for_phase("critic", bootstrap_members=critic.ensemble_size):
+        # An ensemble trains each member on its own bootstrap resample of the conversations; the auxiliary loss
+        # (critic.aux_next_message_coef) needs each turn's next customer message in the batches.
+        with dm.for_phase("critic", bootstrap_members=critic.ensemble_size, next_messages=critic.uses_aux):
             if not critic.is_built or not critic.warm_start:
                 critic.build(self.base_model_dir)
             first = rule.first(self)
