@@ -130,6 +130,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         logs: str | None = None,
         pool_weights: list[float] | None = None,
         conversation_rows: bool = False,
+        imagined_weight: float = 0.0,
+        imagined_buffer: str | None = None,
     ):
         """
         Args:
@@ -160,12 +162,22 @@ class TrajectoryDataModule(L.LightningDataModule):
                 conversations (about critic_batch_size / turns per conversation), so its gradient is
                 noisier: at quickstart size the critic's validation AUROC and loss after critic_epochs
                 were worse, which is why it is off by default (see docs/data.md).
+            imagined_weight: > 0 = pool pi_0's bootstrap (imagined) conversations into the critic's
+                training rows, each turn at this weight (D_k's turns weigh 1). They train the critic
+                only: never its validation split, PPO's prompts or the critic probe's states. Their
+                targets are the behaviour agent's Monte Carlo returns (off-policy for pi_k, hence the
+                down-weighting; critic.target "mc" only). 0 = off (docs/critic.md).
+            imagined_buffer: where those conversations are; None = the bootstrap's own: RUN/pi_0/buffer
+                when the run bootstrapped pi_0, else the `buffer` folder next to model.policy_init (what
+                `iterppo bootstrap OUTPUT` writes: OUTPUT/policy and OUTPUT/buffer).
         """
         super().__init__()
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"data.gamma must be in (0, 1], got {gamma}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if imagined_weight < 0:
+            raise ValueError(f"data.imagined_weight must be >= 0, got {imagined_weight}")
         pool_weights = [1.0] if pool_weights is None else [float(w) for w in pool_weights]
         if not pool_weights or pool_weights[0] <= 0 or any(w < 0 for w in pool_weights):
             raise ValueError(
@@ -175,6 +187,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.logs = logs
         self.pool_weights = pool_weights
         self.conversation_rows = conversation_rows
+        self.imagined_weight = float(imagined_weight)
+        self.imagined_buffer = imagined_buffer
         self.gamma = gamma
         self.val_fraction = val_fraction
         self.critic_batch_size = critic_batch_size
@@ -199,7 +213,10 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.train_sequences: list[SequenceExample] = []
         """The rows of critic / SFT batches: a conversation's turns in one sequence, or one turn each (fallback)."""
         self.val_sequences: list[SequenceExample] = []
+        self.critic_only_sequences: list[SequenceExample] = []
+        """Extra critic training rows (data.imagined_weight), in no other phase's data."""
         self._weighted = False
+        self._critic_mean_weight = 1.0
 
     # -- wiring -----------------------------------------------------------
     def connect(self, tokenizer) -> None:
@@ -269,6 +286,18 @@ class TrajectoryDataModule(L.LightningDataModule):
         # Batches carry weight / (mean weight of the data), so the loss is a weighted mean over
         # the whole data set: a batch of old examples counts less, not the same as any batch.
         self._mean_weight = sum(e.weight for e in examples) / len(examples)
+        self.critic_only_sequences = []
+
+    def add_critic_only(self, conversations: list[Conversation], weight: float) -> None:
+        """Add these conversations to the critic's training rows only, every turn at `weight` (data.imagined_weight);
+        set_conversations drops them again. Their turns never enter the validation split, `train_examples`
+        (targets, filters, PPO's prompts) or `conversations` (the probe's states)."""
+        if self.tokenizer is None:
+            raise RuntimeError("call connect(tokenizer) before add_critic_only")
+        examples, sequences = self._build_examples(list(conversations), [float(weight)] * len(conversations))
+        self.critic_only_sequences = sequences
+        own = self.all_examples
+        self._critic_mean_weight = (sum(e.weight for e in own) + weight * len(examples)) / (len(own) + len(examples))
 
     def load_buffers(self, paths: list[str], weights: list[float] | None = None) -> None:
         """Train on these buffers; `weights[i]` weighs every conversation of `paths[i]`."""
@@ -405,7 +434,10 @@ class TrajectoryDataModule(L.LightningDataModule):
             "target": torch.tensor([e.target for e in turns], dtype=torch.float32),
             "success": torch.tensor([e.success for e in turns], dtype=torch.long),
         }
-        if self._weighted:  # unweighted batches keep the plain mean (bit-identical to before pooling existed)
+        if self.phase == "critic" and self.critic_only_sequences:
+            mean = self._critic_mean_weight
+            out["weight"] = torch.tensor([e.weight / mean for e in turns], dtype=torch.float32)
+        elif self._weighted:  # unweighted batches keep the plain mean (bit-identical to before pooling existed)
             out["weight"] = torch.tensor([e.weight / self._mean_weight for e in turns], dtype=torch.float32)
         if self.phase == "critic" and self.bootstrap_members > 1:
             out["bootstrap"] = torch.tensor(
@@ -470,7 +502,8 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.phase == "critic":
-            return self._sequence_loader(self.train_sequences, self.critic_batch_size, shuffle=True)
+            sequences = self.train_sequences + self.critic_only_sequences
+            return self._sequence_loader(sequences, self.critic_batch_size, shuffle=True)
         if self.phase == "sft":
             sequences = self._phase_sequences(self.train_sequences)
             if not sequences:

@@ -510,3 +510,37 @@ def test_critic_batches_carry_each_turns_next_message_after_its_reply(tokenizer,
                 assert int(b["aux_rows"][mine][0]) == int(b["read_rows"][t])
             covered += bool(turn.next_ids)
     assert covered > 0
+
+
+def test_imagined_conversations_join_the_critics_training_rows_only(tokenizer, conversations):
+    own, imagined = conversations[:20], copy.deepcopy(conversations[20:30])
+    for c in imagined:
+        c.conversation_id = f"imagined-{c.conversation_id}"
+    dm = _dm(tokenizer, own, critic_batch_size=8, imagined_weight=0.25)
+    before = (list(dm.train_examples), list(dm.val_examples), list(dm.conversations))
+    dm.add_critic_only(imagined, 0.25)
+    assert (dm.train_examples, dm.val_examples, dm.conversations) == before  # targets, PPO, the probe: unchanged
+    n_imagined = sum(len(c.agent_turns) for c in imagined)
+    with dm.for_phase("critic"):
+        batches = _epoch(dm.train_dataloader())
+        val = _epoch(dm.val_dataloader())
+    turns = [t for _, _, ts in batches for t in ts]
+    assert len(turns) == len(dm.train_examples) + n_imagined
+    assert all(not t.conversation_id.startswith("imagined") for _, _, ts in val for t in ts)
+    # Each turn's weight over the data's mean weight: an imagined turn counts a quarter of an own one.
+    weights = {}
+    for batch, _, ts in batches:
+        for t, w in zip(ts, batch["weight"].tolist()):
+            weights[t.conversation_id.startswith("imagined")] = w
+    assert weights[True] == pytest.approx(0.25 * weights[False])
+    total = len(dm.all_examples) + n_imagined
+    assert weights[False] == pytest.approx(total / (len(dm.all_examples) + 0.25 * n_imagined))
+    with dm.for_phase("policy"):
+        assert "weight" not in next(iter(dm.train_dataloader()))  # PPO's prompts as before
+    dm.set_conversations(own)
+    assert dm.critic_only_sequences == []  # a new iteration's data starts without them
+
+
+def test_bad_imagined_weight_names_the_setting():
+    with pytest.raises(ValueError, match="data.imagined_weight"):
+        TrajectoryDataModule(imagined_weight=-0.5)
