@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
@@ -54,6 +54,10 @@ class TurnExample:
     turn_index: int = 0
     weight: float = 1.0
     """Sample weight (data.pool_weights: older buffers may count less)."""
+    next_ids: list[int] = field(default_factory=list)
+    """What follows the reply in the conversation up to the customer's next message included (the next state's
+    tokens after [state | reply], at most `max_action_tokens` of them): the critic's auxiliary next-message
+    targets (model.critic.aux_next_message_coef). Empty when no customer message follows."""
 
 
 class _ListDataset(Dataset):
@@ -91,6 +95,25 @@ def bootstrap_count(conversation_id: str, member: int, seed: int) -> int:
     return count
 
 
+def _with_next_messages(sequence: SequenceExample) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """A critic row with each turn's next customer message: (token ids, [(position predicting the token, token,
+    turn offset in the row)]). A turn's next message is where the row already holds it (a conversation row's
+    next state), or appended after the row's last reply; any other turn (its message would go in the middle of
+    the row, which never happens for the rows data/batching.py makes) gets none."""
+    ids = list(sequence.input_ids)
+    out = []
+    for t, (turn, end) in enumerate(zip(sequence.turns, sequence.reply_ends)):
+        following = turn.next_ids
+        if not following:
+            continue
+        if ids[end : end + len(following)] != following:
+            if end != len(ids):
+                continue
+            ids.extend(following)
+        out.extend((end - 1 + j, token, t) for j, token in enumerate(following))
+    return ids, out
+
+
 class TrajectoryDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -107,6 +130,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         logs: str | None = None,
         pool_weights: list[float] | None = None,
         conversation_rows: bool = False,
+        imagined_weight: float = 0.0,
+        imagined_buffer: str | None = None,
     ):
         """
         Args:
@@ -137,12 +162,22 @@ class TrajectoryDataModule(L.LightningDataModule):
                 conversations (about critic_batch_size / turns per conversation), so its gradient is
                 noisier: at quickstart size the critic's validation AUROC and loss after critic_epochs
                 were worse, which is why it is off by default (see docs/data.md).
+            imagined_weight: > 0 = pool pi_0's bootstrap (imagined) conversations into the critic's
+                training rows, each turn at this weight (D_k's turns weigh 1). They train the critic
+                only: never its validation split, PPO's prompts or the critic probe's states. Their
+                targets are the behaviour agent's Monte Carlo returns (off-policy for pi_k, hence the
+                down-weighting; critic.target "mc" only). 0 = off (docs/critic.md).
+            imagined_buffer: where those conversations are; None = the bootstrap's own: RUN/pi_0/buffer
+                when the run bootstrapped pi_0, else the `buffer` folder next to model.policy_init (what
+                `iterppo bootstrap OUTPUT` writes: OUTPUT/policy and OUTPUT/buffer).
         """
         super().__init__()
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"data.gamma must be in (0, 1], got {gamma}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if imagined_weight < 0:
+            raise ValueError(f"data.imagined_weight must be >= 0, got {imagined_weight}")
         pool_weights = [1.0] if pool_weights is None else [float(w) for w in pool_weights]
         if not pool_weights or pool_weights[0] <= 0 or any(w < 0 for w in pool_weights):
             raise ValueError(
@@ -152,6 +187,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.logs = logs
         self.pool_weights = pool_weights
         self.conversation_rows = conversation_rows
+        self.imagined_weight = float(imagined_weight)
+        self.imagined_buffer = imagined_buffer
         self.gamma = gamma
         self.val_fraction = val_fraction
         self.critic_batch_size = critic_batch_size
@@ -168,13 +205,18 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Behaviour-clone only these (conversation_id, turn index) pairs (None = every turn); see for_phase."""
         self.bootstrap_members = 1
         """Critic ensemble size: with > 1, critic batches carry each member's bootstrap counts."""
+        self.next_messages = False
+        """Critic batches carry each turn's next customer message (`aux_*` tensors, see _collate_sequences)."""
         self.conversations: list[Conversation] = []
         self.train_examples: list[TurnExample] = []
         self.val_examples: list[TurnExample] = []
         self.train_sequences: list[SequenceExample] = []
         """The rows of critic / SFT batches: a conversation's turns in one sequence, or one turn each (fallback)."""
         self.val_sequences: list[SequenceExample] = []
+        self.critic_only_sequences: list[SequenceExample] = []
+        """Extra critic training rows (data.imagined_weight), in no other phase's data."""
         self._weighted = False
+        self._critic_mean_weight = 1.0
 
     # -- wiring -----------------------------------------------------------
     def connect(self, tokenizer) -> None:
@@ -196,6 +238,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         batch_size: int | None = None,
         sft_turns: set[tuple[str, int]] | None = None,
         bootstrap_members: int = 1,
+        next_messages: bool = False,
     ) -> Iterator[TrajectoryDataModule]:
         """The fits inside the block train `phase` with these settings; the previous ones come back after it,
         whatever happens inside.
@@ -207,18 +250,21 @@ class TrajectoryDataModule(L.LightningDataModule):
             sft_turns: behaviour-clone only these (conversation_id, turn index) pairs (None = every turn).
             bootstrap_members: critic ensemble size: with > 1, critic batches carry each member's
                 Poisson bootstrap counts.
+            next_messages: critic batches carry each turn's next customer message as auxiliary
+                next-token targets (model.critic.aux_next_message_coef).
         """
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         size_attribute = _BATCH_SIZE_ATTRIBUTE[phase]
-        saved = (self.phase, getattr(self, size_attribute), self.sft_turns, self.bootstrap_members)
+        saved = (self.phase, getattr(self, size_attribute), self.sft_turns, self.bootstrap_members, self.next_messages)
         self.phase, self.sft_turns, self.bootstrap_members = phase, sft_turns, bootstrap_members
+        self.next_messages = next_messages
         if batch_size is not None:
             setattr(self, size_attribute, batch_size)
         try:
             yield self
         finally:
-            self.phase, own_batch_size, self.sft_turns, self.bootstrap_members = saved
+            self.phase, own_batch_size, self.sft_turns, self.bootstrap_members, self.next_messages = saved
             setattr(self, size_attribute, own_batch_size)
 
     def set_conversations(self, conversations: list[Conversation], weights: list[float] | None = None) -> None:
@@ -240,6 +286,18 @@ class TrajectoryDataModule(L.LightningDataModule):
         # Batches carry weight / (mean weight of the data), so the loss is a weighted mean over
         # the whole data set: a batch of old examples counts less, not the same as any batch.
         self._mean_weight = sum(e.weight for e in examples) / len(examples)
+        self.critic_only_sequences = []
+
+    def add_critic_only(self, conversations: list[Conversation], weight: float) -> None:
+        """Add these conversations to the critic's training rows only, every turn at `weight` (data.imagined_weight);
+        set_conversations drops them again. Their turns never enter the validation split, `train_examples`
+        (targets, filters, PPO's prompts) or `conversations` (the probe's states)."""
+        if self.tokenizer is None:
+            raise RuntimeError("call connect(tokenizer) before add_critic_only")
+        examples, sequences = self._build_examples(list(conversations), [float(weight)] * len(conversations))
+        self.critic_only_sequences = sequences
+        own = self.all_examples
+        self._critic_mean_weight = (sum(e.weight for e in own) + weight * len(examples)) / (len(own) + len(examples))
 
     def load_buffers(self, paths: list[str], weights: list[float] | None = None) -> None:
         """Train on these buffers; `weights[i]` weighs every conversation of `paths[i]`."""
@@ -277,6 +335,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Every agent turn's `TurnExample`, and the sequences critic and SFT batches are made of (data/batching.py):
         one per conversation whose untruncated turns are token prefixes of its last one, else one per turn."""
         states, actions, meta, spans = [], [], [], []
+        next_messages: list[str | None] = []  # per agent turn: the customer's next message, if one follows
+        closing_states, closing_of = [], {}
         for n, conv in enumerate(conversations):
             returns = conv.returns(self.gamma)
             weight = 1.0 if weights is None else weights[n]
@@ -285,15 +345,27 @@ class TrajectoryDataModule(L.LightningDataModule):
                 states.append(render_state(conv, i, self.tokenizer))
                 actions.append(render_suggestion(conv.turns[i].suggestion, self.tokenizer))
                 meta.append((g, int(conv.success), conv.conversation_id, i, weight))
+                following = conv.turns[i + 1] if i + 1 < len(conv.turns) else None
+                next_messages.append(None if following is None else following.customer)
+                if following is not None and following.terminal:  # the closing message: a state no turn renders
+                    closing_of[len(states) - 1] = len(closing_states)
+                    closing_states.append(render_state(conv, i + 1, self.tokenizer))
             spans.append((first, len(states)))
         if not states:
             return [], []
         prompt_ids = self._encode(states)
         action_ids = self._encode(actions)
+        closing_ids = self._encode(closing_states) if closing_states else []
         examples = [
             TurnExample(p[-self.max_prompt_tokens :], a[: self.max_action_tokens], g, s, cid, i, w)
             for p, a, (g, s, cid, i, w) in zip(prompt_ids, action_ids, meta)
         ]
+        for first, stop in spans:
+            for j in range(first, stop):
+                if next_messages[j] is None:
+                    continue  # the log stops after this reply: no customer message follows it
+                following = closing_ids[closing_of[j]] if j in closing_of else prompt_ids[j + 1]
+                examples[j].next_ids = self._next_message_ids(prompt_ids[j], action_ids[j], following, next_messages[j])
         sequences: list[SequenceExample] = []
         for first, stop in spans:
             prompts, replies, turns = prompt_ids[first:stop], action_ids[first:stop], examples[first:stop]
@@ -306,17 +378,48 @@ class TrajectoryDataModule(L.LightningDataModule):
             sequences.extend([whole] if whole is not None else [SequenceExample.single_turn(e) for e in turns])
         return examples, sequences
 
+    def _next_message_ids(self, prompt: list[int], reply: list[int], following: list[int], message: str) -> list[int]:
+        """The auxiliary targets of one turn: the next state's tokens after [state | reply] (what a conversation row
+        holds there: an edit or rejection, then the customer's next message and its markers) when [state | reply]
+        is a token prefix of the next state, else the customer's message alone; at most max_action_tokens tokens.
+        Empty for a truncated reply (what follows a cut reply is not what followed it)."""
+        if len(reply) > self.max_action_tokens:
+            return []
+        whole = prompt + reply
+        if following[: len(whole)] == whole:
+            tail = following[len(whole) :]
+        else:
+            tail = self._encode([message])[0]
+        return tail[: self.max_action_tokens]
+
     # -- collation ----------------------------------------------------------
     def _collate_sequences(self, batch: list[SequenceExample]) -> dict[str, torch.Tensor]:
         """Sequences right-padded, for the critic and for SFT. Per-row tensors: `input_ids`, `attention_mask`,
         `labels` (the turns' reply tokens, -100 elsewhere: behaviour cloning learns the replies only). Per-turn
         tensors, one entry per turn of the batch in row order: `read_rows` and `read_positions` (where Q_k of
-        the turn is read: its reply's last token), `target`, `success`, and `weight` / `bootstrap` when used."""
+        the turn is read: its reply's last token), `target`, `success`, and `weight` / `bootstrap` when used.
+        With `next_messages` (critic phase), each turn's next customer message (TurnExample.next_ids) is in its
+        row (conversation rows hold it already; the last turn's is appended), and per-token tensors say where:
+        `aux_rows`, `aux_positions` (the position whose hidden state predicts the token: the one before it),
+        `aux_targets` (the token) and `aux_turns` (its turn's index among the batch's turns). Appended tokens
+        come after every read position, so causal attention leaves Q unchanged."""
         pad = self.tokenizer.pad_token_id
-        ids, mask = pad_right([s.input_ids for s in batch], pad)
+        aux = self.phase == "critic" and self.next_messages
+        rows_ids, aux_parts = [], []
+        for sequence in batch:
+            row_ids, row_aux = _with_next_messages(sequence) if aux else (sequence.input_ids, [])
+            rows_ids.append(row_ids)
+            aux_parts.append(row_aux)
+        ids, mask = pad_right(rows_ids, pad)
         labels = torch.full_like(ids, -100)
         rows, positions, turns = [], [], []
+        aux_rows, aux_positions, aux_targets, aux_turns = [], [], [], []
         for row, sequence in enumerate(batch):
+            for position, target, t in aux_parts[row]:
+                aux_rows.append(row)
+                aux_positions.append(position)
+                aux_targets.append(target)
+                aux_turns.append(len(turns) + t)
             for turn, start, end in zip(sequence.turns, sequence.reply_starts, sequence.reply_ends):
                 labels[row, start:end] = ids[row, start:end]
                 rows.append(row)
@@ -331,7 +434,10 @@ class TrajectoryDataModule(L.LightningDataModule):
             "target": torch.tensor([e.target for e in turns], dtype=torch.float32),
             "success": torch.tensor([e.success for e in turns], dtype=torch.long),
         }
-        if self._weighted:  # unweighted batches keep the plain mean (bit-identical to before pooling existed)
+        if self.phase == "critic" and self.critic_only_sequences:
+            mean = self._critic_mean_weight
+            out["weight"] = torch.tensor([e.weight / mean for e in turns], dtype=torch.float32)
+        elif self._weighted:  # unweighted batches keep the plain mean (bit-identical to before pooling existed)
             out["weight"] = torch.tensor([e.weight / self._mean_weight for e in turns], dtype=torch.float32)
         if self.phase == "critic" and self.bootstrap_members > 1:
             out["bootstrap"] = torch.tensor(
@@ -341,6 +447,11 @@ class TrajectoryDataModule(L.LightningDataModule):
                 ],
                 dtype=torch.float32,
             )
+        if aux:
+            out["aux_rows"] = torch.tensor(aux_rows, dtype=torch.long)
+            out["aux_positions"] = torch.tensor(aux_positions, dtype=torch.long)
+            out["aux_targets"] = torch.tensor(aux_targets, dtype=torch.long)
+            out["aux_turns"] = torch.tensor(aux_turns, dtype=torch.long)
         return out
 
     def _collate_pairs(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:
@@ -397,7 +508,8 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.phase == "critic":
-            return self._sequence_loader(self.train_sequences, self.critic_batch_size, shuffle=True)
+            sequences = self.train_sequences + self.critic_only_sequences
+            return self._sequence_loader(sequences, self.critic_batch_size, shuffle=True)
         if self.phase == "sft":
             sequences = self._phase_sequences(self.train_sequences)
             if not sequences:

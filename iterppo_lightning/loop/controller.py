@@ -33,7 +33,7 @@ import lightning as L
 from rich.console import Console
 
 from iterppo_lightning.callbacks import IterationCallback, callback_chain, callback_states, load_callback_states
-from iterppo_lightning.data.buffer import save_buffer
+from iterppo_lightning.data.buffer import load_buffer, save_buffer
 from iterppo_lightning.data.log_io import read_logs
 from iterppo_lightning.distributed import collectives as dist_utils
 from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
@@ -70,6 +70,22 @@ def check_trainer_saves_zero_state(trainer: L.Trainer, phase: str) -> None:
             f"the trainer factory made a {type(trainer).__name__}, which would silently drop it. Make phase "
             f"Trainers with IterPPOTrainer (or a subclass), or set model.{phase}.keep_optimizer_state false"
         )
+
+
+def imagined_buffer(configured: str | None, folder: RunFolder, policy_init: str | None) -> Path:
+    """data.imagined_weight's conversations: data.imagined_buffer, else the bootstrap's own buffer (RUN/pi_0/buffer,
+    or the `buffer` folder next to model.policy_init, as `iterppo bootstrap OUTPUT` writes it)."""
+    candidates = [Path(configured)] if configured else [folder.pi0_dir / "buffer"]
+    if not configured and policy_init:
+        candidates.append(Path(policy_init).parent / "buffer")
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise ValueError(
+        f"data.imagined_weight pools pi_0's bootstrap conversations, but there is no buffer at "
+        f"{' or '.join(str(p) for p in candidates)}: set data.imagined_buffer to one (e.g. `iterppo bootstrap`'s "
+        "OUTPUT/buffer), or data.imagined_weight 0"
+    )
 
 
 class NumericalFault(RuntimeError):
@@ -276,6 +292,10 @@ class OuterLoop:
         self.datamodule.connect(self.policy.tokenizer)
         paths, weights = self.source.training_buffers(self.folder, k, self.datamodule.pool_weights)
         self.datamodule.load_buffers(paths, None if weights == [1.0] else weights)
+        if self.datamodule.imagined_weight > 0:  # pi_0's bootstrap conversations, for the critic only
+            imagined = imagined_buffer(self.datamodule.imagined_buffer, self.folder, self.system.policy_init)
+            self.datamodule.add_critic_only(load_buffer(imagined), self.datamodule.imagined_weight)
+            paths = [*paths, str(imagined)]
         return paths
 
     # -- Q_k ----------------------------------------------------------------------------------
@@ -325,8 +345,9 @@ class OuterLoop:
         critic, dm = self.system.critic, self.datamodule
         paths = self.load_training_data(k)
         rule = choose_critic_targets(critic.target)
-        # An ensemble trains each member on its own bootstrap resample of the conversations.
-        with dm.for_phase("critic", bootstrap_members=critic.ensemble_size):
+        # An ensemble trains each member on its own bootstrap resample of the conversations; the auxiliary loss
+        # (critic.aux_next_message_coef) needs each turn's next customer message in the batches.
+        with dm.for_phase("critic", bootstrap_members=critic.ensemble_size, next_messages=critic.uses_aux):
             if not critic.is_built or not critic.warm_start:
                 critic.build(self.base_model_dir)
             first = rule.first(self)

@@ -170,6 +170,12 @@ def check_variant_settings(system, datamodule) -> None:
             "model.loop.offline collects its one batch from the simulator with pi_0; it cannot train on "
             f"data.logs ({datamodule.logs}). Logs already train one iteration per batch: drop one of the two settings"
         )
+    if getattr(datamodule, "imagined_weight", 0) > 0 and system.critic.target != "mc":
+        raise ValueError(
+            f"data.imagined_weight {datamodule.imagined_weight} pools the bootstrap's conversations with their Monte "
+            f"Carlo returns, which model.critic.target {system.critic.target!r} would not recompute: use target mc, or "
+            "data.imagined_weight 0"
+        )
     if system.loop.offline and any(w > 0 for w in datamodule.pool_weights[1:]):
         raise ValueError(
             f"data.pool_weights {datamodule.pool_weights} pools earlier buffers, but model.loop.offline has only "

@@ -6,6 +6,11 @@ token and a sigmoid output, so Q is a discounted success probability in
 A training batch row may hold a whole conversation (data/batching.py): Q of each
 turn is then read at that turn's reply's last token in the one causal pass, and
 the loss and metrics are over turns, as with one row per turn.
+
+Two fitting aids (docs/critic.md, "Fitting Q to rank replies"): an auxiliary next-token loss on the
+customer's next message given [state | reply] through the same backbone (`aux_next_message_coef`),
+and early stopping on the held-out critic loss that keeps the best epoch's weights
+(`early_stopping_patience`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError, Metric
 from torchmetrics.classification import BinaryAUROC
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share
 from iterppo_lightning.models.fused_ops import adamw, fuse_activations
@@ -60,6 +65,17 @@ class SoftCalibrationError(Metric):
         return gap.sum() / total
 
 
+def _ties_embeddings(config) -> bool:
+    """Whether a causal LM of this config reads its logits with its input embeddings (GPT-2 and most small LMs)."""
+    return bool(getattr(config, "tie_word_embeddings", True))
+
+
+def _zero_stage(trainer) -> int:
+    from iterppo_lightning.distributed.zero import zero_stage
+
+    return zero_stage(trainer)
+
+
 class CriticModule(OptimizerCarryMixin, L.LightningModule):
     def __init__(
         self,
@@ -76,6 +92,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         lora: LoraSettings | None = None,
         ensemble_size: int = 1,
         pessimism: float = 0.0,
+        aux_next_message_coef: float = 0.0,
+        early_stopping_patience: int = 0,
     ):
         """
         Args:
@@ -101,6 +119,18 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             ensemble_size: N independently initialised critics (backbone + head each), each
                 trained on its own Poisson bootstrap of the conversations (docs/variants.md).
             pessimism: c in PPO's reward mean - c * std over the members (needs ensemble_size >= 2).
+            aux_next_message_coef: weight of an auxiliary loss added to the critic's: next-token
+                cross-entropy of the customer's next message (what follows the reply in the
+                conversation, data TurnExample.next_ids) given [state | reply], through each
+                member's backbone and an LM head (the backbone's tied input embeddings, or pi_0's
+                own lm_head). Q is still read at the reply's last token, so the appended tokens
+                cannot change it (causal attention). Turns no customer message follows have none.
+                Reported as critic/val_aux_loss. 0 = off.
+            early_stopping_patience: N > 0 = after each epoch compare the held-out critic loss
+                (critic/val_loss) with the best so far; stop after N epochs without a lower one
+                and restore the best epoch's weights (its validation metrics are the ones
+                reported, with critic/val_best_epoch). 0 = off: train every critic_epochs epoch.
+                Without a validation split (data.val_fraction 0) it does nothing.
         """
         super().__init__()
         if loss not in ("bce", "mse"):
@@ -115,6 +145,10 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             raise ValueError(f"model.critic.ensemble_size must be >= 1, got {ensemble_size}")
         if pessimism < 0:
             raise ValueError(f"model.critic.pessimism must be >= 0, got {pessimism}")
+        if aux_next_message_coef < 0:
+            raise ValueError(f"model.critic.aux_next_message_coef must be >= 0, got {aux_next_message_coef}")
+        if early_stopping_patience < 0:
+            raise ValueError(f"model.critic.early_stopping_patience must be >= 0, got {early_stopping_patience}")
         if pessimism > 0 and ensemble_size < 2:
             raise ValueError(
                 f"model.critic.pessimism {pessimism} needs model.critic.ensemble_size >= 2 (one critic has no spread "
@@ -133,15 +167,29 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.lora = lora
         self.ensemble_size = ensemble_size
         self.pessimism = pessimism
+        self.aux_next_message_coef = aux_next_message_coef
+        self.early_stopping_patience = early_stopping_patience
         self._trainable: set[str] = set()
         self.backbone: nn.Module | None = None
         self.head: nn.Linear | None = None
+        self.lm_head: nn.Linear | None = None
+        """The auxiliary loss's LM head of member 1 when the backbone's embeddings are not tied (else None: the
+        tied input embeddings serve)."""
         self.extra_members = nn.ModuleList()
-        """Members 2..N of an ensemble, each a ModuleDict(backbone, head); member 1 is backbone/head."""
+        """Members 2..N of an ensemble, each a ModuleDict(backbone, head[, lm_head]); member 1 is backbone/head."""
+        self._best: dict | None = None
+        """Early stopping: the best epoch so far (its val loss, epoch, trainable weights, validation metrics)."""
+        self._stale_epochs = 0
+        self.val_aux_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_brier = MeanSquaredError()
         self.val_auroc = BinaryAUROC()
         self.val_calibration = SoftCalibrationError(calibration_bins)
+
+    @property
+    def uses_aux(self) -> bool:
+        """Whether critic batches should carry the next customer messages (data module `next_messages`)."""
+        return self.aux_next_message_coef > 0
 
     @property
     def is_built(self) -> bool:
@@ -154,28 +202,42 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         random head initialisation, drawn one after the other from the step's seeded RNG (and,
         without init_from_policy, their random backbones too), so each starts differently.
         """
-        self.backbone, self.head = self._build_member(base_model_dir)
-        self.extra_members = nn.ModuleList(
-            nn.ModuleDict(dict(zip(("backbone", "head"), self._build_member(base_model_dir))))
-            for _ in range(self.ensemble_size - 1)
-        )
+        self.backbone, self.head, self.lm_head = self._build_member(base_model_dir)
+        self.extra_members = nn.ModuleList()
+        for _ in range(self.ensemble_size - 1):
+            backbone, head, lm_head = self._build_member(base_model_dir)
+            parts = {"backbone": backbone, "head": head}
+            if lm_head is not None:
+                parts["lm_head"] = lm_head
+            self.extra_members.append(nn.ModuleDict(parts))
         self.carried_optimizer_state = None
         self._trainable = {name for name, p in self.named_parameters() if p.requires_grad}
 
-    def _build_member(self, base_model_dir: str | Path) -> tuple[nn.Module, nn.Linear]:
+    def _build_member(self, base_model_dir: str | Path) -> tuple[nn.Module, nn.Linear, nn.Linear | None]:
         if self.init_from_policy:
             backbone = AutoModel.from_pretrained(base_model_dir)
         else:
             backbone = AutoModel.from_config(AutoConfig.from_pretrained(base_model_dir))
         fuse_activations(backbone)
         hidden = backbone.config.hidden_size
+        lm_head = None
+        if self.uses_aux and not _ties_embeddings(backbone.config):
+            # An untied LM: the auxiliary head starts as pi_0's own (or random without init_from_policy).
+            lm_head = nn.Linear(hidden, backbone.config.vocab_size, bias=False)
+            if self.init_from_policy:
+                source = AutoModelForCausalLM.from_pretrained(base_model_dir).get_output_embeddings()
+                lm_head.weight.data.copy_(source.weight.data)
+                if getattr(source, "bias", None) is not None:
+                    lm_head.bias = nn.Parameter(source.bias.data.clone())
+            if self.lora is not None:  # LoRA trains the adapter and the value head only
+                lm_head.requires_grad_(False)
         if self.lora is not None:
             backbone = add_lora_to_backbone(backbone, self.lora)
         head = nn.Linear(hidden, 1)
         if self.ensemble_size == 1:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        return backbone, head
+        return backbone, head, lm_head
 
     def _thaw(self) -> list[nn.Parameter]:
         """The policy phase freezes Q_k (attach_critic); fitting Q_(k+1) thaws what trains
@@ -193,6 +255,12 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._thaw()
+        self._best, self._stale_epochs = None, 0
+        if self.early_stopping_patience and _zero_stage(self.trainer) == 3:
+            raise ValueError(
+                "model.critic.early_stopping_patience keeps the best epoch's weights in memory, which ZeRO stage 3 "
+                "partitions across processes; set it to 0 or use a ZeRO stage below 3"
+            )
 
     # -- maths ----------------------------------------------------------------
     @staticmethod
@@ -204,11 +272,76 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         read_rows: torch.Tensor | None = None,
         read_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        return CriticModule._member_outputs(backbone, head, input_ids, attention_mask, read_rows, read_positions)[0]
+
+    @staticmethod
+    def _member_outputs(
+        backbone,
+        head,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        read_rows: torch.Tensor | None = None,
+        read_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q logits at the read positions, the last hidden states [B, T, H])."""
         hidden = backbone_hidden(backbone, input_ids, attention_mask)
         if read_rows is None:
             read_rows = torch.arange(hidden.shape[0], device=hidden.device)
             read_positions = last_token_index(attention_mask)
-        return head(hidden[read_rows, read_positions]).squeeze(-1)
+        return head(hidden[read_rows, read_positions]).squeeze(-1), hidden
+
+    def _members(self) -> list[tuple[nn.Module, nn.Linear, nn.Linear | None]]:
+        """(backbone, head, lm_head or None) of every member, member 1 first."""
+        out = [(self.backbone, self.head, self.lm_head)]
+        for m in self.extra_members:
+            out.append((m["backbone"], m["head"], m["lm_head"] if "lm_head" in m else None))
+        return out
+
+    @staticmethod
+    def _aux_token_losses(backbone, lm_head, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Cross-entropy of each next-message token of the batch [A], predicted from the hidden state before it."""
+        h = hidden[batch["aux_rows"], batch["aux_positions"]]
+        if lm_head is None:  # tied: the backbone's own input embeddings
+            logits = F.linear(h, backbone.get_input_embeddings().weight)
+        else:
+            logits = lm_head(h)
+        return F.cross_entropy(logits.float(), batch["aux_targets"], reduction="none")
+
+    def _batch_outputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Q logits of a critic batch's turns ([T] or [N, T]) and, when the auxiliary loss is on and the batch carries
+        next messages, every member's per-token cross-entropy ([A] or [N, A]; None otherwise)."""
+        aux = self.uses_aux
+        if aux and "aux_targets" not in batch:
+            raise ValueError(
+                "model.critic.aux_next_message_coef > 0 needs critic batches that carry each turn's next customer "
+                "message: fit with datamodule.for_phase('critic', next_messages=True) (OuterLoop.fit_q does)"
+            )
+        where = (batch["input_ids"], batch["attention_mask"], batch.get("read_rows"), batch.get("read_positions"))
+        logits, token_losses = [], []
+        for backbone, head, lm_head in self._members():
+            q, hidden = self._member_outputs(backbone, head, *where)
+            logits.append(q)
+            if aux:
+                token_losses.append(self._aux_token_losses(backbone, lm_head, hidden, batch))
+        if self.ensemble_size == 1:
+            return logits[0], (token_losses[0] if aux else None)
+        return torch.stack(logits), (torch.stack(token_losses) if aux else None)
+
+    def _aux_loss(self, token_losses: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Sum over members of each member's mean next-message cross-entropy, each token weighted like its turn
+        (the member's bootstrap count, the pool weight)."""
+        if token_losses.shape[-1] == 0:
+            return token_losses.sum()  # no turn of this batch has a next message: 0, still in the graph
+        turns = batch["aux_turns"]
+        pool, counts = batch.get("weight"), batch.get("bootstrap")
+        per_member = token_losses if self.ensemble_size > 1 else token_losses.unsqueeze(0)
+        losses = []
+        for m, member in enumerate(per_member):
+            weight = None if counts is None else counts[m][turns]
+            if pool is not None:
+                weight = pool[turns] if weight is None else weight * pool[turns]
+            losses.append(member.mean() if weight is None else (weight * member).mean())
+        return torch.stack(losses).sum()
 
     def forward(
         self,
@@ -272,7 +405,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         return torch.stack(losses).sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.batch_logits(batch)
+        logits, token_losses = self._batch_outputs(batch)
         if self.ensemble_size == 1:
             loss = self._loss(logits, batch["target"], batch.get("weight"))
         else:
@@ -281,6 +414,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         share = global_share(batch["target"].shape[0])
         if share is not None:
             loss = loss * share
+        if token_losses is not None:
+            aux = self._aux_loss(token_losses, batch)
+            self.log("critic/train_aux_loss", aux.detach() / self.ensemble_size, batch_size=token_losses.shape[-1])
+            aux_share = global_share(token_losses.shape[-1])  # a share of next-message tokens
+            loss = loss + self.aux_next_message_coef * (aux if aux_share is None else aux * aux_share)
         loss = maybe_nan("critic.loss", loss)  # crash tests only; a no-op otherwise
         if any_rank(not bool(torch.isfinite(loss))):  # every process stops together
             # Raised before backward and step, so the weights stay the last good ones.
@@ -293,8 +431,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.batch_logits(batch)
+        logits, token_losses = self._batch_outputs(batch)
         n = batch["target"].shape[0]
+        if token_losses is not None and token_losses.shape[-1] > 0:  # the members' mean, over every token
+            self.val_aux_loss.update(token_losses.detach().float().mean(), token_losses.shape[-1])
+            self.log("critic/val_aux_loss", self.val_aux_loss, batch_size=token_losses.shape[-1])
         if self.ensemble_size == 1:
             probs = torch.sigmoid(logits)
             val_loss = self._loss(logits, batch["target"])
@@ -323,6 +464,44 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         auroc = self.val_auroc.compute() if both else torch.tensor(float("nan"))
         self.log("critic/val_auroc", auroc)
         self.val_auroc.reset()
+
+    # -- early stopping -------------------------------------------------------
+    def on_train_epoch_end(self) -> None:
+        """Early stopping: this epoch's validation ran already (Lightning validates before this hook); keep its
+        weights if its critic loss is the best yet, and stop after `early_stopping_patience` epochs without one.
+        Every process reads the same (synced) loss, so all decide alike."""
+        if not self.early_stopping_patience:
+            return
+        metrics = self.trainer.callback_metrics
+        if "critic/val_loss" not in metrics:  # no validation split
+            return
+        loss = float(metrics["critic/val_loss"])
+        if self._best is None or loss < self._best["loss"]:
+            self._best = {
+                "loss": loss,
+                "epoch": self.current_epoch,
+                "weights": {n: p.detach().clone() for n, p in self.named_parameters() if n in self._trainable},
+                "metrics": {k: v.detach().clone() for k, v in metrics.items() if k.startswith("critic/val")},
+            }
+            self._stale_epochs = 0
+        else:
+            self._stale_epochs += 1
+            if self._stale_epochs >= self.early_stopping_patience:
+                self.trainer.should_stop = True
+
+    def on_fit_end(self) -> None:
+        """Early stopping: back to the best epoch's weights, and report that epoch's validation metrics."""
+        if self._best is None:
+            return
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in self._best["weights"].items():
+                params[name].copy_(value)
+        metrics = self.trainer.callback_metrics
+        metrics.update(self._best["metrics"])
+        metrics["critic/val_best_epoch"] = torch.tensor(float(self._best["epoch"]))
+        metrics["critic/val_epochs_run"] = torch.tensor(float(self.current_epoch))  # epochs finished
+        self._best = None
 
     def configure_optimizers(self):
         # Lightning builds the optimizer before on_fit_start: thaw here too.

@@ -456,3 +456,94 @@ def test_conversation_rows_off_gives_one_bucketed_row_per_turn(tokenizer, conver
     epoch = _epoch(dm.train_dataloader(), 0)
     assert sorted(_key(t) for _, _, ts in epoch for t in ts) == sorted(_key(e) for e in dm.train_examples)
     assert all(b["input_ids"].shape[0] == b["target"].shape[0] for b, _, _ in epoch)  # a row per turn
+
+
+# -- next customer messages (the critic's auxiliary loss) --------------------------------------------------------------
+
+
+def test_next_message_ids_are_what_the_next_state_adds_after_the_reply(tokenizer, conversations):
+    dm = _dm(tokenizer, conversations, val_fraction=0.0, max_action_tokens=64)
+    by_id = {c.conversation_id: c for c in conversations}
+    closing = 0
+    for e in dm.train_examples:
+        conv = by_id[e.conversation_id]
+        if e.turn_index + 1 >= len(conv.turns):
+            assert e.next_ids == []  # nothing follows the reply in the log
+            continue
+        following = conv.turns[e.turn_index + 1]
+        closing += following.terminal
+        next_state = tokenizer(render_state(conv, e.turn_index + 1, tokenizer), add_special_tokens=False)["input_ids"]
+        assert next_state[: len(e.prompt_ids) + len(e.action_ids)] == e.prompt_ids + e.action_ids  # plain: a prefix
+        assert e.next_ids == next_state[len(e.prompt_ids) + len(e.action_ids) :]
+        message = tokenizer(following.customer, add_special_tokens=False)["input_ids"]
+        assert any(e.next_ids[i : i + len(message)] == message for i in range(len(e.next_ids)))
+    assert closing > 0  # the closing customer messages count too
+    short = _dm(tokenizer, conversations, val_fraction=0.0, max_action_tokens=3)
+    assert all(len(e.next_ids) <= 3 for e in short.train_examples)
+    assert all(e.next_ids == [] for e in short.train_examples if len(e.action_ids) == 3)  # cut replies: none
+
+
+@pytest.mark.parametrize("conversation_rows", [False, True])
+def test_critic_batches_carry_each_turns_next_message_after_its_reply(tokenizer, conversations, conversation_rows):
+    dm = _dm(tokenizer, conversations, critic_batch_size=8, conversation_rows=conversation_rows)
+    with dm.for_phase("critic"):
+        plain = _epoch(dm.train_dataloader())
+    with dm.for_phase("critic", next_messages=True):
+        with_next = _epoch(dm.train_dataloader())
+    with dm.for_phase("sft", next_messages=True):
+        sft_keys = set(next(iter(dm.train_dataloader())))
+    assert not any(k.startswith("aux_") for k in sft_keys)  # behaviour cloning never sees them
+    assert not dm.next_messages  # for_phase put the setting back
+    covered = 0
+    for (a, rows_a, turns_a), (b, rows_b, turns_b) in zip(plain, with_next, strict=True):
+        assert "aux_targets" not in a and turns_a == turns_b and rows_a == rows_b  # the same draw
+        for key in ("read_rows", "read_positions", "target"):
+            assert torch.equal(a[key], b[key])
+        ids = b["input_ids"]
+        for row in range(ids.shape[0]):  # every row starts with its tokens of old
+            n = int(a["attention_mask"][row].sum())
+            assert ids[row, :n].tolist() == a["input_ids"][row, :n].tolist()
+        # Token k predicts aux_targets[k] from the position before it, and each turn's tokens are its next_ids.
+        assert torch.equal(ids[b["aux_rows"], b["aux_positions"] + 1], b["aux_targets"])
+        for t, turn in enumerate(turns_b):
+            mine = b["aux_turns"] == t
+            assert b["aux_targets"][mine].tolist() == turn.next_ids
+            if turn.next_ids:
+                assert int(b["aux_positions"][mine][0]) == int(b["read_positions"][t])  # right after the reply
+                assert int(b["aux_rows"][mine][0]) == int(b["read_rows"][t])
+            covered += bool(turn.next_ids)
+    assert covered > 0
+
+
+def test_imagined_conversations_join_the_critics_training_rows_only(tokenizer, conversations):
+    own, imagined = conversations[:20], copy.deepcopy(conversations[20:30])
+    for c in imagined:
+        c.conversation_id = f"imagined-{c.conversation_id}"
+    dm = _dm(tokenizer, own, critic_batch_size=8, imagined_weight=0.25)
+    before = (list(dm.train_examples), list(dm.val_examples), list(dm.conversations))
+    dm.add_critic_only(imagined, 0.25)
+    assert (dm.train_examples, dm.val_examples, dm.conversations) == before  # targets, PPO, the probe: unchanged
+    n_imagined = sum(len(c.agent_turns) for c in imagined)
+    with dm.for_phase("critic"):
+        batches = _epoch(dm.train_dataloader())
+        val = _epoch(dm.val_dataloader())
+    turns = [t for _, _, ts in batches for t in ts]
+    assert len(turns) == len(dm.train_examples) + n_imagined
+    assert all(not t.conversation_id.startswith("imagined") for _, _, ts in val for t in ts)
+    # Each turn's weight over the data's mean weight: an imagined turn counts a quarter of an own one.
+    weights = {}
+    for batch, _, ts in batches:
+        for t, w in zip(ts, batch["weight"].tolist()):
+            weights[t.conversation_id.startswith("imagined")] = w
+    assert weights[True] == pytest.approx(0.25 * weights[False])
+    total = len(dm.all_examples) + n_imagined
+    assert weights[False] == pytest.approx(total / (len(dm.all_examples) + 0.25 * n_imagined))
+    with dm.for_phase("policy"):
+        assert "weight" not in next(iter(dm.train_dataloader()))  # PPO's prompts as before
+    dm.set_conversations(own)
+    assert dm.critic_only_sequences == []  # a new iteration's data starts without them
+
+
+def test_bad_imagined_weight_names_the_setting():
+    with pytest.raises(ValueError, match="data.imagined_weight"):
+        TrajectoryDataModule(imagined_weight=-0.5)

@@ -304,3 +304,162 @@ def test_critic_loss_share_counts_turns_not_rows(base_dir, tokenizer, conversati
     batch = dm._collate_sequences(dm.train_sequences)
     critic.training_step(batch, 0)
     assert counts == [len(dm.train_examples)] and len(dm.train_examples) > batch["input_ids"].shape[0]
+
+
+# -- the auxiliary next-message loss -------------------------------------------------------------------------------
+
+
+def _next_message_batches(tokenizer, conversations, conversation_rows: bool, next_messages: bool) -> list[dict]:
+    dm = TrajectoryDataModule(val_fraction=0.3, critic_batch_size=16, conversation_rows=conversation_rows)
+    dm.connect(tokenizer)
+    dm.set_conversations(conversations)
+    with dm.for_phase("critic", next_messages=next_messages):
+        return list(dm.val_dataloader())  # validation batches: no draw, the same rows either way
+
+
+@pytest.mark.parametrize("conversation_rows", [False, True])
+@pytest.mark.parametrize("ensemble_size", [1, 2])
+def test_appended_next_messages_leave_q_unchanged(base_dir, tokenizer, conversations, conversation_rows, ensemble_size):
+    torch.manual_seed(0)
+    critic = CriticModule(ensemble_size=ensemble_size, aux_next_message_coef=1.0)
+    critic.build(base_dir)
+    with torch.no_grad():
+        for _, head in _members(critic):
+            head.weight.normal_(0, 1)
+    critic.eval()
+    plain = _next_message_batches(tokenizer, conversations, conversation_rows, next_messages=False)
+    with_next = _next_message_batches(tokenizer, conversations, conversation_rows, next_messages=True)
+    appended = 0
+    for a, b in zip(plain, with_next, strict=True):
+        assert "aux_targets" not in a and b["aux_targets"].numel() > 0
+        appended += b["attention_mask"].sum() - a["attention_mask"].sum()
+        with torch.no_grad():
+            q_a = CriticModule.__call__(
+                critic, a["input_ids"], a["attention_mask"], a["read_rows"], a["read_positions"]
+            )
+            q_b, token_losses = critic._batch_outputs(b)
+        assert torch.allclose(q_a, q_b, atol=1e-6), (q_a - q_b).abs().max()
+        assert token_losses.shape[-1] == b["aux_targets"].numel()
+    assert appended > 0  # the rows did get longer
+
+
+def test_aux_head_is_pi0s_lm_head_and_its_loss_pi0s_next_message_loss(base_dir, tokenizer, tiny_model, conversations):
+    critic = CriticModule(aux_next_message_coef=1.0)
+    critic.build(base_dir)
+    assert critic.lm_head is None  # tied embeddings: the backbone's own serve as LM head
+    (batch, *_) = _next_message_batches(tokenizer, conversations, False, next_messages=True)
+    with torch.no_grad():
+        _, token_losses = critic._batch_outputs(batch)
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[batch["aux_rows"], batch["aux_positions"]], batch["aux_targets"], reduction="none"
+    )
+    assert torch.allclose(token_losses, expected, atol=1e-4)
+
+
+def test_untied_lm_gets_its_own_aux_head_from_pi0(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1)
+    model.save_pretrained(tmp_path / "untied")
+    critic = CriticModule(aux_next_message_coef=0.5, ensemble_size=2)
+    critic.build(tmp_path / "untied")
+    for _, _, lm_head in critic._members():
+        assert lm_head is not None and torch.equal(lm_head.weight, model.lm_head.weight)
+    assert "extra_members.0.lm_head.weight" in critic.state_dict()
+    off = CriticModule()
+    off.build(tmp_path / "untied")
+    assert off.lm_head is None and not any("lm_head" in k for k in off.state_dict())
+
+
+@pytest.mark.parametrize("ensemble_size", [1, 2])
+def test_aux_loss_trains_and_reports_val_aux_loss(base_dir, tokenizer, conversations, ensemble_size):
+    torch.manual_seed(0)
+    dm = TrajectoryDataModule(val_fraction=0.3, critic_batch_size=16, conversation_rows=True)
+    dm.connect(tokenizer)
+    dm.set_conversations(conversations)
+    critic = CriticModule(lr=5e-3, aux_next_message_coef=1.0, ensemble_size=ensemble_size)
+    critic.build(base_dir)
+    losses = []
+    with dm.for_phase("critic", next_messages=True, bootstrap_members=ensemble_size):
+        for epochs in (1, 3):
+            trainer = make_trainer(max_epochs=epochs)
+            trainer.fit(critic, datamodule=dm)
+            losses.append(float(trainer.callback_metrics["critic/val_aux_loss"]))
+    assert math.isfinite(losses[0]) and losses[1] < losses[0]
+    # Without next messages in the batches the setting is refused, naming it.
+    with dm.for_phase("critic", bootstrap_members=ensemble_size):
+        with pytest.raises(ValueError, match="aux_next_message_coef"):
+            make_trainer(max_epochs=1).fit(critic, datamodule=dm)
+
+
+def test_aux_loss_weighs_tokens_like_their_turns(base_dir, tokenizer, conversations):
+    critic = CriticModule(aux_next_message_coef=1.0, ensemble_size=2)
+    critic.build(base_dir)
+    (batch, *_) = _next_message_batches(tokenizer, conversations, False, next_messages=True)
+    tokens = batch["aux_targets"].numel()
+    token_losses = torch.rand(2, tokens)
+    turns = batch["target"].numel()
+    counts = torch.zeros(2, turns)
+    counts[0] = 1.0  # member 2 counts no turn: its aux loss is 0
+    got = critic._aux_loss(token_losses, {**batch, "bootstrap": counts})
+    assert got.item() == pytest.approx(token_losses[0].mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"aux_next_message_coef": -1.0}, "aux_next_message_coef"),
+        ({"early_stopping_patience": -1}, "early_stopping_patience"),
+    ],
+)
+def test_bad_fitting_settings_name_the_key(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        CriticModule(**kwargs)
+
+
+# -- early stopping ----------------------------------------------------------------------------------------------
+
+
+def test_early_stopping_restores_the_best_epoch_and_reports_its_metrics(base_dir, tokenizer):
+    import lightning as L
+
+    class ValLosses(L.Callback):
+        def __init__(self):
+            self.losses, self.weights = [], []
+
+        def on_train_epoch_end(self, trainer, module):
+            self.losses.append(float(trainer.callback_metrics["critic/val_loss"]))
+            self.weights.append(_weights(module))
+
+    torch.manual_seed(0)
+    dm = _toy_datamodule(tokenizer, n=32)
+    critic = CriticModule(lr=0.05, early_stopping_patience=1)  # a high lr: the held-out loss soon goes up
+    critic.build(base_dir)
+    record = ValLosses()
+    trainer = make_trainer(max_epochs=12, callbacks=[record])
+    trainer.fit(critic, datamodule=dm)
+    best = min(range(len(record.losses)), key=record.losses.__getitem__)
+    metrics = trainer.callback_metrics
+    assert int(metrics["critic/val_best_epoch"]) == best
+    assert float(metrics["critic/val_loss"]) == pytest.approx(record.losses[best])
+    assert len(record.losses) == int(metrics["critic/val_epochs_run"]) == best + 2 < 12  # one stale epoch, then stop
+    now = _weights(critic)
+    assert all(torch.equal(now[k], v) for k, v in record.weights[best].items() if "head" in k or "backbone" in k)
+    # The restored weights give the best epoch's loss again.
+    again = make_trainer().validate(critic, datamodule=dm, verbose=False)[0]["critic/val_loss"]
+    assert again == pytest.approx(record.losses[best], abs=1e-5)
+
+
+def test_early_stopping_off_trains_every_epoch(base_dir, tokenizer):
+    torch.manual_seed(0)
+    dm = _toy_datamodule(tokenizer, n=32)
+    critic = CriticModule(lr=0.05)
+    critic.build(base_dir)
+    trainer = make_trainer(max_epochs=3)
+    trainer.fit(critic, datamodule=dm)
+    assert trainer.current_epoch == 3 and "critic/val_best_epoch" not in trainer.callback_metrics
