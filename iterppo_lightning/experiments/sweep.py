@@ -90,7 +90,15 @@ QUICK_SCALE: dict[str, int] = {
 
 # Data settings behaviour cloning never reads: experiments differing only here share pi_0.
 # Any other data key (including ones added later) keeps pi_0 separate: unknown means "may matter".
-_DATA_NOT_IN_PI0 = {"policy_batches", "policy_batch_size", "critic_batch_size", "logs", "pool_weights"}
+_DATA_NOT_IN_PI0 = {
+    "policy_batches",
+    "policy_batch_size",
+    "critic_batch_size",
+    "logs",
+    "pool_weights",
+    "imagined_weight",
+    "imagined_buffer",  # the critic reads pi_0's imagined conversations; they never change pi_0
+}
 
 RUN_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 """Every child: one intra-op thread (the tiny models gain nothing from more, and --jobs share the cores)."""
