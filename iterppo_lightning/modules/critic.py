@@ -264,17 +264,6 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
 
     # -- maths ----------------------------------------------------------------
     @staticmethod
-    def _member_logits(
-        backbone,
-        head,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        read_rows: torch.Tensor | None = None,
-        read_positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return CriticModule._member_outputs(backbone, head, input_ids, attention_mask, read_rows, read_positions)[0]
-
-    @staticmethod
     def _member_outputs(
         backbone,
         head,
@@ -356,10 +345,10 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         if (read_rows is None) != (read_positions is None):
             raise ValueError("read_rows and read_positions come together")
         where = (input_ids, attention_mask, read_rows, read_positions)
-        logits = self._member_logits(self.backbone, self.head, *where)
+        logits = self._member_outputs(self.backbone, self.head, *where)[0]
         if self.ensemble_size == 1:
             return logits
-        others = [self._member_logits(m["backbone"], m["head"], *where) for m in self.extra_members]
+        others = [self._member_outputs(m["backbone"], m["head"], *where)[0] for m in self.extra_members]
         return torch.stack([logits, *others])
 
     def batch_logits(self, batch: dict) -> torch.Tensor:
