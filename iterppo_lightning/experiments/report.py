@@ -289,6 +289,8 @@ def plot_reward_hacking(path: Path, experiments: dict[str, list[Run]]) -> None:
             xs, ys, lows, highs = _series(
                 runs, lambda r, key=key: [(float(k), as_number(lookup(rec, key))) for k, rec in enumerate(r.records)]
             )
+            if all(y is None or math.isnan(y) for y in ys):  # e.g. no fitted critic: no estimate, no legend entry
+                continue
             _band(ax, xs, ys, lows, highs, color, linestyle=style, marker="o", markersize=3, label=label)
         ax.set_title(f"{name} (n={len(runs)})", fontsize="medium")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
