@@ -256,6 +256,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
     def on_fit_start(self) -> None:
         self._thaw()
         self._best, self._stale_epochs = None, 0
+        if self.uses_aux and _zero_stage(self.trainer) == 3:
+            raise ValueError(
+                "model.critic.aux_next_message_coef reads the backbone's (tied) embeddings as its LM head outside the "
+                "backbone's forward, where ZeRO stage 3 holds them partitioned; set it to 0 or use a ZeRO stage below 3"
+            )
         if self.early_stopping_patience and _zero_stage(self.trainer) == 3:
             raise ValueError(
                 "model.critic.early_stopping_patience keeps the best epoch's weights in memory, which ZeRO stage 3 "
@@ -305,16 +310,16 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 "model.critic.aux_next_message_coef > 0 needs critic batches that carry each turn's next customer "
                 "message: fit with datamodule.for_phase('critic', next_messages=True) (OuterLoop.fit_q does)"
             )
+        if not aux:
+            return self.batch_logits(batch), None
+        # Through the module's own call, like every other forward (ZeRO-3 traces the order of module calls).
         where = (batch["input_ids"], batch["attention_mask"], batch.get("read_rows"), batch.get("read_positions"))
-        logits, token_losses = [], []
-        for backbone, head, lm_head in self._members():
-            q, hidden = self._member_outputs(backbone, head, *where)
-            logits.append(q)
-            if aux:
-                token_losses.append(self._aux_token_losses(backbone, lm_head, hidden, batch))
-        if self.ensemble_size == 1:
-            return logits[0], (token_losses[0] if aux else None)
-        return torch.stack(logits), (torch.stack(token_losses) if aux else None)
+        logits, hiddens = self(*where, with_hidden=True)
+        token_losses = [
+            self._aux_token_losses(backbone, lm_head, hidden, batch)
+            for (backbone, _, lm_head), hidden in zip(self._members(), hiddens)
+        ]
+        return logits, (token_losses[0] if self.ensemble_size == 1 else torch.stack(token_losses))
 
     def _aux_loss(self, token_losses: torch.Tensor, batch: dict) -> torch.Tensor:
         """Sum over members of each member's mean next-message cross-entropy, each token weighted like its turn
@@ -338,18 +343,17 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         attention_mask: torch.Tensor,
         read_rows: torch.Tensor | None = None,
         read_positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        with_hidden: bool = False,
+    ):
         """Q logits: [B] for one critic, [N, B] for an ensemble of N, read at each row's last real token; or, given
         `read_rows` and `read_positions` (a critic batch's, one entry per turn), [T] / [N, T] read at those
-        (row, position) pairs."""
+        (row, position) pairs. `with_hidden`: (those logits, every member's last hidden states [B, L, H])."""
         if (read_rows is None) != (read_positions is None):
             raise ValueError("read_rows and read_positions come together")
         where = (input_ids, attention_mask, read_rows, read_positions)
-        logits = self._member_outputs(self.backbone, self.head, *where)[0]
-        if self.ensemble_size == 1:
-            return logits
-        others = [self._member_outputs(m["backbone"], m["head"], *where)[0] for m in self.extra_members]
-        return torch.stack([logits, *others])
+        outputs = [self._member_outputs(backbone, head, *where) for backbone, head, _ in self._members()]
+        logits = outputs[0][0] if self.ensemble_size == 1 else torch.stack([q for q, _ in outputs])
+        return (logits, [hidden for _, hidden in outputs]) if with_hidden else logits
 
     def batch_logits(self, batch: dict) -> torch.Tensor:
         """Q logits of a critic batch's turns (data/datamodule.py), [T] or [N, T]; a batch without read positions
