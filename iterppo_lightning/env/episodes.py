@@ -8,6 +8,7 @@ gives the same customers whatever the batch size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.data.rendering import render_state
 from iterppo_lightning.models.generation import sample_responses
-from iterppo_lightning.utils.seeding import derive_seed
+from iterppo_lightning.utils.seeding import derive_seed, derive_uniform
 from iterppo_lightning.utils.stats import summarize_outcomes
 
 
@@ -80,6 +81,31 @@ def suggest(
     return [r.strip() or None for r in tokenizer.batch_decode(response, skip_special_tokens=True)]
 
 
+@dataclass(frozen=True)
+class Exploration:
+    """Exploring starts for Monte Carlo Q: in a collected conversation, at most one agent reply is sampled from
+    pi_k at `temperature` instead of the collection temperature, so the critic's data holds replies pi_k rarely
+    makes (and what they lead to) at the states pi_k reaches. The explored reply's own return is an unbiased
+    sample of Q^pi_k(s, a) (pi_k plays the rest); the turns before it see a slightly perturbed future.
+
+    At each agent turn of a conversation that has not explored yet, it explores with probability `prob`; the
+    draw depends only on (`seed`, conversation id, turn), so it is the same in any batch and on resume.
+    """
+
+    prob: float
+    temperature: float
+    seed: int
+
+    def choose(self, conversations: list[Conversation]) -> list[int]:
+        """Indices of the conversations whose next reply explores."""
+        return [
+            i
+            for i, conv in enumerate(conversations)
+            if "explored_turn" not in conv.metadata
+            and derive_uniform("explore", self.seed, conv.conversation_id, len(conv.turns)) < self.prob
+        ]
+
+
 @torch.no_grad()
 def run_episodes(
     model,
@@ -95,8 +121,14 @@ def run_episodes(
     temperature: float = 1.0,
     greedy: bool = False,
     batch_size: int = 256,
+    exploration: Exploration | None = None,
 ) -> list[Conversation]:
-    """Play one episode per seed with `model` suggesting every agent reply."""
+    """Play one episode per seed with `model` suggesting every agent reply.
+
+    `exploration` (collection only): exploring starts, at most one reply per conversation sampled at a higher
+    temperature (see `Exploration`); the explored turn's index is kept in the conversation's
+    metadata["explored_turn"].
+    """
     episodes = [environment.new_episode(s, f"{id_prefix}{s}") for s in seeds]
     while True:
         live = [ep for ep in episodes if not ep.done]
@@ -104,15 +136,28 @@ def run_episodes(
             break
         for start in range(0, len(live), batch_size):
             chunk = live[start : start + batch_size]
-            replies = suggest(
-                model,
-                tokenizer,
-                [ep.conversation for ep in chunk],
-                max_new_tokens=max_new_tokens,
-                max_prompt_tokens=max_prompt_tokens,
-                temperature=temperature,
-                greedy=greedy,
-            )
+            conversations = [ep.conversation for ep in chunk]
+            settings = dict(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, greedy=greedy)
+            explored = exploration.choose(conversations) if exploration is not None else []
+            if not explored:
+                replies = suggest(model, tokenizer, conversations, temperature=temperature, **settings)
+            else:
+                # Two generate calls: the explored states at the exploration temperature, the rest as usual.
+                rest = [i for i in range(len(chunk)) if i not in set(explored)]
+                replies = [None] * len(chunk)
+                for group, group_temperature in ((rest, temperature), (explored, exploration.temperature)):
+                    if group:
+                        texts = suggest(
+                            model,
+                            tokenizer,
+                            [conversations[i] for i in group],
+                            temperature=group_temperature,
+                            **settings,
+                        )
+                        for i, text in zip(group, texts):
+                            replies[i] = text
+                for i in explored:
+                    conversations[i].metadata["explored_turn"] = len(conversations[i].turns) - 1
             if hasattr(environment, "step_batch"):
                 environment.step_batch(chunk, replies)  # e.g. an LLM customer: one batched generate for all replies
             else:

@@ -24,7 +24,7 @@ from iterppo_lightning.data.log_io import (
     summarize_logs,
 )
 from iterppo_lightning.data.log_schema import LogProblem
-from iterppo_lightning.env.episodes import episode_seeds, run_episodes
+from iterppo_lightning.env.episodes import Exploration, episode_seeds, run_episodes
 from iterppo_lightning.loop.run_state import RunState
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def simulate_batch(loop: LoopView, k: int, episodes: int | None = None) -> list[
         max_prompt_tokens=cfg.max_prompt_tokens,
         temperature=cfg.collect_temperature,
         batch_size=cfg.rollout_batch_size,
+        exploration=Exploration(cfg.explore_prob, cfg.explore_temperature, loop.seed) if cfg.explore_prob > 0 else None,
     )
 
 

@@ -21,6 +21,13 @@ class LoopConfig:
     """Passes of the critic over the iteration's (state, suggestion, return) examples."""
     collect_temperature: float = 1.0
     """Sampling temperature while collecting (1.0 = on-policy Monte Carlo)."""
+    explore_prob: float = 0.0
+    """Exploring starts while collecting (docs/critic.md, "Coverage"): at each agent turn of a conversation that
+    has not explored yet, the chance that pi_k's reply is sampled at explore_temperature instead; at most one
+    explored reply per conversation. 0 = off (pure on-policy Monte Carlo). The same conversations go to every
+    method (the critic, PPO's logged states, filtered BC)."""
+    explore_temperature: float = 2.0
+    """Sampling temperature of an explored reply."""
     eval_greedy: bool = False
     """Evaluate with greedy decoding instead of sampling from the policy."""
     eval_greedy_also: bool = False
@@ -56,6 +63,10 @@ class LoopConfig:
         for name in ("iterations", "episodes_per_iteration", "critic_epochs", "rollout_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.explore_prob <= 1.0:
+            raise ValueError(f"model.loop.explore_prob must be in [0, 1], got {self.explore_prob}")
+        if self.explore_temperature <= 0:
+            raise ValueError(f"model.loop.explore_temperature must be > 0, got {self.explore_temperature}")
         if self.eval_episodes < 0:
             raise ValueError(f"loop.eval_episodes must be >= 0, got {self.eval_episodes}")
         if self.callbacks is not None and self.early_stopping_patience is not None:
