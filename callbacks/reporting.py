@@ -5,9 +5,10 @@ Files written under ``loop.run_dir`` (every write is atomic):
 * ``metrics.jsonl`` - one JSON line per finished iteration (the full record);
   "return" is the true discounted return of the new policy on simulated
   customers, "ope" the critic's estimate of it from the logs alone;
-* ``learning_curve.png`` - success rate of pi_0..pi_(k+1) with 95% CIs, and
-  critic AUROC, the critic probe's within-state correlation and pairwise accuracy
-  (when model.loop.critic_probe is on) and PPO KL per iteration; redrawn after every iteration;
+* ``learning_curve.png`` - success rate of pi_0..pi_(k+1) with 95% Wilson intervals,
+  the critic's off-policy estimate against the logged (and, simulated, the true)
+  return, and the critic's and PPO's diagnostics per iteration (learning_curve.py
+  says what each panel shows); redrawn after every iteration;
 * ``summary.json`` - the run summary, written at the end.
 """
 
@@ -15,17 +16,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
 
-from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_json, atomic_write_text, json_default
+from iterppo_lightning.utils.atomic_io import atomic_write_json, atomic_write_text, json_default
 from iterppo_lightning.utils.stats import as_number, lookup
 
 from .base import IterationCallback
+from .learning_curve import save_learning_curve
 
 if TYPE_CHECKING:
     from iterppo_lightning.loop.view import LoopView
@@ -133,15 +134,6 @@ def _plain(obj: Any) -> Any:
         return value
 
     return finite(json.loads(json.dumps(obj, default=lenient)))
-
-
-def _policy_index(record: dict, position: int) -> int:
-    """x position of the policy a record evaluates: ``pi_3`` -> 3."""
-    match = re.fullmatch(r"pi_(\d+)", str(record.get("policy", "")))
-    if match:
-        return int(match.group(1))
-    iteration = as_number(record.get("iteration"))
-    return int(iteration) + 1 if iteration is not None else position + 1
 
 
 class ReportingCallback(IterationCallback):
@@ -262,99 +254,7 @@ class ReportingCallback(IterationCallback):
     def _draw_curve(self, loop: LoopView, records: list[dict]) -> None:
         """Redraw learning_curve.png; a plotting failure is reported, not raised."""
         try:
-            self._plot(Path(loop.run_dir) / CURVE_FILE, loop.initial_eval, records)
+            save_learning_curve(Path(loop.run_dir) / CURVE_FILE, loop.initial_eval, records)
         except Exception as exc:  # the curve is cosmetic; never kill training for it
             if self.print_table:
                 self.console.print(f"[yellow]learning curve not drawn: {exc!r}[/yellow]", highlight=False)
-
-    @staticmethod
-    def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-        """(iteration, value) of every record that has a number at `key`."""
-        xs, ys = [], []
-        for i, r in enumerate(records):
-            value = as_number(lookup(r, key))
-            if value is not None:
-                k = as_number(r.get("iteration"))
-                xs.append(i if k is None else int(k))
-                ys.append(value)
-        return xs, ys
-
-    @classmethod
-    def _plot(cls, path: Path, initial: dict | None, records: list[dict]) -> None:
-        # Imported here so importing the callbacks stays cheap; Figure plus
-        # FigureCanvasAgg renders with Agg without switching pyplot's global backend.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        points = ([(0, initial)] if initial else []) + [(_policy_index(r, i), r) for i, r in enumerate(records)]
-        xs, ys, lows, highs = [], [], [], []
-        for x, r in points:
-            y = as_number(r.get("success_rate"))
-            if y is None:
-                continue
-            ci = r.get("ci95")
-            ci = ci if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None)
-            low, high = as_number(ci[0]), as_number(ci[1])
-            xs.append(x)
-            ys.append(y)
-            lows.append(y if low is None else min(low, y))
-            highs.append(y if high is None else max(high, y))
-
-        fig = Figure(figsize=(8, 6.5), constrained_layout=True)
-        FigureCanvasAgg(fig)
-        top, bottom = fig.subplots(2, 1, height_ratios=(3, 2))
-
-        if xs:
-            top.fill_between(xs, lows, highs, alpha=0.2, color="C0", label="95% CI")
-            top.errorbar(
-                xs,
-                ys,
-                yerr=[[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]],
-                fmt="o-",
-                color="C0",
-                capsize=3,
-                label="success rate",
-            )
-            top.set_xticks(xs, [f"pi_{x}" for x in xs])
-            top.legend(loc="best")
-        top.set_ylim(0, 1)
-        top.set_xlabel("policy")
-        top.set_ylabel("success rate")
-        top.set_title("Evaluation success rate per policy")
-        top.grid(alpha=0.3)
-
-        # Critic health on the left axis (AUROC, and the probe's numbers when it ran), KL on the right.
-        critic_series = (
-            ("critic.val_auroc", "s-", "C1", "critic val AUROC"),
-            ("critic_probe.within_state_corr", "o-", "C3", "probe: within-state corr"),
-            ("critic_probe.pairwise_acc", "D-", "C4", "probe: pairwise acc"),
-        )
-        ticks: set[int] = set()
-        low, probed = 0.0, False
-        for key, style, color, label in critic_series:
-            xs_k, ys_k = cls._series(records, key)
-            if xs_k or key == "critic.val_auroc":
-                bottom.plot(xs_k, ys_k, style, color=color, label=label)
-            probed = probed or (bool(xs_k) and key.startswith("critic_probe"))
-            ticks.update(xs_k)
-            low = min([low, *ys_k])
-        kl_iters, kls = cls._series(records, "ppo.kl")
-        ticks.update(kl_iters)
-        bottom.set_ylim(low - 0.05 if low < 0 else 0, 1)
-        bottom.set_ylabel("critic: AUROC, probe" if probed else "critic val AUROC")
-        bottom.set_xlabel("iteration k (critic Q_k, pi_k -> pi_k+1)")
-        bottom.grid(alpha=0.3)
-        # KL lives on another scale than the critic metrics, hence the second y axis.
-        kl_axis = bottom.twinx()
-        kl_axis.plot(kl_iters, kls, "^--", color="C2", label="PPO KL")
-        kl_axis.set_ylabel("PPO KL", color="C2")
-        handles = bottom.get_legend_handles_labels()[0] + kl_axis.get_legend_handles_labels()[0]
-        # Below the axes: inside, it would hide points wherever the four series happen to run.
-        bottom.legend(
-            handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(handles), fontsize="small"
-        )
-        if ticks:
-            bottom.set_xticks(sorted(ticks))
-
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100)

@@ -11,11 +11,16 @@ config.yaml) and writes OUTPUT plus, next to it, OUTPUT-without-suffix/*.png
   success; conversations collected; the run's recorded wall time; the critic's
   over-estimate of the final policy; then one row per run;
 * success_vs_conversations.png: true success rate against conversations
-  collected (pi_0 at 0), mean over seeds with its 95% band, one line per experiment;
+  collected (pi_0 at 0), mean over seeds with its 95% bootstrap band
+  (`stats.bootstrap_mean_interval`: inside [0, 1] by construction), one line
+  per experiment in one panel, or with more than four experiments one panel
+  each with the main method (iterative_ppo) behind it for comparison;
 * reward_hacking.png: per iteration, the critic's estimate of the new policy's
   discounted return from the logs (`ope.q_policy`) against the return it really
-  got on simulated customers (`mean_return`, same discount). A gap that grows is
-  PPO exploiting Q_k's errors.
+  got on simulated customers (`mean_return`, same discount), one panel per
+  experiment, same bands. A gap that grows is PPO exploiting Q_k's errors.
+
+Figures put their legends under the panels, never over data.
 
 Only finished runs count in the statistics; the others are listed as missing.
 Every file is written atomically. Exit codes: 0 written, 2 no usable sweep.
@@ -35,7 +40,7 @@ from jsonargparse import ArgumentParser
 
 from iterppo_lightning.experiments.run_records import read_json, read_run_state, recorded_seconds
 from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_text
-from iterppo_lightning.utils.stats import as_number, lookup
+from iterppo_lightning.utils.stats import as_number, bootstrap_mean_interval, lookup
 
 __all__ = ["main", "t_quantile_975", "mean_ci", "load_run", "conversation_counts", "write_report"]
 
@@ -214,9 +219,17 @@ def load_run(experiment: str, seed: int, run_dir: Path, entry: dict | None = Non
 
 # -- plots ------------------------------------------------------------------------------------------------
 
+BAND_CAPTION = "bands: 95% percentile bootstrap of the mean over seeds"
+"""How every band in the report's figures is made (`stats.bootstrap_mean_interval`): it never leaves the
+seeds' own range, so a rate's band stays inside [0, 1] without clipping; no band with one seed."""
+MAIN_EXPERIMENT = "iterative_ppo"
+"""The method every other experiment is drawn against when there are too many for one panel."""
+ONE_PANEL_AT_MOST = 4
+"""Up to this many experiments share one panel; more get one panel each (small multiples)."""
+
 
 def _series(runs: list[Run], points) -> tuple[list[float], list[float], list[float | None], list[float | None]]:
-    """Per point index j: mean x, mean y, CI low, CI high over the runs that have point j."""
+    """Per point index j: mean x, mean y and its bootstrap band (low, high) over the runs that have point j."""
     per_run = [points(r) for r in runs]
     xs, ys, lows, highs = [], [], [], []
     for j in range(max((len(p) for p in per_run), default=0)):
@@ -227,11 +240,12 @@ def _series(runs: list[Run], points) -> tuple[list[float], list[float], list[flo
         ]
         if not have:
             continue
-        mean, low, high = mean_ci([y for _, y in have])
+        values = [y for _, y in have]
+        band = bootstrap_mean_interval(values)
         xs.append(sum(x for x, _ in have) / len(have))
-        ys.append(mean)
-        lows.append(low)
-        highs.append(high)
+        ys.append(sum(values) / len(values))
+        lows.append(None if band is None else band[0])
+        highs.append(None if band is None else band[1])
     return xs, ys, lows, highs
 
 
@@ -249,59 +263,169 @@ def _success_points(run: Run) -> list[tuple[float, float | None]]:
     return start + [(x, as_number(r.get("success_rate"))) for x, r in zip(run.conversations, run.records)]
 
 
-def plot_success(path: Path, experiments: dict[str, list[Run]]) -> None:
+def _grid(n: int, max_cols: int) -> tuple[int, int]:
+    cols = max(1, min(n, max_cols))
+    return math.ceil(max(n, 1) / cols), cols
+
+
+def _label_outer(axes, n: int, cols: int, xlabel: str, ylabel: str) -> None:
+    """Axis labels on the left column and on each panel with no panel below it, not on every panel."""
+    for i, ax in enumerate(axes[:n]):
+        if i % cols == 0:
+            ax.set_ylabel(ylabel)
+        if i + cols >= n:
+            ax.set_xlabel(xlabel)
+
+
+def _legend_below(fig, handles: list, ncol: int) -> None:
+    """One legend for the whole figure, under the panels: inside a panel it would cover data."""
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=max(1, min(ncol, len(handles))), frameon=False)
+
+
+def success_figure(experiments: dict[str, list[Run]]):
+    """True success rate against conversations collected, mean over seeds with its bootstrap band.
+
+    Up to ONE_PANEL_AT_MOST experiments share one panel. With more, each gets its own panel (same axes),
+    with the main method (MAIN_EXPERIMENT, else the first) drawn in grey behind it for comparison.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(8, 5), constrained_layout=True)
+    names = list(experiments)
+    title = "True success rate vs conversations collected (x = 0: pi_0)"
+    ylabel = "true success rate"
+    if len(names) <= ONE_PANEL_AT_MOST:
+        fig = Figure(figsize=(8, 5.4), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for i, name in enumerate(names):
+            xs, ys, lows, highs = _series(experiments[name], _success_points)
+            _band(
+                ax,
+                xs,
+                ys,
+                lows,
+                highs,
+                f"C{i % 10}",
+                marker="o",
+                markersize=3,
+                label=f"{name} (n={len(experiments[name])})",
+            )
+        ax.set_xlabel("conversations collected")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{title}\nmean over seeds; {BAND_CAPTION}", fontsize="medium")
+        _legend_below(fig, ax.get_legend_handles_labels()[0], ncol=len(names))
+        return fig
+
+    main = MAIN_EXPERIMENT if MAIN_EXPERIMENT in experiments else names[0]
+    names = [main] + [name for name in names if name != main]  # the main method's own panel first
+    reference = _series(experiments[main], _success_points)
+    rows, cols = _grid(len(names), 5)
+    fig = Figure(figsize=(3.2 * cols, 2.7 * rows + 1.2), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for i, (name, runs) in enumerate(experiments.items()):
-        xs, ys, lows, highs = _series(runs, _success_points)
-        _band(ax, xs, ys, lows, highs, f"C{i % 10}", marker="o", markersize=3, label=f"{name} (n={len(runs)})")
-    ax.set_xlabel("conversations collected")
-    ax.set_ylabel("true success rate (mean over seeds, 95% t band)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title("Success rate vs conversations collected (x=0: pi_0)")
-    if experiments:
-        ax.legend(loc="best", fontsize="small")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    for ax, name in zip(axes.ravel(), names):
+        if name != main:
+            _band(ax, *reference, "0.6", linestyle="--", linewidth=1)
+        color = "C3" if name == main else "C0"
+        _band(ax, *_series(experiments[name], _success_points), color, marker="o", markersize=3)
+        ax.set_title(f"{name} (n={len(experiments[name])})", fontsize="medium")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelbottom=True)  # shared x: keep the numbers under every panel, labels only outside
+    for ax in axes.ravel()[len(names) :]:
+        ax.set_visible(False)
+    _label_outer(axes.ravel(), len(names), cols, "conversations collected", ylabel)
+    fig.suptitle(f"{title}; mean over seeds, {BAND_CAPTION}")
+    _legend_below(
+        fig,
+        [
+            Line2D([], [], color="C0", marker="o", markersize=3, label="the panel's experiment"),
+            Line2D([], [], color="C3", marker="o", markersize=3, label=f"{main} (its own panel)"),
+            Line2D([], [], color="0.6", linestyle="--", label=f"{main}, for comparison"),
+        ],
+        ncol=3,
+    )
+    return fig
+
+
+def plot_success(path: Path, experiments: dict[str, list[Run]]) -> None:
+    fig = success_figure(experiments)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
 
 
-def plot_reward_hacking(path: Path, experiments: dict[str, list[Run]]) -> None:
+REWARD_SERIES = (
+    ("ope.q_policy", "critic's estimate of the new policy (ope.q_policy)", "C3", "--"),
+    ("mean_return", "its true discounted return (mean_return)", "C0", "-"),
+)
+
+
+def reward_hacking_figure(experiments: dict[str, list[Run]]):
+    """Per experiment, the critic's estimate of each new policy's discounted return against the true one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    n = max(len(experiments), 1)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), constrained_layout=True)
+    rows, cols = _grid(len(experiments), 3 if len(experiments) <= 6 else 5)
+    fig = Figure(figsize=((4.2 if cols <= 3 else 3.2) * cols, 3.0 * rows + 1.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    drawn: set[str] = set()
     for ax, (name, runs) in zip(axes, experiments.items()):
-        for key, label, color, style in (
-            ("ope.q_policy", "critic's estimate (ope.q_policy)", "C3", "--"),
-            ("mean_return", "true discounted return", "C0", "-"),
-        ):
+        values: list[float] = []
+        drawn_here: set[str] = set()
+        for key, _label, color, style in REWARD_SERIES:
             xs, ys, lows, highs = _series(
                 runs, lambda r, key=key: [(float(k), as_number(lookup(rec, key))) for k, rec in enumerate(r.records)]
             )
-            if all(y is None or math.isnan(y) for y in ys):  # e.g. no fitted critic: no estimate, no legend entry
+            if all(y is None or math.isnan(y) for y in ys):  # e.g. no learned critic (filtered BC, oracle): no estimate
                 continue
-            _band(ax, xs, ys, lows, highs, color, linestyle=style, marker="o", markersize=3, label=label)
+            drawn_here.add(key)
+            _band(ax, xs, ys, lows, highs, color, linestyle=style, marker="o", markersize=3)
+            values += [v for v in (*ys, *lows, *highs) if v is not None]
+        if "ope.q_policy" not in drawn_here:
+            ax.text(
+                0.5,
+                0.95,
+                "no off-policy estimate in these runs",
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                color="0.4",
+            )
         ax.set_title(f"{name} (n={len(runs)})", fontsize="medium")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("iteration k (policy pi_k+1)")
-        ax.set_ylabel("discounted return")
-        ax.set_ylim(0, 1)
+        # Returns of this reward lie in [0, 1]; a critic's estimate may not, and is then kept in view.
+        ax.set_ylim(min([0.0, *values]), max([1.0, *values]))
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="x-small")
+        drawn |= drawn_here
     for ax in axes[len(experiments) :]:
         ax.set_visible(False)
-    fig.suptitle("Reward hacking: the critic's value of the new policy vs its true value")
+    _label_outer(axes, len(experiments), cols, "iteration k (policy pi_k+1)", "discounted return")
+    fig.suptitle(
+        f"Reward hacking: the critic's value of each new policy vs its true value\nmean over seeds; {BAND_CAPTION}",
+        fontsize="medium",
+    )
+    _legend_below(
+        fig,
+        [
+            Line2D([], [], color=color, linestyle=style, marker="o", markersize=3, label=label)
+            for key, label, color, style in REWARD_SERIES
+            if key in drawn
+        ],
+        ncol=2,
+    )
+    return fig
+
+
+def plot_reward_hacking(path: Path, experiments: dict[str, list[Run]]) -> None:
+    fig = reward_hacking_figure(experiments)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
 
@@ -400,6 +524,16 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
     lines += [
         "",
         f"![success rate vs conversations collected]({rel}/success_vs_conversations.png)",
+        "",
+        "The figures' bands are 95% percentile-bootstrap intervals of the mean over seeds (10,000 resamples, "
+        "seeded): a band never leaves the seeds' own range, so a rate's band stays inside [0, 1], and with few "
+        "seeds it is narrower than the tables' Student-t interval; no band with one seed."
+        + (
+            f" With more than {ONE_PANEL_AT_MOST} experiments each gets its own panel, with "
+            f"{MAIN_EXPERIMENT if MAIN_EXPERIMENT in experiments else next(iter(experiments), '')} in grey behind it."
+            if len(experiments) > ONE_PANEL_AT_MOST
+            else ""
+        ),
         "",
         "Reward hacking: per iteration, the critic Q_k's estimate of the new policy's discounted return from the "
         "logged opening states (`ope.q_policy`), against the return the policy really got on simulated customers "

@@ -6,11 +6,13 @@ Writing results (atomically) is `utils.atomic_io`'s job.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
     "wilson_interval",
+    "bootstrap_mean_interval",
     "summarize_outcomes",
     "lookup",
     "as_number",
@@ -40,6 +42,43 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     low = 0.0 if successes == 0 else max(0.0, center - half)
     high = 1.0 if successes == n else min(1.0, center + half)
     return low, high
+
+
+def bootstrap_mean_interval(
+    values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile-bootstrap interval for the mean of ``values`` (e.g. one success rate per seed).
+
+    Resamples the values with replacement ``resamples`` times and returns the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled means.
+    Why this and not mean +- t * s / sqrt(n): a resampled mean never leaves
+    ``[min(values), max(values)]``, so the interval of rates stays inside [0, 1]
+    by construction, with no clipping. With few values it is narrower than the
+    t interval (it cannot reach past the extreme seeds), which a caption should say.
+    The stream is seeded, so the same values always give the same interval.
+    Returns None for fewer than two values (no spread to resample).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    data = [float(v) for v in values]
+    n = len(data)
+    if n < 2:
+        return None
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(data, k=n)) / n for _ in range(resamples))
+
+    def quantile(q: float) -> float:  # linear interpolation between order statistics (numpy's default)
+        position = q * (resamples - 1)
+        below = math.floor(position)
+        above = min(below + 1, resamples - 1)
+        return means[below] + (means[above] - means[below]) * (position - below)
+
+    # Round-off in a resampled mean can step past the extreme value (3 x 0.1 / 3 > 0.1): keep the promise.
+    lowest, highest = min(data), max(data)
+    low, high = quantile((1.0 - level) / 2.0), quantile((1.0 + level) / 2.0)
+    return min(max(low, lowest), highest), min(max(high, lowest), highest)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -342,3 +342,137 @@ def test_reporting_shows_the_critic_probe(tmp_path: Path) -> None:
     assert len({line.index("pi_") for line in rows.values()}) == 1  # still aligned
     assert (tmp_path / "learning_curve.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "learning curve not drawn" not in console.file.getvalue()
+
+
+# -- the run's figure (learning_curve.png) -------------------------------------
+
+
+def figure_for(initial: dict | None, records: list[dict]):
+    from iterppo_lightning.callbacks.learning_curve import learning_curve_figure
+
+    fig = learning_curve_figure(initial, records)
+    fig.canvas.draw()  # lay out, so legend and axes positions are final
+    return fig
+
+
+def panels(fig) -> list:
+    """The figure's panels, top to bottom (a twin KL axis is part of its panel, not a panel)."""
+    return [ax for ax in fig.axes if ax.get_title()]
+
+
+def twin_of(fig, ax):
+    return next(other for other in fig.axes if other is not ax and other.bbox.bounds == ax.bbox.bounds)
+
+
+def assert_legend_clear_of_data(fig, ax) -> None:
+    """The panel's legend lies wholly below the panel's plotting area: it covers no data."""
+    legend = ax.get_legend()
+    assert legend is not None
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).y1 <= ax.get_window_extent(renderer).y0
+
+
+def test_learning_curve_of_a_simulated_run_has_three_labelled_panels() -> None:
+    from iterppo_lightning.callbacks.learning_curve import KL_AXIS_LABEL, KL_LEGEND
+
+    initial = {"success_rate": 0.2, "ci95": list(wilson_interval(20, 100)), "eval_episodes": 100}
+    records = [make_record(0, 0.3), make_record(1, 0.4)]
+    for record, (k, n) in zip(records, [(30, 100), (40, 100)]):
+        record["ci95"] = list(wilson_interval(k, n))
+        record["eval_episodes"] = n
+        record["ope"] = {"q_policy": 0.5, "q_logged": 0.35, "logged_return": 0.2, "states": 64}
+    records[0]["ppo"]["kl"] = -0.004  # the k1 estimate can dip below 0: plotted as logged
+    records[1]["ppo"]["kl"] = 0.03
+    fig = figure_for(initial, records)
+    success, value, training = panels(fig)
+
+    assert "95% Wilson interval over 100 episodes" in success.get_title()
+    assert success.get_ylabel() == "success rate"
+    low, high = success.get_ylim()
+    assert low <= 0.0 and 1.0 <= high <= 1.05  # the whole [0, 1], with a sliver of margin
+    assert [t.get_text() for t in success.get_xticklabels()] == ["pi_0", "pi_1", "pi_2"]
+    line = success.get_lines()[0]
+    assert list(line.get_ydata()) == [0.2, 0.3, 0.4]
+
+    assert "true return" in value.get_title()
+    labels = [t.get_text() for t in value.get_legend().get_texts()]
+    assert any("ope.q_policy" in label for label in labels) and any("mean_return" in label for label in labels)
+    assert any("ope.logged_return" in label for label in labels)
+
+    kl_axis = twin_of(fig, training)
+    assert kl_axis.get_ylabel() == KL_AXIS_LABEL and "nats" in KL_AXIS_LABEL
+    assert "k1 estimate" in KL_LEGEND
+    kl_line = next(line for line in kl_axis.get_lines() if len(line.get_xdata()) == 2)
+    assert list(kl_line.get_ydata()) == [-0.004, 0.03]  # not made positive, not hidden
+    kl_low, kl_high = kl_axis.get_ylim()
+    assert kl_low < -0.004 and kl_high > 0.03  # both points and KL = 0 in view
+    assert KL_LEGEND in [t.get_text() for t in training.get_legend().get_texts()]
+    for ax in (value, training):
+        assert_legend_clear_of_data(fig, ax)
+
+
+def test_learning_curve_without_evaluation_episodes_plots_the_estimate_against_the_logs() -> None:
+    # model.loop.eval_episodes 0 on real logs: no success rate anywhere; the off-policy estimate is the outcome.
+    records = []
+    for k, (q, logged) in enumerate([(0.47, 0.07), (0.41, 0.0)]):
+        record = make_record(k, 0.0)
+        for key in ("success_rate", "ci95", "mean_return", "eval_episodes"):
+            del record[key]
+        record["ope"] = {"q_policy": q, "q_logged": q - 0.02, "logged_return": logged, "states": 64}
+        records.append(record)
+    fig = figure_for(None, records)
+    value, training = panels(fig)  # no empty success panel
+
+    assert value.get_title().startswith("Log-only run")
+    series = {t.get_text(): line for t, line in zip(value.get_legend().get_texts(), value.get_lines())}
+    assert set(series) == {
+        "critic's estimate of pi_k+1 from the logs (ope.q_policy)",
+        "critic on the logged replies (ope.q_logged)",
+        "return the logged conversations got (ope.logged_return)",
+    }
+    assert list(series["critic's estimate of pi_k+1 from the logs (ope.q_policy)"].get_ydata()) == [0.47, 0.41]
+    assert list(series["return the logged conversations got (ope.logged_return)"].get_ydata()) == [0.07, 0.0]
+    low, high = value.get_ylim()
+    assert low < 0.0 and high > 1.0  # a return of 0 sits inside the frame
+    assert [t.get_text() for t in value.get_xticklabels()] == ["0", "1"]
+    assert_legend_clear_of_data(fig, value)
+    assert training.get_title() == "Training diagnostics per iteration"
+
+
+def test_learning_curve_with_nothing_to_show_says_why() -> None:
+    # Filtered BC on logs without evaluation: no success rate, no critic, no estimate, no KL.
+    records = [{"iteration": 0, "policy": "pi_1", "bc": {"conversations": 64, "successful": 5}}]
+    fig = figure_for(None, records)
+    success, training = panels(fig)
+    notes = " ".join(t.get_text() for ax in (success, training) for t in ax.texts)
+    assert "model.loop.eval_episodes 0" in notes
+    assert "nothing to plot" in notes
+    assert len(fig.axes) == 2  # no KL axis without a KL
+
+
+def test_bootstrap_interval_hand_worked_and_inside_the_values_range() -> None:
+    from iterppo_lightning.experiments.report import mean_ci
+    from iterppo_lightning.utils.stats import bootstrap_mean_interval
+
+    # Two seeds a < b: a resampled mean is a (1/4), (a+b)/2 (1/2) or b (1/4), so the 2.5% and 97.5%
+    # quantiles of 10,000 resampled means are a and b themselves.
+    assert bootstrap_mean_interval([0.2, 0.6]) == (0.2, 0.6)
+    assert bootstrap_mean_interval([0.1, 0.1, 0.1]) == (0.1, 0.1)  # no spread, and no round-off past 0.1
+    assert bootstrap_mean_interval([0.5]) is None
+    # Rates near 0: Student-t leaves [0, 1]; the bootstrap cannot leave the seeds' range.
+    rates = [0.0, 0.0, 0.05]
+    assert mean_ci(rates)[1] < 0.0
+    low, high = bootstrap_mean_interval(rates)
+    assert 0.0 <= low <= sum(rates) / 3 <= high <= 0.05
+    assert bootstrap_mean_interval(rates) == (low, high)  # seeded: the same figure every time
+    with pytest.raises(ValueError):
+        bootstrap_mean_interval(rates, level=1.0)
+
+
+def test_wilson_hand_worked_three_of_ten() -> None:
+    # p = 0.3, z^2 = 3.841459: centre (0.3 + 0.192073) / 1.384146 = 0.355507,
+    # half (1.959964 / 1.384146) * sqrt(0.021 + 0.009604) = 1.416009 * 0.174939 = 0.247716
+    # -> [0.10779, 0.60322] (published tables: 0.1078, 0.6032).
+    low, high = wilson_interval(3, 10)
+    assert (low, high) == pytest.approx((0.10779, 0.60322), abs=1e-5)
+    assert 0.0 <= wilson_interval(1, 2)[0] and wilson_interval(1, 2)[1] <= 1.0

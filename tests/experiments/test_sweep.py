@@ -224,6 +224,7 @@ def test_report_tables_and_plots(sweep, capsys):
         data = (output.parent / "results" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "(results/success_vs_conversations.png)" in text and "Not finished" not in text
+    assert "bands are 95% percentile-bootstrap intervals of the mean over seeds" in text  # the figures' caption
 
 
 def test_report_appends_the_conclusions_verbatim_and_names_a_missing_notes_file(sweep, capsys, tmp_path):
