@@ -15,6 +15,7 @@ import torch
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.data.rendering import render_state
 from iterppo_lightning.models.generation import sample_responses
+from iterppo_lightning.utils.progress import Progress
 from iterppo_lightning.utils.seeding import derive_seed
 from iterppo_lightning.utils.stats import summarize_outcomes
 
@@ -95,9 +96,12 @@ def run_episodes(
     temperature: float = 1.0,
     greedy: bool = False,
     batch_size: int = 256,
+    progress: str | None = None,
 ) -> list[Conversation]:
-    """Play one episode per seed with `model` suggesting every agent reply."""
+    """Play one episode per seed with `model` suggesting every agent reply; `progress` (a label, e.g. "collect"):
+    report finished conversations on stderr while it runs long (utils/progress.py)."""
     episodes = [environment.new_episode(s, f"{id_prefix}{s}") for s in seeds]
+    report = Progress(progress, len(episodes)) if progress else None
     while True:
         live = [ep for ep in episodes if not ep.done]
         if not live:
@@ -118,6 +122,10 @@ def run_episodes(
             else:
                 for ep, reply in zip(chunk, replies):
                     ep.step(reply)
+            if report is not None:
+                report.update(sum(ep.done for ep in episodes))
+    if report is not None:
+        report.close()
     for ep in episodes:
         ep.conversation.iteration = iteration
         ep.conversation.policy_id = policy_id

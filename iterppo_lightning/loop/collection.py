@@ -57,6 +57,7 @@ def simulate_batch(loop: LoopView, k: int, episodes: int | None = None) -> list[
         max_prompt_tokens=cfg.max_prompt_tokens,
         temperature=cfg.collect_temperature,
         batch_size=cfg.rollout_batch_size,
+        progress=f"collect · iteration {k}",
     )
 
 
