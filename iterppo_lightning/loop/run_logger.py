@@ -78,8 +78,14 @@ class RunCSVLogger(Logger):
             with path.open(encoding="utf-8", newline="") as f:
                 self._keys = [key for key in next(csv.reader(f), []) if key != "step"]
             self.last_step = max((int(r["step"]) for r in rows), default=-1)
-            if not path.read_bytes().endswith(b"\n"):  # a row cut short by a kill: rewrite without it
-                atomic_write_text(path, _csv_text(["step", *self._keys], rows, header=True))
+            self._drop_cut_row(rows)
+
+    @rank_zero_only
+    def _drop_cut_row(self, rows: list[dict[str, Any]]) -> None:
+        """A last row cut short by a kill (no line end): rewrite the file without it, so appends start clean."""
+        path = self.metrics_file
+        if not path.read_bytes().endswith(b"\n"):
+            atomic_write_text(path, _csv_text(["step", *self._keys], rows, header=True))
 
     @property
     def name(self) -> str:

@@ -67,3 +67,27 @@ def test_name_progress_bar_names_the_phase_bar_and_leaves_other_bars_alone():
     assert trainer.progress_bar_callback.label == "ppo · iteration 2"
     plain = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     name_progress_bar(plain, "ppo · iteration 2")  # no bar: nothing to do
+
+
+def test_run_episodes_reports_finished_conversations_of_the_total(tiny_model, tokenizer, monkeypatch):
+    from iterppo_lightning.env import episodes
+    from iterppo_lightning.env.sales_simulator import SalesSimulator
+
+    reports: list[tuple[str, int, list[int]]] = []
+
+    class Recording(Progress):
+        def __init__(self, label: str, total: int, *args, **kwargs):
+            super().__init__(label, total, *args, **kwargs)
+            reports.append((label, total, []))
+
+        def update(self, done: int) -> None:
+            reports[-1][2].append(done)
+
+    monkeypatch.setattr(episodes, "Progress", Recording)
+    seeds = episodes.episode_seeds("collect", 0, 0, 6)
+    episodes.run_episodes(tiny_model, tokenizer, SalesSimulator(), seeds, max_new_tokens=4, progress="collect")
+    ((label, total, done),) = reports
+    assert (label, total) == ("collect", 6)
+    assert done == sorted(done) and done[-1] == 6  # one report per round, finished conversations so far
+    episodes.run_episodes(tiny_model, tokenizer, SalesSimulator(), seeds, max_new_tokens=4)  # no label: no report
+    assert len(reports) == 1
