@@ -45,7 +45,7 @@ CSV_FILE = "metrics.csv"
 HPARAMS_FILE = "hparams.yaml"
 
 PHASE_NAMESPACES = {"bootstrap": "bc", "critic": "critic", "policy": "ppo"}
-"""Trainer phase -> metric namespace (the policy phase of filtered BC logs as bc/, see `PhaseLogger`)."""
+"""Trainer phase -> metric namespace (the filtered-BC baseline clones through the bootstrap phase: bc/)."""
 RENAMED_PREFIXES = {"sft/": "bc/"}
 """Prefixes the modules log under -> the run's namespace (modules/sft.py logs sft/...: behaviour cloning)."""
 
