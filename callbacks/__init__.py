@@ -2,8 +2,9 @@
 
 Each hook receives a ``LoopView`` (iterppo_lightning/loop/view.py), the documented
 view of the loop, never the loop itself. The default chain, all at the end of an
-iteration, in order: off-policy estimate, evaluation, export, reporting, early
-stopping (when ``model.loop.early_stopping_patience`` is set). Order matters: each
+iteration, in order: off-policy estimate, evaluation, export, reporting, logging
+(the ``loop/`` metrics of the run's experiment loggers), early stopping (when
+``model.loop.early_stopping_patience`` is set). Order matters: each
 callback reads what the earlier ones added to the record. Collection and the
 state a resume needs are the loop's own steps (loop/controller.py), not callbacks.
 
@@ -34,6 +35,7 @@ from .base import IterationCallback
 from .early_stopping import EarlyStoppingCallback
 from .evaluation import EvaluationCallback, evaluate_policy
 from .export import ExportCallback
+from .loggers import LoggerCallback
 from .off_policy_estimate import OffPolicyEstimateCallback
 from .reporting import ReportingCallback
 
@@ -47,6 +49,7 @@ def default_callbacks(early_stopping_patience: int | None = None) -> list[Iterat
         EvaluationCallback(),
         ExportCallback(),
         ReportingCallback(),
+        LoggerCallback(),
     ]
     if early_stopping_patience is not None:
         chain.append(EarlyStoppingCallback(patience=early_stopping_patience))
@@ -93,6 +96,7 @@ __all__ = [
     "EvaluationCallback",
     "ExportCallback",
     "ReportingCallback",
+    "LoggerCallback",
     "EarlyStoppingCallback",
     "callback_chain",
     "callback_state_keys",

@@ -38,6 +38,7 @@ def _success_on_eval_customers(loop: LoopView, iteration: int, greedy: bool) -> 
         max_prompt_tokens=cfg.max_prompt_tokens,
         greedy=greedy,
         batch_size=cfg.rollout_batch_size,
+        progress=f"evaluate · pi_{iteration + 1}" + (" (greedy)" if greedy else ""),
     )
     stats = summarize_conversations(conversations, gamma=loop.datamodule.gamma)
     return {

@@ -9,20 +9,25 @@ Files written under ``loop.run_dir`` (every write is atomic):
   the critic's off-policy estimate against the logged (and, simulated, the true)
   return, and the critic's and PPO's diagnostics per iteration (learning_curve.py
   says what each panel shows); redrawn after every iteration;
-* ``summary.json`` - the run summary, written at the end.
+* ``summary.json`` - the run summary, written at the end: paths relative to the run folder
+  (``final_policy``), and the best policy by evaluation success, ``best_policy`` (``pi_j``) with
+  ``best_iteration`` = the iteration that made it (j - 1; null for pi_0).
+
+Naming, here and everywhere in a run: policies are pi_0, pi_1, ...; iteration k collects with pi_k, fits Q_k
+and trains pi_(k+1), which it saves in iteration_k/policy. Every JSON file is strict JSON: a number that is
+undefined or was not measured is null, never NaN.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
 
-from iterppo_lightning.utils.atomic_io import atomic_write_json, atomic_write_text, json_default
+from iterppo_lightning.utils.atomic_io import atomic_write_json, atomic_write_text, finite_json
 from iterppo_lightning.utils.stats import as_number, lookup
 
 from .base import IterationCallback
@@ -112,28 +117,8 @@ def table_row(record: dict) -> str:
 
 
 def _plain(obj: Any) -> Any:
-    """``obj`` as plain, strictly valid JSON data.
-
-    Unknown objects become their ``repr`` (a log line is not worth crashing
-    a training run for) and NaN/inf become null (strict JSON has no NaN).
-    """
-
-    def lenient(value: Any) -> Any:
-        try:
-            return json_default(value)
-        except TypeError:
-            return repr(value)
-
-    def finite(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: finite(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [finite(v) for v in value]
-        return value
-
-    return finite(json.loads(json.dumps(obj, default=lenient)))
+    """``obj`` as strictly valid JSON data (NaN/inf as null); unknown objects become their ``repr``."""
+    return finite_json(obj, lenient=True)
 
 
 class ReportingCallback(IterationCallback):
@@ -184,11 +169,12 @@ class ReportingCallback(IterationCallback):
         history = list(loop.history)
         initial = loop.initial_eval
         final = history[-1] if history else {}
-        best = self._best(history)
         candidates = ([("pi_0", initial)] if initial else []) + [
             (str(r.get("policy", f"pi_{i + 1}")), r) for i, r in enumerate(history)
         ]
         best_policy = self._best_named(candidates)
+        # Iteration k trains pi_(k+1) from pi_k: best_iteration is the iteration that made best_policy (none for pi_0).
+        best_iteration = None if best_policy is None or best_policy[1] is initial else best_policy[1].get("iteration")
 
         # Keys already in the summary (e.g. final_policy from the loop) win.
         filled = {
@@ -196,7 +182,7 @@ class ReportingCallback(IterationCallback):
             "final_success_rate": as_number(final.get("success_rate")),
             "final_ci95": final.get("ci95"),
             "iterations": len(history),
-            "best_iteration": None if best is None else best.get("iteration"),
+            "best_iteration": best_iteration,
             "best_policy": None if best_policy is None else best_policy[0],
             "best_success_rate": None if best_policy is None else as_number(best_policy[1].get("success_rate")),
         }
@@ -238,11 +224,6 @@ class ReportingCallback(IterationCallback):
             if rate is not None and (best is None or rate > best[0]):
                 best = (rate, name, record)
         return None if best is None else (best[1], best[2])
-
-    @classmethod
-    def _best(cls, history: list[dict]) -> dict | None:
-        found = cls._best_named([("", r) for r in history])
-        return None if found is None else found[1]
 
     @staticmethod
     def _write_metrics(run_dir: Path, records: list[dict]) -> None:

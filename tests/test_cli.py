@@ -64,7 +64,8 @@ def test_fit_writes_summary_and_learning_curve(smoke_run):
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["final_success_rate"] == last["success_rate"]
     assert 0 <= summary["initial_success_rate"] <= 1
-    final = Path(summary["final_policy"])
+    assert not Path(summary["final_policy"]).is_absolute()  # relative to the run folder
+    final = run_dir / summary["final_policy"]
     assert final.is_dir()
     assert final.resolve() == (run_dir / f"iteration_{ITERATIONS - 1}" / "policy").resolve()
     # final_policy (the link users pass to evaluate) points at the same newest policy.

@@ -15,6 +15,7 @@ from iterppo_lightning.env.episodes import episode_seeds, run_episodes
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.env.scripted_agents import BehaviourAgent, play_episode
 from iterppo_lightning.models.policy_folder import load_policy, read_card
+from iterppo_lightning.utils.progress import with_progress
 
 BEHAVIOUR_POLICY_ID = "behaviour"
 
@@ -62,11 +63,15 @@ def collect_logs(
             max_prompt_tokens=system.loop.max_prompt_tokens,
             greedy=greedy,
             batch_size=batch_size,
+            progress="collect",
         )
     else:
         agent = BehaviourAgent(**system.bootstrap.behaviour)
         policy_id = BEHAVIOUR_POLICY_ID
-        conversations = [play_episode(agent, simulator, s, f"{policy_id}-{seed}-{s}") for s in seeds]
+        conversations = [
+            play_episode(agent, simulator, s, f"{policy_id}-{seed}-{s}")
+            for s in with_progress(seeds, "collect", len(seeds))
+        ]
         for conv in conversations:
             conv.policy_id = policy_id
     for conv in conversations:

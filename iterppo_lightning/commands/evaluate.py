@@ -31,6 +31,7 @@ def evaluate_saved_policy(
         max_prompt_tokens=max_prompt_tokens,
         greedy=greedy,
         batch_size=batch_size,
+        progress="evaluate",
     )
     stats = summarize_conversations(conversations, gamma=gamma)
     return {

@@ -29,7 +29,7 @@ from pathlib import Path
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
 
@@ -49,6 +49,8 @@ from iterppo_lightning.loop.controller import NumericalFault, OuterLoop
 from iterppo_lightning.loop.run_dir import RunDirError
 from iterppo_lightning.loop.run_state import RunStateError
 from iterppo_lightning.system import IterativePPO
+from iterppo_lightning.utils.progress_bar import PhaseProgressBar
+from iterppo_lightning.utils.third_party import quiet_deepspeed_accelerator_detection
 
 __all__ = ["main", "resolve_fit_config", "FitConfigError", "IterPPOCLI", "IterPPOTrainer", "TRAINER_DEFAULTS"]
 
@@ -56,7 +58,11 @@ TRAINER_DEFAULTS = {
     # What a resume needs is the loop's job: each step commits its weights (critic.pt, the policy folder) and
     # run_state.json to the run folder (loop/run_dir.py). Lightning's checkpoints would pile up per phase.
     "enable_checkpointing": False,
-    "logger": False,
+    # `fit` logs the whole run to one set of loggers at one global step (loop/run_logger.py): true = a CSV file
+    # (and TensorBoard when installed) in RUN/logs; Logger objects (W&B, MLflow, ...) = those and the CSV; false =
+    # none. Every phase logs every step: a phase often has fewer steps than Lightning's default interval (50).
+    "logger": True,
+    "log_every_n_steps": 1,
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,
 }
@@ -287,13 +293,17 @@ class IterPPOCLI(LightningCLI):
         overrides.setdefault("strategy", build_phase_strategy(phase, raw, getattr(self, "_model_for_strategies", None)))
         # Our DataModule shards every global batch itself (distributed/collectives.py: ShardedBatchSampler).
         overrides.setdefault("use_distributed_sampler", False)
+        # The run's loggers come from the loop (`logger=`, at the run's global step); a phase Trainer made outside
+        # a run (`iterppo bootstrap`) logs nothing rather than restart at step 0 in a folder of its own.
+        overrides.setdefault("logger", False)
         # instantiate_trainer extends the callbacks list in place: hand it a copy per phase.
         callbacks = list(trainer_config.get("callbacks") or [])
         if trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            # A fresh rich bar per phase: a bar object is tied to the Trainer that used it.
-            callbacks.append(RichProgressBar(leave=True))
+            # A fresh bar per phase (a bar object is tied to the Trainer that used it), named after the phase;
+            # the loop adds the iteration ("critic · iteration 2").
+            callbacks.append(PhaseProgressBar(label=phase, leave=True))
         overrides.setdefault("callbacks", callbacks)
         return self.instantiate_trainer(**overrides)
 
@@ -313,6 +323,7 @@ class IterPPOCLI(LightningCLI):
             config_text=self._parser("fit").dump(config, skip_none=False),
             resume=bool(config["resume"]),
             allow_config_change=bool(config["allow_config_change"]),
+            logger=self._get(self.config_init, "trainer", default={}).get("logger"),
         )
         # Several processes: start them all now, before any work, so each runs the whole loop (SPMD).
         launch_processes(self.trainer, loop.run)
@@ -336,6 +347,9 @@ def _quiet_third_party() -> None:
     # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 renamed (once per collective).
     warnings.filterwarnings("ignore", message=r"`torch.distributed.\w+` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # `logger: true` builds the run's loggers (loop/run_logger.py), which say once when TensorBoard is missing.
+    warnings.filterwarnings("ignore", message=r"Starting from v1.9.0, `tensorboardX` has been removed")
+    quiet_deepspeed_accelerator_detection()
     # Every process logs the same (global) PPO statistics; critic metrics are synced where it matters.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 

@@ -16,6 +16,7 @@ import torch
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.data.rendering import render_state
 from iterppo_lightning.models.generation import sample_responses
+from iterppo_lightning.utils.progress import Progress
 from iterppo_lightning.utils.seeding import derive_seed, derive_uniform
 from iterppo_lightning.utils.stats import summarize_outcomes
 
@@ -122,14 +123,17 @@ def run_episodes(
     greedy: bool = False,
     batch_size: int = 256,
     exploration: Exploration | None = None,
+    progress: str | None = None,
 ) -> list[Conversation]:
     """Play one episode per seed with `model` suggesting every agent reply.
 
     `exploration` (collection only): exploring starts, at most one reply per conversation sampled at a higher
     temperature (see `Exploration`); the explored turn's index is kept in the conversation's
-    metadata["explored_turn"].
+    metadata["explored_turn"]. `progress` (a label, e.g. "collect"): report finished conversations on stderr
+    while it runs long (utils/progress.py).
     """
     episodes = [environment.new_episode(s, f"{id_prefix}{s}") for s in seeds]
+    report = Progress(progress, len(episodes)) if progress else None
     while True:
         live = [ep for ep in episodes if not ep.done]
         if not live:
@@ -163,6 +167,10 @@ def run_episodes(
             else:
                 for ep, reply in zip(chunk, replies):
                     ep.step(reply)
+            if report is not None:
+                report.update(sum(ep.done for ep in episodes))
+    if report is not None:
+        report.close()
     for ep in episodes:
         ep.conversation.iteration = iteration
         ep.conversation.policy_id = policy_id

@@ -27,6 +27,7 @@ from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.data.conversation import Conversation, Turn
 from iterppo_lightning.models.chat_generation import generate_chat
 from iterppo_lightning.utils.atomic_io import atomic_write_json
+from iterppo_lightning.utils.progress import Progress
 from iterppo_lightning.utils.seeding import imagine_outcome_rng
 
 __all__ = [
@@ -342,9 +343,11 @@ def parse_dialogue(text: str, outcome: int, conversation_id: str, persona: str, 
 
 
 # ---------------------------------------------------------------------- generation
-def _generate(model, tokenizer, prompts: list[str], config: ImagineConfig) -> list[str]:
-    """One reply per prompt, one generate call per `batch_size` prompts."""
+def _generate(model, tokenizer, prompts: list[str], config: ImagineConfig, what: str = "replies") -> list[str]:
+    """One reply per prompt, one generate call per `batch_size` prompts; a long run reports `what` it has written
+    so far on stderr (utils/progress.py)."""
     replies: list[str] = []
+    progress = Progress("imagine", len(prompts), what)
     for start in range(0, len(prompts), config.batch_size):
         chunk = [[{"role": "user", "content": p}] for p in prompts[start : start + config.batch_size]]
         replies.extend(
@@ -357,6 +360,8 @@ def _generate(model, tokenizer, prompts: list[str], config: ImagineConfig) -> li
                 batch_size=config.batch_size,
             )
         )
+        progress.update(len(replies))
+    progress.close()
     return replies
 
 
@@ -409,7 +414,7 @@ def imagine_dialogues(model, tokenizer, config: ImagineConfig, personas: list[st
     jobs = [(p_index, j) for p_index in range(len(personas)) for j in range(config.dialogues_per_persona)]
     outcomes = sample_outcomes(config, len(jobs))
     prompts = [dialogue_prompt(config.task, personas[p], o) for (p, _), o in zip(jobs, outcomes)]
-    raw = _generate(model, tokenizer, prompts, config)
+    raw = _generate(model, tokenizer, prompts, config, "dialogues")
     texts, cut = _complete_lines(tokenizer, raw, config)
 
     report = ImagineReport(
@@ -449,7 +454,9 @@ def _apply_critique(
     """Replace each kept dialogue by its rewrite when the rewrite parses with the same ending."""
     # The rewrite is asked of the normalised dialogue, so model preambles and stage
     # directions in the original do not leak into it.
-    report.raw_critiques = _generate(model, tokenizer, [critique_prompt(_render(lines)) for _, lines in kept], config)
+    report.raw_critiques = _generate(
+        model, tokenizer, [critique_prompt(_render(lines)) for _, lines in kept], config, "critiques"
+    )
     rewrites, cut = _complete_lines(tokenizer, report.raw_critiques, config)
     report.cut_off += cut
     for i, ((conv, _), text) in enumerate(zip(kept, rewrites)):

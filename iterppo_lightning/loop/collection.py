@@ -58,6 +58,7 @@ def simulate_batch(loop: LoopView, k: int, episodes: int | None = None) -> list[
         temperature=cfg.collect_temperature,
         batch_size=cfg.rollout_batch_size,
         exploration=Exploration(cfg.explore_prob, cfg.explore_temperature, loop.seed) if cfg.explore_prob > 0 else None,
+        progress=f"collect · iteration {k}",
     )
 
 

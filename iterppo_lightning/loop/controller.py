@@ -24,12 +24,15 @@ take part in the phase fits, and rank 0's early-stop decision is broadcast.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import yaml
+from lightning.pytorch.loggers import Logger
 from rich.console import Console
 
 from iterppo_lightning.callbacks import IterationCallback, callback_chain, callback_states, load_callback_states
@@ -43,6 +46,7 @@ from iterppo_lightning.loop.bootstrap import behaviour_clone, make_pi0
 from iterppo_lightning.loop.critic_probe import ProbeContext, run_critic_probe
 from iterppo_lightning.loop.oracle_critic import OracleCritic, make_oracle_critic
 from iterppo_lightning.loop.run_dir import WORLD_SIZE_KEYS, OpenSettings, RunFolder, write_bootstrap_record
+from iterppo_lightning.loop.run_logger import PHASE_NAMESPACES, RunLogger
 from iterppo_lightning.loop.run_state import IterationProgress, RunState, RunStateError
 from iterppo_lightning.loop.variants import (
     DataSource,
@@ -54,6 +58,7 @@ from iterppo_lightning.loop.variants import (
 from iterppo_lightning.loop.view import LoopView
 from iterppo_lightning.models.policy_folder import check_policy_dir
 from iterppo_lightning.models.source import check_source, enable_gradient_checkpointing, load_causal_lm
+from iterppo_lightning.utils.progress_bar import name_progress_bar
 from iterppo_lightning.utils.seeding import derive_seed
 
 TrainerFactory = Callable[..., L.Trainer]
@@ -105,6 +110,7 @@ class OuterLoop:
         resume: bool = False,
         allow_config_change: bool = False,
         console: Console | None = None,
+        logger: bool | Logger | list[Logger] | None = None,
     ):
         """
         Args:
@@ -117,11 +123,18 @@ class OuterLoop:
             config_text: the config as YAML, kept in config.yaml and compared on resume.
             resume: finish an interrupted run instead of refusing its folder.
             allow_config_change: resume although the config changed.
+            logger: `trainer.logger`: None/True = the run's CSV (and TensorBoard) logs in RUN/logs, False = none,
+                Logger object(s) = those and the CSV (loop/run_logger.py).
         """
         self.system = system
         self.config = system.loop
         self.datamodule = datamodule
-        self.trainer_factory = trainer_factory
+        self.make_trainer = trainer_factory
+        self.logger_setting = logger
+        self.run_logger: RunLogger | None = None
+        """The run's loggers and global step (made once the run folder is open)."""
+        self.current_iteration = -1
+        """The iteration the phase Trainers are for (-1: pi_0), for their logger and progress bar."""
         self.seed = seed
         self.console = console or Console(stderr=True)
         self.callbacks = callback_chain(system.loop) if callbacks is None else list(callbacks)
@@ -172,6 +185,9 @@ class OuterLoop:
             ) from err
 
     def _run(self) -> dict:
+        self.run_logger = RunLogger(self.run_dir, self.logger_setting, state=self.state, console=self.console)
+        if self.run_logger.enabled and self.main and self.run_logger.next_step == 0 and self.settings.config_text:
+            self.run_logger.log_hyperparams(yaml.safe_load(self.settings.config_text) or {})  # once per run
         self.view = self.make_view()
         self.base_model_dir = self.folder.policy_dir(0)
         self.start_from_pi0()
@@ -185,6 +201,7 @@ class OuterLoop:
     def run_iteration(self, k: int) -> None:
         """One iteration; each step commits, and a resumed iteration skips the steps already on disk."""
         progress = self.folder.begin_iteration(k, self.logs)
+        self.current_iteration = k
         self.record = progress.record
         self._call("on_iteration_start", k)
         self.collect(k, progress)  # D_k with pi_k
@@ -439,14 +456,16 @@ class OuterLoop:
         self._call("on_policy_end", k, self.record[key])
 
     def _policy_card(self, k: int, source: dict) -> dict:
+        """pi_(k+1)'s lineage card; its paths are relative to the policy folder it is saved in (the run can move)."""
+        here = self.folder.policy_dir(k + 1)
         pooled = [(k - age, w) for age, w in enumerate(self.datamodule.pool_weights[1:], 1) if k - age >= 0 and w > 0]
         return {
             "policy_id": f"pi_{k + 1}",
             "parent": f"pi_{k}",
             "iteration": k,
             "run_id": self.state.run_id,
-            "run_dir": str(self.run_dir.resolve()),
-            "base_model": str(Path(self.base_model_dir).resolve()),
+            "run_dir": os.path.relpath(self.run_dir, here),
+            "base_model": os.path.relpath(self.base_model_dir, here),
             "trained_on": source,
             "pooled": [{"iteration": j, "weight": w} for j, w in pooled],
             "critic_target": self.system.critic.target,
@@ -482,12 +501,14 @@ class OuterLoop:
 
     def finish(self) -> dict:
         state = self.state
-        summary = {"final_policy": str(self.folder.policy_dir(state.completed_iterations))}
+        # Relative to the run folder, as every path in summary.json: the folder can be moved or copied whole.
+        summary = {"final_policy": os.path.relpath(self.folder.policy_dir(state.completed_iterations), self.run_dir)}
         if not self.logs and (self.view.should_stop or state.completed_iterations >= self.config.iterations):
             state.finished = True
         state.stopped_early = state.stopped_early or self.view.should_stop
         self._call("on_run_end", summary)
         self.folder.commit()
+        self.run_logger.finalize("success")
         return summary
 
     # -- resume -------------------------------------------------------------------------------
@@ -529,6 +550,7 @@ class OuterLoop:
             critic=self.system.critic if self.improvement.uses_critic else None,
             datamodule=self.datamodule,
             folder=self.folder,
+            logger=self.run_logger,
         )
 
     def check_model_sources(self) -> None:
@@ -544,6 +566,18 @@ class OuterLoop:
             check_source(system.customer_model or system.base_model, require_chat_template=True)
             if system.judge_model is not None:
                 check_source(system.judge_model, require_chat_template=True)
+
+    def trainer_factory(self, phase: str, **overrides) -> L.Trainer:
+        """A fresh Trainer for one phase (the CLI's factory), logging to the run's loggers at the run's global step
+        under the phase's namespace, its progress bar named after the phase and the iteration ("ppo · iteration
+        2"). Every phase fit of the run, bootstrap and the variants' too, gets its Trainer here."""
+        phase_logger = self.run_logger.for_phase(phase) if self.run_logger is not None else False
+        overrides.setdefault("logger", phase_logger)
+        trainer = self.make_trainer(phase, **overrides)
+        namespace = phase_logger.namespace if phase_logger else PHASE_NAMESPACES.get(phase, phase)
+        k = self.current_iteration
+        name_progress_bar(trainer, f"{namespace} · {'pi_0' if k < 0 else f'iteration {k}'}")
+        return trainer
 
     def fit_phase(self, phase: str, module, k: int, max_epochs: int, logs: str) -> L.Trainer:
         """One phase fit in a fresh Trainer; under DeepSpeed with keep_optimizer_state its optimizer state goes

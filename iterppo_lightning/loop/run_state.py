@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from iterppo_lightning.utils.atomic_io import atomic_path, is_temp_name, json_default
+from iterppo_lightning.utils.atomic_io import atomic_path, finite_json, is_temp_name
 from iterppo_lightning.utils.failpoints import failpoint
 
 STATE_FILE = "run_state.json"
@@ -67,6 +67,8 @@ class RunState:
     stopped_early: bool = False
     mode: str = "simulator"
     """"logs" once the run has trained on logs: it then only continues with the next batch of logs."""
+    logger_step: int = 0
+    """The next global step of the run's experiment loggers (loop/run_logger.py): a resume logs from here on."""
 
     def known_policy_ids(self) -> set[str]:
         """Policies of this run (pi_0 .. last exported) and every policy id already seen in its data."""
@@ -82,7 +84,8 @@ class RunState:
 
 
 def save_run_state(run_dir: Path, state: RunState) -> None:
-    text = json.dumps(asdict(state), indent=2, default=json_default, allow_nan=True) + "\n"
+    # Strict JSON: a NaN or inf metric is written as null (as in metrics.jsonl), which loading accepts.
+    text = json.dumps(finite_json(asdict(state)), indent=2, allow_nan=False) + "\n"
     with atomic_path(run_dir / STATE_FILE) as tmp:
         tmp.write_text(text, encoding="utf-8")
         failpoint("run_state.before_rename")

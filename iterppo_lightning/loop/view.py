@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from iterppo_lightning.env.episodes import Environment
     from iterppo_lightning.loop.config import LoopConfig
     from iterppo_lightning.loop.run_dir import RunFolder
+    from iterppo_lightning.loop.run_logger import RunLogger
     from iterppo_lightning.modules.critic import CriticModule
     from iterppo_lightning.modules.policy import PolicyModule
 
@@ -50,6 +51,9 @@ class LoopView:
     """Set it to True in `on_iteration_end` to stop after the current iteration (early stopping)."""
     folder: RunFolder | None = None
     """The run folder (loop/run_dir.py), the one place its layout is spelled; None = `RunFolder(run_dir)`."""
+    logger: RunLogger | None = None
+    """The run's experiment loggers (loop/run_logger.py): `logger.log_metrics({"loop/...": x})` logs at the run's
+    next global step; None when the loop has none (callbacks then log nothing)."""
 
     def __post_init__(self) -> None:
         if self.folder is None:

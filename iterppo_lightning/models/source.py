@@ -7,8 +7,10 @@ package ("pypackage:NAME[/SUBDIR]"). `check_source` finds the usual mistakes
 GGUF, no chat template) from metadata alone, in well under a second, so a
 config error never surfaces minutes into a run as a transformers traceback.
 
-There is no network here: hub ids are only looked up in the local cache and
-every `from_pretrained` call runs with `local_files_only=True`.
+A hub id is downloaded into the local Hugging Face cache when the checks run (before any training), unless
+the standard variables HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1 say there is no network: then it must be in the
+cache already. Either way the model then loads from the cache: every `from_pretrained` call runs with
+`local_files_only=True`, so a run never downloads anything half-way through.
 """
 
 from __future__ import annotations
@@ -333,17 +335,53 @@ def _cached_hub_file(repo_id: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None  # None or a "known missing" sentinel otherwise
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+# What a causal LM folder needs besides its weights; a GGUF repository holds many quantisations: fetch one.
+_GGUF_COMPANIONS = ["*.json", "*.jinja", "tokenizer*"]
+_NOT_NEEDED = ["*.gguf", "*.onnx", "onnx/*", "*.h5", "*.msgpack", "*.ot", "*.tflite", "original/*", "coreml/*"]
+
+
+def hub_offline() -> str | None:
+    """The variable (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) that says there is no network, or None when online."""
+    return next((name for name in OFFLINE_VARIABLES if os.environ.get(name, "").strip().upper() in _TRUE), None)
+
+
+def download_hub_model(source: ModelSource) -> None:
+    """Bring a hub id's files into the local Hugging Face cache (only what loading needs; a no-op when complete).
+    If the hub cannot be reached but a copy is cached, the cached copy is used; without one: ModelSourceError."""
+    from huggingface_hub import snapshot_download
+
+    gguf = source.gguf_file
+    try:
+        snapshot_download(
+            source.path,
+            allow_patterns=[gguf, *_GGUF_COMPANIONS] if gguf else None,
+            ignore_patterns=None if gguf else _NOT_NEEDED,
+        )
+    except Exception as err:  # any failure to reach or read the hub: the cache decides below
+        if _cached_hub_file(source.path, gguf or "config.json") is None:
+            raise ModelSourceError(
+                f"model {source.path!r} is not a local folder, not in the local Hugging Face cache, and could not be "
+                f"downloaded ({type(err).__name__}: {err}). Check the id and the network, or pass a local folder / "
+                ".gguf path"
+            ) from err
+
+
 def _check_hub(source: ModelSource, require_chat_template: bool) -> None:
-    """A hub id must already be in the local cache: check its snapshot folder like a local one."""
+    """A hub id: downloaded into the local cache when online, then its snapshot folder checked like a local one."""
     from huggingface_hub import constants
 
+    offline = hub_offline()
+    if offline is None:
+        download_hub_model(source)
     wanted = source.gguf_file or "config.json"
     found = _cached_hub_file(source.path, wanted)
     if found is None:
         raise ModelSourceError(
             f"model {source.path!r} is not a local folder and its {wanted} is not in the local Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}); there is no network here to download it. Download it where there is "
-            "(huggingface-cli download) or pass a local folder / .gguf path"
+            f"({constants.HF_HUB_CACHE}); {offline} is set, so it is not downloaded. Unset {offline} to download "
+            "it, download it where there is a network (hf download), or pass a local folder / .gguf path"
         )
     where = f"{source.path!r} (cached at {found.parent})"
     if source.gguf_file:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ __all__ = [
     "is_temp_name",
     "fsync_dir",
     "json_default",
+    "finite_json",
 ]
 
 
@@ -52,6 +54,34 @@ def json_default(obj: Any) -> Any:
         if callable(method):
             return method()
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def finite_json(obj: Any, *, lenient: bool = False) -> Any:
+    """``obj`` as plain, strictly valid JSON data: NaN and inf become None (null), numpy/torch values plain numbers.
+
+    Strict JSON has no NaN: every JSON file of a run goes through this, so any JSON reader can read it; a reader
+    of these files takes null where a number may be missing or undefined. ``lenient``: an object ``json_default``
+    cannot convert becomes its ``repr`` instead of raising (a log line is not worth crashing a run for).
+    """
+
+    def default(value: Any) -> Any:
+        try:
+            return json_default(value)
+        except TypeError:
+            if lenient:
+                return repr(value)
+            raise
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [finite(v) for v in value]
+        return value
+
+    return finite(json.loads(json.dumps(obj, default=default)))
 
 
 @contextlib.contextmanager
@@ -178,10 +208,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
 def atomic_write_json(
     path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2, default: Any = json_default
 ) -> None:
-    """Atomically replace ``path`` with ``obj`` as JSON (plus a trailing newline).
+    """Atomically replace ``path`` with ``obj`` as strict JSON (plus a trailing newline); NaN and inf are
+    written as null (``finite_json``).
 
     Serialization happens before anything touches the disk, so an object that
     cannot be serialized raises and leaves the old file as it was.
     """
-    text = json.dumps(obj, indent=indent, default=default) + "\n"
+    plain = finite_json(json.loads(json.dumps(obj, default=default, allow_nan=True)))
+    text = json.dumps(plain, indent=indent, allow_nan=False) + "\n"
     atomic_write_text(path, text)

@@ -13,6 +13,7 @@ from iterppo_lightning.callbacks import (
     EvaluationCallback,
     ExportCallback,
     IterationCallback,
+    LoggerCallback,
     OffPolicyEstimateCallback,
     ReportingCallback,
     callback_chain,
@@ -23,7 +24,7 @@ from iterppo_lightning.callbacks import (
 from iterppo_lightning.loop.config import LoopConfig
 from iterppo_lightning.loop.view import LoopView
 
-DEFAULT_CHAIN = [OffPolicyEstimateCallback, EvaluationCallback, ExportCallback, ReportingCallback]
+DEFAULT_CHAIN = [OffPolicyEstimateCallback, EvaluationCallback, ExportCallback, ReportingCallback, LoggerCallback]
 
 
 class RecordingCallback(IterationCallback):
@@ -123,7 +124,7 @@ def test_two_callbacks_of_one_class_keep_their_own_state_across_a_resume():
     first.best, first.best_iteration, first.wait = 0.5, 1, 2
     second.best, second.best_iteration, second.wait = -3.0, 0, 1
     saved = json.loads(json.dumps(callback_states(chain)))  # as committed to run_state.json
-    assert set(saved) == {"EarlyStoppingCallback#0", "EarlyStoppingCallback#1"}
+    assert set(saved) == {"EarlyStoppingCallback#0", "EarlyStoppingCallback#1", "LoggerCallback"}
     resumed = callback_chain(config)
     load_callback_states(resumed, saved)
     assert [(cb.best, cb.best_iteration, cb.wait) for cb in resumed[-2:]] == [(0.5, 1, 2), (-3.0, 0, 1)]

@@ -130,6 +130,8 @@ def test_gguf_of_a_supported_architecture_passes_the_cheap_check(tmp_path):
 def test_hub_id_in_the_local_cache_loads_offline(tiny_dir, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
     repo = tmp_path / "models--someorg--tiny-chat"
     commit = "0" * 40
     (repo / "refs").mkdir(parents=True)
@@ -207,12 +209,61 @@ def test_folder_holding_a_headless_llama_is_not_a_causal_lm(tiny_dir, tmp_path):
     assert_error(ModelSource(str(tmp_path)), str(tmp_path), "LlamaModel", "not a causal LM")
 
 
-def test_hub_id_not_in_the_cache_says_no_network(tmp_path, monkeypatch):
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_hub_id_not_in_the_cache_offline_names_the_variable(tmp_path, monkeypatch, variable):
+    import huggingface_hub
     from huggingface_hub import constants
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(variable, "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    message = assert_error(ModelSource("someorg/not-cached-model"), "someorg/not-cached-model", "no network")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("offline: no download"))
+    message = assert_error(ModelSource("someorg/not-cached-model"), "someorg/not-cached-model", f"{variable} is set")
     assert "cache" in message
+
+
+def _fake_hub(tmp_path: Path, tiny_dir: Path, calls: list):
+    """A snapshot_download that 'downloads' tiny_dir into a cache under tmp_path, recording its arguments."""
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        repo = tmp_path / f"models--{repo_id.replace('/', '--')}"
+        commit = "1" * 40
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        if not (repo / "snapshots" / commit).exists():
+            shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+        return str(repo / "snapshots" / commit)
+
+    return snapshot_download
+
+
+def test_hub_id_is_downloaded_when_online_then_loads_from_the_cache(tiny_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    calls: list = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(tmp_path, Path(tiny_dir), calls))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    model, tokenizer = load_causal_lm(ModelSource("someorg/tiny-chat"), require_chat_template=True)
+    assert calls and calls[0][0] == "someorg/tiny-chat"
+    assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.chat_template
+
+
+def test_hub_id_that_cannot_be_downloaded_names_the_id_and_the_error(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def unreachable(repo_id, **kwargs):
+        raise OSError("could not resolve huggingface.co")
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert_error(ModelSource("someorg/missing"), "someorg/missing", "could not be downloaded", "could not resolve")
 
 
 def test_require_chat_template_with_a_tokenizer_without_one(tmp_path):
