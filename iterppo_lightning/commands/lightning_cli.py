@@ -158,7 +158,7 @@ class IterPPOTrainer(L.Trainer):
         """Simulate conversations and write them as logs (docs/data.md): a file `fit --data.logs` accepts.
 
         Args:
-            output: the log file to write, `.jsonl` or `.parquet` (never overwritten).
+            output: the log file to write, `.jsonl`, `.jsonl.gz` or `.parquet` (never overwritten).
             episodes: number of simulated conversations.
             seed: seed of the simulated customers (another seed gives other customers and conversation ids).
             policy: a saved policy folder to suggest the replies; empty = the scripted behaviour agent.
