@@ -24,7 +24,11 @@ FIT_ONLY_KEYS = ("ckpt_path", "weights_only")
 """Arguments of `Trainer.fit` that a run's config.yaml records and the other subcommands do not take."""
 DEFAULT_POLICY = "final_policy"
 """The policy of a run that `evaluate` and `sample` use when given --run_dir without --policy."""
-_SHORT_OPTIONS = {"sample": {"-n": "--dialogues"}}
+_SHORT_OPTIONS = {
+    "evaluate": {"-c": "--config"},
+    "collect": {"-c": "--config"},
+    "sample": {"-c": "--config", "-n": "--dialogues"},
+}
 _BARE_FLAGS = ("--greedy",)
 """Boolean options that may be given without a value (`--greedy` = `--greedy true`)."""
 _BOOLEANS = {"true", "false", "yes", "no", "1", "0", "on", "off"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -193,6 +194,8 @@ def _json_value(value: Any) -> Any:
         return {str(k): _json_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_value(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # how pandas writes a missing value; JSON has no NaN
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     raise TypeError(f"got {type(value).__name__} {_show(value)}; store it as text or drop the column")

@@ -1,4 +1,5 @@
-"""`iterppo sample` prints a trained policy's dialogues; evaluate, collect and sample take their config from a run.
+"""`iterppo sample` prints a trained policy's dialogues; evaluate, collect and sample take their config from a run,
+and validate-data --run_dir the run's message limit and tokenizer.
 
 One smoke fit per module (a real `iterppo fit` subprocess); every command then runs as a user would type it.
 """
@@ -7,15 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import yaml
 from cli_helpers import SMOKE, last_json_line, run_cli, run_inprocess
+from conftest import make_conversations
 
 from iterppo_lightning.commands.run_config import FIT_ONLY_KEYS, RunConfigError, find_run_dir, with_run_config
 from iterppo_lightning.commands.sample import format_dialogue
 from iterppo_lightning.data.conversation import Conversation, Turn
-from iterppo_lightning.data.log_io import read_logs
+from iterppo_lightning.data.log_io import read_logs, write_logs
 
 DIALOGUE_HEADER = re.compile(r"^dialogue (\d+) of (\d+)$", re.MULTILINE)
 
@@ -110,6 +113,25 @@ def test_collect_with_run_dir_writes_logs_with_the_runs_settings(run_dir, tmp_pa
     assert len(read_logs(output)) == 3
 
 
+def test_validate_data_with_run_dir_uses_the_runs_message_limit_and_tokenizer(run_dir, tmp_path):
+    conversations = make_conversations(6, seed0=7000)
+    for conv in conversations:
+        conv.policy_id = "pi_1"
+        for turn in conv.turns:
+            turn.customer = turn.customer.capitalize() + " 🙂"  # as a business might log it
+    logs = write_logs(conversations, tmp_path / "logs.jsonl")
+    proc = run_cli("validate-data", str(logs), "--run_dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unknown token '<unk>', e.g." in proc.stderr  # pi_1's word-level tokenizer
+    copy = tmp_path / "run_copy"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["data"]["max_message_chars"] = 30
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    limited = run_cli("validate-data", str(logs), "--run_dir", str(copy))
+    assert limited.returncode == 1 and "over the limit of 30 (data.max_message_chars" in limited.stderr
+
+
 # -- the command line rewriting, without running anything ---------------------------------------------------
 
 
@@ -125,6 +147,8 @@ def test_with_run_config_puts_the_runs_config_first_without_fit_only_keys(run_di
     config = _config_of(argv)
     assert not set(FIT_ONLY_KEYS) & set(config) and config["model"] == saved["model"]
     assert argv[3:] == ["--run_dir", str(run_dir), "--seed", "1", "--policy", str(run_dir / "final_policy")]
+    saved_as_is = with_run_config(["collect", "-c", str(run_dir / "config.yaml"), "--output", "x.jsonl"])
+    assert saved_as_is[1] == "--config" and not set(FIT_ONLY_KEYS) & set(_config_of(saved_as_is))
     found = with_run_config(["sample", "--policy", str(run_dir / "iteration_0" / "policy"), "-n", "2", "--greedy"])
     assert _config_of(found)["data"] == saved["data"] and found[-4:] == ["--dialogues", "2", "--greedy", "true"]
     assert find_run_dir(run_dir / "pi_0" / "policy") == run_dir

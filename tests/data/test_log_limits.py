@@ -142,10 +142,10 @@ def test_extra_columns_are_kept_in_metadata_with_one_warning_in_every_format(tmp
 
 def test_extra_columns_reach_metadata_as_json_and_typos_stay_problems(tmp_path):
     row = records()[0]
-    stamped = dict(row, created_at=dt.datetime(2026, 11, 2, 10, 15), channel=None)
+    stamped = dict(row, created_at=dt.datetime(2026, 11, 2, 10, 15), channel=None, rating=float("nan"))
     problems, conversation = check_record(stamped, tabular=True)
     assert not problems and conversation.metadata["created_at"] == "2026-11-02T10:15:00"
-    assert conversation.metadata["channel"] is None
+    assert conversation.metadata["channel"] is None and conversation.metadata["rating"] is None  # pandas' missing
     for typo, hint in (("outcomes", "'outcome' is a field of each turn"), ("policy", "did you mean 'policy_id'")):
         problems, conversation = check_record(dict(row, **{typo: 1}))
         assert conversation is None and problems == [(typo, problems[0][1])] and hint in problems[0][1]
