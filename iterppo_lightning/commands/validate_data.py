@@ -57,7 +57,7 @@ def build_parser() -> ArgumentParser:
         type=int | None,
         default=None,
         help=f"the longest message allowed, in characters, as fit's data.max_message_chars (default: the run's "
-        f"setting with --run_dir, else {DEFAULT_MAX_MESSAGE_CHARS}; null = no limit)",
+        f"setting with --run_dir, else {DEFAULT_MAX_MESSAGE_CHARS})",
     )
     parser.add_argument(
         "--tokenizer",
