@@ -37,6 +37,11 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(
         "Score a saved policy on fresh simulated customers; prints one JSON object.", _LIGHTNING, lightning=True
     ),
+    "sample": Command(
+        "Print a saved policy's full dialogues with fresh simulated customers, readable in a terminal.",
+        _LIGHTNING,
+        lightning=True,
+    ),
     "collect": Command(
         "Simulate conversations and write them as logs that `fit --data.logs` accepts.", _LIGHTNING, lightning=True
     ),
@@ -105,6 +110,16 @@ def main(args: list[str] | None = None) -> None:
     if command is None or command.lightning:
         # Options before the subcommand (`iterppo --config C fit`) are LightningCLI's to parse. None = this
         # process's arguments: LightningCLI warns when it is handed arguments beside the process's own.
+        from iterppo_lightning.commands.run_config import RunConfigError, with_run_config
+
+        try:
+            given = argv
+            argv = with_run_config(argv)  # evaluate, collect, sample: the config of a run folder
+        except RunConfigError as err:
+            print(f"iterppo: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        if args is None and argv != given:
+            sys.argv[1:] = argv
         descriptions = {n: c.purpose for n, c in COMMANDS.items() if c.lightning}
         _load(_LIGHTNING)(None if args is None else argv, descriptions)
         return

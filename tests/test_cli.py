@@ -239,6 +239,7 @@ def test_help_lists_every_subcommand_with_its_purpose(capsys):
     assert list(COMMANDS) == [
         "fit",
         "evaluate",
+        "sample",
         "collect",
         "imagine",
         "bootstrap",

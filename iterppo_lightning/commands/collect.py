@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iterppo_lightning.data.log_io import summarize_logs, write_logs
+from iterppo_lightning.data.log_io import is_log_file_name, summarize_logs, write_logs
 from iterppo_lightning.env.episodes import episode_seeds, run_episodes
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.env.scripted_agents import BehaviourAgent, play_episode
@@ -39,12 +39,12 @@ def collect_logs(
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     if not output:
-        raise ValueError("collect needs --output FILE (.jsonl or .parquet)")
+        raise ValueError("collect needs --output FILE (.jsonl, .jsonl.gz or .parquet)")
     out = Path(output)
     if out.exists():
         raise FileExistsError(f"{output!r} already exists; logs are never overwritten")
-    if out.suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"--output {output!r}: the name must end in .jsonl or .parquet")
+    if not is_log_file_name(out):
+        raise ValueError(f"--output {output!r}: the name must end in .jsonl, .jsonl.gz or .parquet")
     simulator = make_environment(system)  # the scripted simulator, or the LLM customer when configured
     # Namespace "logs" is used by nothing else, so these customers are new to any run.
     seeds = episode_seeds("logs", seed, 0, episodes)

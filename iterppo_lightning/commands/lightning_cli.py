@@ -5,6 +5,8 @@
     iterppo fit --config configs/quickstart.yaml --run_dir runs/quickstart [--resume]
     iterppo fit --config C --run_dir runs/logged --data.logs logs/batch_0.jsonl   # one iteration on logs
     iterppo evaluate --config configs/quickstart.yaml --policy runs/quickstart/final_policy --episodes 500 --seed 1
+    iterppo evaluate --run_dir runs/quickstart --episodes 500    # the run's config.yaml and final_policy
+    iterppo sample --policy runs/quickstart/final_policy -n 5 [--greedy]   # full dialogues (the run's config)
     iterppo collect --config C --episodes 500 --output logs/batch_0.jsonl [--policy DIR]
     iterppo imagine --config configs/sales_smollm2.yaml --output runs/imagined   # LLM-imagined conversations
     iterppo bootstrap --config C --seed_everything 0 --output runs/pi0_seed0   # pi_0 alone (for --model.policy_init)
@@ -127,6 +129,9 @@ class IterPPOTrainer(L.Trainer):
     ) -> dict:
         """Evaluate a saved policy on fresh simulated customers and print one JSON object.
 
+        The config: --run_dir RUN (its config.yaml; the policy defaults to RUN/final_policy), or a
+        --policy inside a run folder alone, or --config (a run's config.yaml too).
+
         Args:
             policy: folder of a saved policy (e.g. RUN_DIR/final_policy).
             episodes: number of fresh simulated conversations.
@@ -135,7 +140,7 @@ class IterPPOTrainer(L.Trainer):
             batch_size: conversations advanced together in one generate call.
         """
         if not policy:
-            raise ValueError("evaluate needs --policy DIR (a folder written by `iterppo fit`)")
+            raise ValueError("evaluate needs --policy DIR (a folder written by `iterppo fit`) or --run_dir RUN")
         result = evaluate_saved_policy(
             policy,
             make_environment(model),
@@ -163,8 +168,10 @@ class IterPPOTrainer(L.Trainer):
     ) -> dict:
         """Simulate conversations and write them as logs (docs/data.md): a file `fit --data.logs` accepts.
 
+        The config: --run_dir RUN (its config.yaml), or a --policy inside a run folder alone, or --config.
+
         Args:
-            output: the log file to write, `.jsonl` or `.parquet` (never overwritten).
+            output: the log file to write, `.jsonl`, `.jsonl.gz` or `.parquet` (never overwritten).
             episodes: number of simulated conversations.
             seed: seed of the simulated customers (another seed gives other customers and conversation ids).
             policy: a saved policy folder to suggest the replies; empty = the scripted behaviour agent.
@@ -174,6 +181,43 @@ class IterPPOTrainer(L.Trainer):
         result = collect_logs(model, output, episodes, seed, policy=policy, greedy=greedy, batch_size=batch_size)
         print(json.dumps(result))
         return result
+
+    def sample(
+        self,
+        model: IterativePPO,
+        datamodule: TrajectoryDataModule | None = None,
+        policy: str = "",
+        dialogues: int = 5,
+        seed: int = 0,
+        greedy: bool = False,
+    ) -> None:
+        """Print a saved policy's full dialogues with fresh simulated customers, readable in a terminal.
+
+        Each dialogue: turn numbers, who speaks (the customer, the agent's suggestion, what the business
+        sent when it edited or rejected it), the customer's persona when known, and the outcome. The
+        customers are `evaluate`'s for the same --seed. The config: --run_dir RUN (its config.yaml and
+        RUN/final_policy), or a --policy inside a run folder alone, or --config.
+
+        Args:
+            policy: folder of a saved policy (e.g. RUN_DIR/final_policy or RUN_DIR/pi_0/policy).
+            dialogues: how many dialogues to print (-n).
+            seed: seed of the customers (evaluate's customers for the same seed).
+            greedy: greedy decoding instead of sampling from the policy.
+        """
+        from iterppo_lightning.commands.sample import format_dialogues, sample_dialogues
+
+        if not policy:
+            raise ValueError("sample needs --policy DIR (a folder written by `iterppo fit`) or --run_dir RUN")
+        conversations = sample_dialogues(
+            policy,
+            make_environment(model),
+            dialogues,
+            seed,
+            greedy=greedy,
+            max_new_tokens=model.policy.max_new_tokens,
+            max_prompt_tokens=model.loop.max_prompt_tokens,
+        )
+        print(format_dialogues(conversations, policy, seed, greedy))
 
     def imagine(
         self,
@@ -249,6 +293,7 @@ class IterPPOCLI(LightningCLI):
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
             "evaluate": {"model", "datamodule"},
             "collect": {"model", "datamodule"},
+            "sample": {"model", "datamodule"},
             "imagine": {"model", "datamodule"},
             "bootstrap": {"model", "datamodule"},
         }

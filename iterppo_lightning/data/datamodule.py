@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from iterppo_lightning.data.batching import BucketedBatchSampler, SequenceExample, conversation_sequence
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.data.conversation import Conversation
+from iterppo_lightning.data.log_schema import DEFAULT_MAX_MESSAGE_CHARS, check_max_message_chars
 from iterppo_lightning.data.padding import pad_left, pad_right
 from iterppo_lightning.data.rendering import render_state, render_suggestion
 from iterppo_lightning.distributed.collectives import ShardedBatchSampler
@@ -132,6 +133,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         conversation_rows: bool = False,
         imagined_weight: float = 0.0,
         imagined_buffer: str | None = None,
+        max_message_chars: int | None = DEFAULT_MAX_MESSAGE_CHARS,
     ):
         """
         Args:
@@ -170,6 +172,9 @@ class TrajectoryDataModule(L.LightningDataModule):
             imagined_buffer: where those conversations are; None = the bootstrap's own: RUN/pi_0/buffer
                 when the run bootstrapped pi_0, else the `buffer` folder next to model.policy_init (what
                 `iterppo bootstrap OUTPUT` writes: OUTPUT/policy and OUTPUT/buffer).
+            max_message_chars: the longest customer message, suggestion or sent message a batch of
+                logs (data.logs) may hold, in characters; a longer one is a problem naming its file,
+                line and field, before any work (`iterppo validate-data` checks the same). null = no limit.
         """
         super().__init__()
         if not 0.0 < gamma <= 1.0:
@@ -178,6 +183,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if imagined_weight < 0:
             raise ValueError(f"data.imagined_weight must be >= 0, got {imagined_weight}")
+        check_max_message_chars(max_message_chars)
         pool_weights = [1.0] if pool_weights is None else [float(w) for w in pool_weights]
         if not pool_weights or pool_weights[0] <= 0 or any(w < 0 for w in pool_weights):
             raise ValueError(
@@ -185,6 +191,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             )
         self.save_hyperparameters()
         self.logs = logs
+        self.max_message_chars = max_message_chars
         self.pool_weights = pool_weights
         self.conversation_rows = conversation_rows
         self.imagined_weight = float(imagined_weight)

@@ -10,9 +10,11 @@ record-level checks are in ``log_schema``; the rules in words in docs/data.md.
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from iterppo_lightning.data.conversation import TURN_FIELD_TYPES, TURN_FIELDS, Conversation
-from iterppo_lightning.data.log_schema import LogProblem, check_record, parse_timestamp
+from iterppo_lightning.data.log_schema import (
+    DEFAULT_MAX_MESSAGE_CHARS,
+    DOCS,
+    LogProblem,
+    check_record,
+    kept_extra_fields,
+    parse_timestamp,
+)
 from iterppo_lightning.utils.atomic_io import atomic_path
 
 __all__ = [
@@ -31,12 +40,16 @@ __all__ = [
     "summarize_logs",
     "write_logs",
     "logs_fingerprint",
+    "is_log_file_name",
+    "WRITABLE_SUFFIXES",
 ]
 
-JSONL_SUFFIXES = (".jsonl", ".json")
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
+WRITABLE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+"""What write_logs (and `iterppo collect --output`) writes, by the end of the file name."""
 EXPECTED = (
-    "expected a .jsonl or .json file (JSON lines), a .parquet file, "
+    "expected a .jsonl or .json file (JSON lines, optionally gzip-compressed: .jsonl.gz), a .parquet file, "
     "or a folder written by datasets' save_to_disk (with dataset_info.json or state.json)"
 )
 _PARQUET_BATCH_ROWS = 1024
@@ -69,6 +82,10 @@ class LogReport:
     total_problems: int = 0
     locations: dict[str, str] = field(default_factory=dict)
     """conversation_id -> where its record is ("line 3", "row 3"), for later checks to point at."""
+    extra_fields: list[str] = field(default_factory=list)
+    """Extra top-level fields (a business's own columns) kept under each conversation's metadata, sorted."""
+    warnings: list[str] = field(default_factory=list)
+    """What is worth knowing about valid logs (extra fields kept, no successes), one line each."""
 
     @property
     def ok(self) -> bool:
@@ -94,12 +111,25 @@ def _detect_format(path: Path) -> str:
                 f"pass one split's folder, e.g. {path / (splits[0] if splits else 'train')}"
             )
         raise fail(f"is a folder but not a saved dataset; {EXPECTED}")
-    suffix = path.suffix.lower()
+    suffix = _suffix(path)
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
     raise fail(f"unknown format {suffix or '(no extension)'!r}; {EXPECTED}")
+
+
+def _suffix(path: Path) -> str:
+    """The format's part of a file name: `.jsonl`, or `.jsonl.gz` for a compressed one."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz":
+        return "".join(suffixes[-2:])
+    return path.suffix.lower()
+
+
+def is_log_file_name(path: str | os.PathLike[str]) -> bool:
+    """Whether write_logs writes a file of this name (.jsonl, .jsonl.gz or .parquet)."""
+    return _suffix(Path(path)) in WRITABLE_SUFFIXES
 
 
 class _DuplicateKey(ValueError):
@@ -121,33 +151,44 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any, str | None]]:
     """(location, record, problem) per non-blank line; record is None when problem is set.
 
     Reads bytes and decodes each line itself, so one line of invalid UTF-8 is a
-    problem of that line, not an exception that hides the rest of the file.
+    problem of that line, not an exception that hides the rest of the file. A
+    `.gz` file is read through gzip; a corrupt or cut stream is one problem
+    after the lines read before it.
     """
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            location = f"line {number}"
-            try:
-                # utf-8-sig on the first line: editors on Windows start files with a BOM.
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                yield location, None, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
-                continue
-            if not text.strip():
-                continue
-            try:
-                # rstrip: the newline is not part of the record, and an error "at line 2,
-                # column 1" of a one-line record would point nowhere useful.
-                record = json.loads(text.rstrip(), object_pairs_hook=_no_duplicate_keys)
-            except _DuplicateKey as err:
-                yield location, None, f"duplicate key {err.args[0]!r} in one JSON object"
-                continue
-            except ValueError as err:
-                yield location, None, _json_error_message(err, text, raw)
-                continue
-            if not isinstance(record, dict):
-                yield location, None, f"expected a JSON object (one conversation per line), got {_json_kind(record)}"
-                continue
-            yield location, record, None
+    compressed = path.suffix.lower() == ".gz"
+    number = 0
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                found = _jsonl_record(number, raw)
+                if found is not None:
+                    yield found
+    except (OSError, EOFError, zlib.error) as err:
+        what = "not a readable gzip file" if compressed else "could not be read"
+        yield "", None, f"{what} (after line {number}): {err}"
+
+
+def _jsonl_record(number: int, raw: bytes) -> tuple[str, Any, str | None] | None:
+    """One physical line's (location, record, problem); None for a blank line."""
+    location = f"line {number}"
+    try:
+        # utf-8-sig on the first line: editors on Windows start files with a BOM.
+        text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        return location, None, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+    if not text.strip():
+        return None
+    try:
+        # rstrip: the newline is not part of the record, and an error "at line 2,
+        # column 1" of a one-line record would point nowhere useful.
+        record = json.loads(text.rstrip(), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as err:
+        return location, None, f"duplicate key {err.args[0]!r} in one JSON object"
+    except ValueError as err:
+        return location, None, _json_error_message(err, text, raw)
+    if not isinstance(record, dict):
+        return location, None, f"expected a JSON object (one conversation per line), got {_json_kind(record)}"
+    return location, record, None
 
 
 def _json_kind(value: Any) -> str:
@@ -226,12 +267,17 @@ def validate_logs(
     *,
     max_problems: int = 20,
     known_policy_ids: set[str] | None = None,
+    max_message_chars: int | None = DEFAULT_MAX_MESSAGE_CHARS,
 ) -> LogReport:
     """Check every record of the logs at ``path``; the report holds the valid conversations.
 
-    Raises ``LogValidationError`` only when ``path`` is not a log input at all
+    ``max_message_chars`` limits every customer message, suggestion and sent
+    message (data.max_message_chars; None = no limit). Raises
+    ``LogValidationError`` only when ``path`` is not a log input at all
     (missing, unknown extension, a folder that is not a dataset); everything
-    wrong inside an input is a problem in the report.
+    wrong inside an input is a problem in the report. The report's warnings
+    (valid logs only) name extra fields kept in metadata and a batch with no
+    success.
     """
     if max_problems < 0:
         raise ValueError(f"max_problems must be >= 0, got {max_problems}")
@@ -241,14 +287,20 @@ def validate_logs(
     problems = _Collector(str(path), max_problems)
     conversations: list[Conversation] = []
     first_seen: dict[str, str] = {}
+    extra_fields: set[str] = set()
     records = 0
+    tabular = fmt != "jsonl"
     for location, record, problem in _READERS[fmt](path):
         if problem is not None:
             problems.add(location, "", problem)
             records += bool(location)
             continue
         records += 1
-        found, conversation = check_record(record, known_policy_ids=known, tabular=fmt != "jsonl")
+        found, conversation = check_record(
+            record, known_policy_ids=known, tabular=tabular, max_message_chars=max_message_chars
+        )
+        if isinstance(record, dict):
+            extra_fields.update(kept_extra_fields(record, tabular))
         for field_path, message in found:
             problems.add(location, field_path, message)
         # Ids are compared whatever else is wrong with a record: fixing its other
@@ -265,7 +317,27 @@ def validate_logs(
             conversations.append(conversation)
     if records == 0 and problems.total == 0:
         problems.add("", "", "no conversations: the input holds no records")
-    return LogReport(str(path), fmt, conversations, problems.kept, problems.total, first_seen)
+    report = LogReport(str(path), fmt, conversations, problems.kept, problems.total, first_seen, sorted(extra_fields))
+    report.warnings = _report_warnings(report) if report.ok else []
+    return report
+
+
+def _report_warnings(report: LogReport) -> list[str]:
+    """One line per thing worth knowing about valid logs: extra fields kept, a batch without a success."""
+    warnings = []
+    if report.extra_fields:
+        warnings.append(
+            f"{report.path}: kept {len(report.extra_fields)} extra field(s) under each conversation's metadata: "
+            f"{', '.join(report.extra_fields)} (not used for training; see {DOCS})"
+        )
+    n = len(report.conversations)
+    if n and not any(c.turns[-1].outcome == 1 for c in report.conversations):
+        warnings.append(
+            f"{report.path}: none of the {n} conversations ends with outcome 1: the critic has no success to learn "
+            "from (every return is 0), so training on this batch cannot improve the policy. Check how outcomes "
+            "were exported."
+        )
+    return warnings
 
 
 def read_logs(
@@ -273,13 +345,16 @@ def read_logs(
     *,
     max_problems: int = 20,
     known_policy_ids: set[str] | None = None,
+    max_message_chars: int | None = DEFAULT_MAX_MESSAGE_CHARS,
 ) -> list[Conversation]:
     """All conversations at ``path``, or ``LogValidationError`` if any record has a problem.
 
     All-or-nothing on purpose: training on the valid part of a broken export
     would quietly skew the outcome rate the critic learns.
     """
-    return read_logs_report(path, max_problems=max_problems, known_policy_ids=known_policy_ids).conversations
+    return read_logs_report(
+        path, max_problems=max_problems, known_policy_ids=known_policy_ids, max_message_chars=max_message_chars
+    ).conversations
 
 
 def read_logs_report(
@@ -287,9 +362,12 @@ def read_logs_report(
     *,
     max_problems: int = 20,
     known_policy_ids: set[str] | None = None,
+    max_message_chars: int | None = DEFAULT_MAX_MESSAGE_CHARS,
 ) -> LogReport:
-    """Like ``read_logs``, but the whole report (format, where each conversation is) of valid logs."""
-    report = validate_logs(path, max_problems=max_problems, known_policy_ids=known_policy_ids)
+    """Like ``read_logs``, but the whole report (format, where each conversation is, warnings) of valid logs."""
+    report = validate_logs(
+        path, max_problems=max_problems, known_policy_ids=known_policy_ids, max_message_chars=max_message_chars
+    )
     if not report.ok:
         raise LogValidationError(report.path, report.problems, report.total_problems)
     if not report.conversations:  # validate_logs reports this already; kept as a guard
@@ -391,25 +469,32 @@ def _check_before_writing(conversations: list[Conversation], path: Path) -> None
 
 
 def write_logs(conversations: list[Conversation], path: str | os.PathLike[str]) -> Path:
-    """Write conversations as ``.jsonl`` or ``.parquet`` (by extension), atomically; never overwrites.
+    """Write conversations as ``.jsonl``, ``.jsonl.gz`` or ``.parquet`` (by name), atomically; never overwrites.
 
     The conversations are checked first (``LogValidationError`` if any would
-    not read back). JSONL holds one ``to_dict()`` object per line; Parquet has
-    metadata as a JSON string and turns as a list of structs.
+    not read back). JSONL holds one ``to_dict()`` object per line (gzip-compressed
+    for ``.jsonl.gz``, with no time stamp in the header, so equal logs give equal
+    bytes); Parquet has metadata as a JSON string and turns as a list of structs.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"write_logs writes .jsonl or .parquet files, not {suffix or '(no extension)'!r}: {path}")
+    suffix = _suffix(path)
+    if suffix not in WRITABLE_SUFFIXES:
+        raise ValueError(
+            f"write_logs writes .jsonl, .jsonl.gz or .parquet files, not {suffix or '(no extension)'!r}: {path}"
+        )
     if path.exists():
         raise FileExistsError(f"{str(path)!r} already exists; logs are never overwritten")
     conversations = list(conversations)
     _check_before_writing(conversations, path)
     with atomic_path(path) as tmp:
-        if suffix == ".jsonl":
-            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                for conv in conversations:
-                    f.write(json.dumps(conv.to_dict(), ensure_ascii=False) + "\n")
+        if suffix in (".jsonl", ".jsonl.gz"):
+            lines = (json.dumps(conv.to_dict(), ensure_ascii=False) + "\n" for conv in conversations)
+            with open(tmp, "wb") as raw:
+                if suffix == ".jsonl":
+                    raw.writelines(line.encode("utf-8") for line in lines)
+                else:
+                    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+                        f.writelines(line.encode("utf-8") for line in lines)
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,9 @@ from iterppo_lightning.data.conversation import TURN_FIELDS, Conversation, Turn
 __all__ = [
     "LogProblem",
     "check_record",
+    "kept_extra_fields",
+    "check_max_message_chars",
+    "DEFAULT_MAX_MESSAGE_CHARS",
     "TOP_LEVEL_FIELDS",
     "AGENT_ACTIONS",
     "parse_timestamp",
@@ -30,6 +34,12 @@ __all__ = [
 TOP_LEVEL_FIELDS = ("conversation_id", "policy_id", "iteration", "metadata", "turns")
 AGENT_ACTIONS = ("accept", "edit", "reject")
 """What the business may do with an agent turn's suggestion; the terminal turn has "none"."""
+
+MESSAGE_FIELDS = ("customer", "suggestion", "sent")
+"""The text fields of a turn, whose length `max_message_chars` limits."""
+DEFAULT_MAX_MESSAGE_CHARS = 20_000
+"""The default of data.max_message_chars: far above any chat message, far below what makes tokenizing a batch slow.
+One message of 50 MB passed every other check, then made the critic phase take minutes and gigabytes."""
 
 DOCS = "docs/data.md"
 # Keys of common chat formats (OpenAI / HF chat templates, ShareGPT); a record with
@@ -125,23 +135,70 @@ def _unknown_key_message(key: str, known: tuple[str, ...], elsewhere: tuple[str,
 
 
 # ---------------------------------------------------------------------- top level
-def _check_unknown_top_level(record: dict, problems: Problems, tabular: bool) -> None:
+def _extra_field_problem(key: str) -> str | None:
+    """Why an extra top-level field cannot be kept in metadata (a likely mistake), or None to keep it.
+
+    Business exports carry columns of their own (shop_id, agent_name, ...): those are kept. A field that looks
+    like a misspelt or misplaced schema field, or like chat-format messages, is a mistake to report instead:
+    keeping `outcomes` as metadata would silently drop the outcome it was meant to be.
+    """
+    if key.lower() in _CHAT_KEYS:
+        return (
+            f"unknown field {key!r}: this looks like chat-format messages; conversation logs "
+            f"need conversation_id, policy_id and turns with customer, outcome, suggestion, "
+            f"sent and business_action (see {DOCS})"
+        )
+    close = difflib.get_close_matches(key, TOP_LEVEL_FIELDS, n=1, cutoff=0.75)
+    if close:
+        return f"unknown field {key!r} (did you mean {close[0]!r}?)"
+    # Stricter for turn fields: `outcomes` is a misplaced outcome, `customer_id` a business's own column.
+    misplaced = difflib.get_close_matches(key, TURN_FIELDS, n=1, cutoff=0.85)
+    if misplaced:
+        return f"unknown field {key!r}: {misplaced[0]!r} is a field of each turn (inside turns)"
+    return None
+
+
+def kept_extra_fields(record: dict, tabular: bool = False) -> list[str]:
+    """The record's extra top-level fields that `check_record` keeps under `metadata` (in record order)."""
+    return [
+        str(key)
+        for key in record
+        if key not in TOP_LEVEL_FIELDS
+        and not (tabular and _PANDAS_INDEX.fullmatch(str(key)))
+        and _extra_field_problem(str(key)) is None
+    ]
+
+
+def _check_extra_fields(record: dict, problems: Problems, tabular: bool) -> dict[str, Any]:
+    """Report extra top-level fields that look like mistakes; return the others (kept in metadata), JSON-safe."""
+    kept: dict[str, Any] = {}
     for key in record:
         if key in TOP_LEVEL_FIELDS or (tabular and _PANDAS_INDEX.fullmatch(str(key))):
             continue
-        if str(key).lower() in _CHAT_KEYS:
-            problems.append(
-                (
-                    str(key),
-                    f"unknown field {key!r}: this looks like chat-format messages; conversation logs "
-                    f"need conversation_id, policy_id and turns with customer, outcome, suggestion, "
-                    f"sent and business_action (see {DOCS})",
-                )
-            )
-        else:
-            problems.append(
-                (str(key), _unknown_key_message(str(key), TOP_LEVEL_FIELDS, TURN_FIELDS, "each turn (inside turns)"))
-            )
+        problem = _extra_field_problem(str(key))
+        if problem is not None:
+            problems.append((str(key), problem))
+            continue
+        try:
+            kept[str(key)] = _json_value(record[key])
+        except TypeError as err:
+            problems.append((str(key), f"an extra field is kept in metadata, which holds JSON values: {err}"))
+    return kept
+
+
+def _json_value(value: Any) -> Any:
+    """A column's value as metadata (JSON) can hold it: times as ISO strings; TypeError for what JSON cannot hold."""
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # how pandas writes a missing value; JSON has no NaN
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"got {type(value).__name__} {_show(value)}; store it as text or drop the column")
 
 
 def _check_iteration(record: dict, problems: Problems) -> int:
@@ -356,7 +413,22 @@ def _check_terminal_turn(turn: dict, path: str, problems: Problems) -> None:
         )
 
 
-def _check_turns(turns: list, problems: Problems) -> list[Turn]:
+def _check_message_lengths(turn: dict, path: str, limit: int | None, problems: Problems) -> None:
+    if limit is None:
+        return
+    for key in MESSAGE_FIELDS:
+        value = turn.get(key)
+        if isinstance(value, str) and len(value) > limit:
+            problems.append(
+                (
+                    f"{path}.{key}",
+                    f"a message of {len(value):,} characters, over the limit of {limit:,} (data.max_message_chars; "
+                    "cut or drop the message, or raise the limit)",
+                )
+            )
+
+
+def _check_turns(turns: list, problems: Problems, max_message_chars: int | None) -> list[Turn]:
     """Check every turn; the Turns are meaningful only when no problem was added."""
     out: list[Turn] = []
     last = len(turns) - 1
@@ -367,6 +439,7 @@ def _check_turns(turns: list, problems: Problems) -> list[Turn]:
             problems.append((path, f"expected an object (one turn), got {_show(turn)}"))
             continue
         _check_turn_keys(turn, path, problems)
+        _check_message_lengths(turn, path, max_message_chars, problems)
         customer = turn.get("customer")
         if customer is None:
             problems.append(
@@ -426,11 +499,40 @@ def _check_order(
     return current
 
 
+def _merge_extras(metadata: dict, extras: dict[str, Any], problems: Problems) -> dict:
+    """metadata with the extra fields added; a field that is also a metadata key with another value is a problem."""
+    if not extras:
+        return metadata
+    merged = dict(metadata)
+    for key, value in extras.items():
+        if key in merged and merged[key] != value:
+            problems.append(
+                (key, f"extra field {key!r} is kept in metadata, which already has {key!r} with another value")
+            )
+        merged[key] = value
+    return merged
+
+
+def check_max_message_chars(value: int | None, key: str = "data.max_message_chars") -> None:
+    """Refuse a limit that is not None or an int >= 1, naming the setting."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{key} must be an int >= 1 (or null for no limit), got {value!r}")
+
+
 # ---------------------------------------------------------------------- public
 def check_record(
-    record: Any, *, known_policy_ids: set[str] | None = None, tabular: bool = False
+    record: Any,
+    *,
+    known_policy_ids: set[str] | None = None,
+    tabular: bool = False,
+    max_message_chars: int | None = DEFAULT_MAX_MESSAGE_CHARS,
 ) -> tuple[list[tuple[str, str]], Conversation | None]:
     """(field, message) problems of one record, and the Conversation when it has none.
+
+    Extra top-level fields (a business's own columns, e.g. ``shop_id``) are kept
+    under ``metadata``; one that looks like a misspelt or misplaced schema field
+    is a problem. A customer message, suggestion or sent message longer than
+    ``max_message_chars`` characters is a problem (None: no limit).
 
     Timestamps are normalised to ISO strings (Parquet datetimes become
     ``isoformat()``; strings are kept as written, so a round trip is exact).
@@ -442,13 +544,13 @@ def check_record(
     if not isinstance(record, dict):
         return [("", f"expected an object (one conversation), got {_show(record)}")], None
     problems: Problems = []
-    _check_unknown_top_level(record, problems, tabular)
+    extras = _check_extra_fields(record, problems, tabular)
     conversation_id = _non_empty_string(record, "conversation_id", problems, "the conversation's id")
     policy_id = _check_policy_id(record, problems, known_policy_ids)
     iteration = _check_iteration(record, problems)
-    metadata = _check_metadata(record, problems, tabular)
+    metadata = _merge_extras(_check_metadata(record, problems, tabular), extras, problems)
     turn_list = _turn_list(record, problems, tabular)
-    turns = _check_turns(turn_list, problems) if turn_list is not None else []
+    turns = _check_turns(turn_list, problems, max_message_chars) if turn_list is not None else []
     if problems:
         return problems, None
     return [], Conversation(

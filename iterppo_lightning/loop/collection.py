@@ -23,7 +23,7 @@ from iterppo_lightning.data.log_io import (
     read_logs_report,
     summarize_logs,
 )
-from iterppo_lightning.data.log_schema import LogProblem
+from iterppo_lightning.data.log_schema import DEFAULT_MAX_MESSAGE_CHARS, LogProblem
 from iterppo_lightning.env.episodes import Exploration, episode_seeds, run_episodes
 from iterppo_lightning.loop.run_state import RunState
 
@@ -62,8 +62,18 @@ def simulate_batch(loop: LoopView, k: int, episodes: int | None = None) -> list[
     )
 
 
-def read_log_batch(path: str | Path, state: RunState, run_dir: Path, k: int, *, max_problems: int = 20) -> LogBatch:
-    """Read and check the logs for iteration k; raises LogValidationError naming every problem."""
+def read_log_batch(
+    path: str | Path,
+    state: RunState,
+    run_dir: Path,
+    k: int,
+    *,
+    max_problems: int = 20,
+    max_message_chars: int | None = DEFAULT_MAX_MESSAGE_CHARS,
+) -> LogBatch:
+    """Read and check the logs for iteration k; raises LogValidationError naming every problem.
+
+    The batch's warnings: extra fields kept in metadata, no successes, logs of another policy than pi_k."""
     path = Path(path)
     sha = logs_fingerprint(path) if path.exists() else ""
     used = state.used_log_fingerprints()
@@ -82,7 +92,9 @@ def read_log_batch(path: str | Path, state: RunState, run_dir: Path, k: int, *, 
     # Before the first batch nothing is known about the logging policy; afterwards an id
     # that is neither this run's policy nor seen in earlier batches is most likely a mix-up.
     known = state.known_policy_ids() if k > 0 else None
-    report = read_logs_report(path, max_problems=max_problems, known_policy_ids=known)
+    report = read_logs_report(
+        path, max_problems=max_problems, known_policy_ids=known, max_message_chars=max_message_chars
+    )
     conversations = report.conversations
     problems = _repeated_ids(path, report, run_dir, k)
     if k > 0:
@@ -92,7 +104,7 @@ def read_log_batch(path: str | Path, state: RunState, run_dir: Path, k: int, *, 
     summary = summarize_logs(conversations)
     expected = f"pi_{k}"
     others = {pid: n for pid, n in summary["policy_ids"].items() if pid != expected}
-    warnings = []
+    warnings = list(report.warnings)
     if others:
         listed = ", ".join(f"{pid} ({n})" for pid, n in sorted(others.items()))
         warnings.append(

@@ -139,7 +139,9 @@ class OuterLoop:
         self.console = console or Console(stderr=True)
         self.callbacks = callback_chain(system.loop) if callbacks is None else list(callbacks)
         self.folder = RunFolder(run_dir, system.policy_init, self.console)
-        self.settings = OpenSettings(seed, datamodule.logs, resume, allow_config_change, config_text)
+        self.settings = OpenSettings(
+            seed, datamodule.logs, resume, allow_config_change, config_text, datamodule.max_message_chars
+        )
         self.logs = datamodule.logs
         self.improvement = choose_policy_improvement(system.algorithm)
         self.source: DataSource | None = None  # chosen once the run is open: it may resume a batch of logs

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from iterppo_lightning.data.log_schema import DEFAULT_MAX_MESSAGE_CHARS
 from iterppo_lightning.distributed import collectives as dist_utils
 from iterppo_lightning.distributed.zero import check_zero_checkpoint
 from iterppo_lightning.loop.collection import LogBatch, read_log_batch
@@ -44,6 +45,7 @@ from iterppo_lightning.utils.failpoints import failpoint
 # and trainer settings that do not touch the numbers (display, logging).
 RESUMABLE_CHANGES = {
     "data.logs",
+    "data.max_message_chars",
     "model.loop.iterations",
     "trainer.enable_progress_bar",
     "trainer.logger",
@@ -108,6 +110,8 @@ class OpenSettings:
     """Continue although the config differs from the one the run was started with."""
     config_text: str | None = None
     """The config as YAML, written to config.yaml (None = not recorded, e.g. in tests)."""
+    max_message_chars: int | None = DEFAULT_MAX_MESSAGE_CHARS
+    """data.max_message_chars: the longest message a batch of logs may hold (None = no limit)."""
 
 
 @dataclass
@@ -244,7 +248,7 @@ class RunFolder:
         logs = settings.logs
         if not self.state_file.exists():
             self.state = RunState(seed=settings.seed, mode="logs" if logs else "simulator")
-            batch = self._read_logs_first(logs)
+            batch = self._read_logs_first(logs, settings.max_message_chars)
             prepare_run_dir(self.path)
             self._start_logged_iteration(logs)
             self.commit()
@@ -272,7 +276,7 @@ class RunFolder:
             )
         changed = self._check_config(settings, logs)
         self._check_zero_checkpoints(carried)
-        batch = self._read_logs_first(logs)
+        batch = self._read_logs_first(logs, settings.max_message_chars)
         if changed:  # only once the logs passed: a refused batch changes nothing on disk
             atomic_write_text(self.path / "config.yaml", settings.config_text)
         removed = remove_stale_temporaries(self.path)
@@ -304,13 +308,13 @@ class RunFolder:
         progress.record = new_iteration_record(k)
         self.state.in_progress = progress
 
-    def _read_logs_first(self, logs: str | None) -> LogBatch | None:
+    def _read_logs_first(self, logs: str | None, max_message_chars: int | None) -> LogBatch | None:
         """Validate the batch of logs before any work (and before a new run_dir is even created)."""
         progress = self.state.in_progress
         if not logs or (progress is not None and progress.collected):
             return None
         k = progress.iteration if progress is not None else self.state.completed_iterations
-        return read_log_batch(logs, self.state, self.path, k)
+        return read_log_batch(logs, self.state, self.path, k, max_message_chars=max_message_chars)
 
     def _check_config(self, settings: OpenSettings, logs: str | None) -> bool:
         """Refuse changes a resume could not reproduce; True when config.yaml needs the new text."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from iterppo_lightning.data.vocabulary import unknown_token_warning
 from iterppo_lightning.loop.bootstrap import behaviour_clone
 from iterppo_lightning.loop.collection import LogBatch, simulate_batch
 from iterppo_lightning.rl.critic_targets import lambda_return_targets, myopic_targets, sample_replies, score_pairs
@@ -115,7 +116,10 @@ class LogSource(DataSource):
         self.batch = batch
 
     def collect(self, loop: PhaseContext, k: int) -> LogBatch:
-        return self.batch
+        # Only now is pi_k's tokenizer there to say how much of the batch's text it can represent.
+        batch = self.batch
+        unknown = unknown_token_warning(batch.conversations, loop.system.policy.tokenizer, batch.source["path"])
+        return batch if unknown is None else LogBatch(batch.conversations, batch.source, [*batch.warnings, unknown])
 
 
 class OfflineSource(SimulatorSource):

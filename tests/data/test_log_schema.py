@@ -405,8 +405,7 @@ def test_mixed_schemas_in_one_file(tmp_path):
     _write_lines(path, [line(SIM[0]), line(other), line(SIM[1]), line(chat), line(SIM[2])])
     report = validate_logs(path)
     assert {p.location for p in report.problems} == {"line 2", "line 4"}
-    assert {p.field for p in report.problems if p.location == "line 2"} == {
-        "id",
+    assert {p.field for p in report.problems if p.location == "line 2"} == {  # "id" would be kept as metadata
         "dialog",
         "conversation_id",
         "policy_id",
@@ -672,7 +671,7 @@ def test_write_logs_refuses_existing_paths_unknown_extensions_and_invalid_conver
     with pytest.raises(FileExistsError):
         write_logs(convs, existing)
     assert existing.read_text() == "keep me"
-    with pytest.raises(ValueError, match="jsonl or .parquet"):
+    with pytest.raises(ValueError, match="jsonl, .jsonl.gz or .parquet"):
         write_logs(convs, tmp_path / "logs.csv")
     unnamed = make_conversations(1)  # the simulator leaves policy_id empty: would not read back
     with pytest.raises(LogValidationError, match="policy_id"):
@@ -761,7 +760,9 @@ def test_parquet_pandas_index_column_is_not_a_field(tmp_path):
     assert validate_logs(path).ok
     jsonl = tmp_path / "logs.jsonl"
     jsonl.write_bytes(line(dict(base(), __index_level_0__=7)))
-    assert [p.field for p in validate_logs(jsonl).problems] == ["__index_level_0__"]
+    report = validate_logs(jsonl)  # in JSON lines it is a field like any other: kept as metadata
+    assert report.ok and report.conversations[0].metadata["__index_level_0__"] == 7
+    assert report.extra_fields == ["__index_level_0__"]
 
 
 def test_duplicate_ids_are_found_even_on_records_with_other_problems(tmp_path):
