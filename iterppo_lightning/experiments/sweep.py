@@ -97,6 +97,7 @@ _DATA_NOT_IN_PI0 = {
     "logs",
     "pool_weights",
     "imagined_weight",
+    "max_message_chars",
     "imagined_buffer",  # the critic reads pi_0's imagined conversations; they never change pi_0
 }
 
