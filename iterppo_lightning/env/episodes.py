@@ -133,6 +133,41 @@ def run_episodes(
     while it runs long (utils/progress.py).
     """
     episodes = [environment.new_episode(s, f"{id_prefix}{s}") for s in seeds]
+    play_episodes(
+        model,
+        tokenizer,
+        environment,
+        episodes,
+        max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        temperature=temperature,
+        greedy=greedy,
+        batch_size=batch_size,
+        exploration=exploration,
+        progress=progress,
+    )
+    for ep in episodes:
+        ep.conversation.iteration = iteration
+        ep.conversation.policy_id = policy_id
+    return [ep.conversation for ep in episodes]
+
+
+@torch.no_grad()
+def play_episodes(
+    model,
+    tokenizer,
+    environment: Environment,
+    episodes: list[Episode],
+    *,
+    max_new_tokens: int = 24,
+    max_prompt_tokens: int = 384,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 256,
+    exploration: Exploration | None = None,
+    progress: str | None = None,
+) -> None:
+    """Advance `episodes` (new, or already under way) to their ends, `model` suggesting every reply (run_episodes)."""
     report = Progress(progress, len(episodes)) if progress else None
     while True:
         live = [ep for ep in episodes if not ep.done]
@@ -171,10 +206,6 @@ def run_episodes(
                 report.update(sum(ep.done for ep in episodes))
     if report is not None:
         report.close()
-    for ep in episodes:
-        ep.conversation.iteration = iteration
-        ep.conversation.policy_id = policy_id
-    return [ep.conversation for ep in episodes]
 
 
 def summarize_conversations(conversations: list[Conversation], gamma: float = 1.0) -> dict:

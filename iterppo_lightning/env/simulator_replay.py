@@ -55,11 +55,18 @@ def _first_difference(episode: SalesEpisode, logged: Conversation, turn_index: i
 
 
 def _stepped(config: SimulatorConfig, conversation: Conversation, turn_index: int, persona: Persona | None):
-    """The seed's episode (optionally with another persona) given the logged suggestions before `turn_index`."""
+    """The seed's episode (optionally with another persona) given the logged suggestions before `turn_index`.
+
+    A branch conversation (metadata "branch": {"turn", "stream"}, env/branching.py) forks its streams at its
+    branch turn, as it did when it was collected.
+    """
     episode = SalesEpisode(config, episode_seed(conversation), conversation.conversation_id, persona)
+    branch = conversation.metadata.get("branch")
     for t in range(turn_index):
         if episode.done:
             break
+        if branch is not None and t == branch["turn"]:
+            episode = episode.fork(branch["stream"])
         episode.step(conversation.turns[t].suggestion)
     return episode
 

@@ -24,6 +24,7 @@ from iterppo_lightning.data.log_io import (
     summarize_logs,
 )
 from iterppo_lightning.data.log_schema import DEFAULT_MAX_MESSAGE_CHARS, LogProblem
+from iterppo_lightning.env.branching import branch_conversations
 from iterppo_lightning.env.episodes import Exploration, episode_seeds, run_episodes
 from iterppo_lightning.loop.run_state import RunState
 
@@ -43,23 +44,42 @@ class LogBatch:
 
 
 def simulate_batch(loop: LoopView, k: int, episodes: int | None = None) -> list[Conversation]:
-    """`episodes` conversations (default model.loop.episodes_per_iteration) of pi_k with fresh simulated customers."""
+    """`episodes` conversations (default model.loop.episodes_per_iteration) of pi_k with fresh simulated customers;
+    with model.loop.branch_fraction, that share of them are branches of the others (env/branching.py)."""
     cfg, policy = loop.config, loop.policy
-    return run_episodes(
-        policy.policy,
-        policy.tokenizer,
-        loop.environment,
-        episode_seeds("collect", loop.seed, k, cfg.episodes_per_iteration if episodes is None else episodes),
-        iteration=k,
-        policy_id=f"pi_{k}",
-        id_prefix=f"it{k}-",
+    total = cfg.episodes_per_iteration if episodes is None else episodes
+    branches = round(cfg.branch_fraction * total)
+    settings = dict(
         max_new_tokens=policy.max_new_tokens,
         max_prompt_tokens=cfg.max_prompt_tokens,
         temperature=cfg.collect_temperature,
         batch_size=cfg.rollout_batch_size,
+    )
+    conversations = run_episodes(
+        policy.policy,
+        policy.tokenizer,
+        loop.environment,
+        episode_seeds("collect", loop.seed, k, total - branches),
+        iteration=k,
+        policy_id=f"pi_{k}",
+        id_prefix=f"it{k}-",
         exploration=Exploration(cfg.explore_prob, cfg.explore_temperature, loop.seed) if cfg.explore_prob > 0 else None,
         progress=f"collect · iteration {k}",
+        **settings,
     )
+    if branches:
+        conversations += branch_conversations(
+            policy.policy,
+            policy.tokenizer,
+            loop.environment,
+            conversations,
+            branches,
+            seed=loop.seed,
+            iteration=k,
+            reply_temperature=cfg.branch_temperature,
+            **settings,
+        )
+    return conversations
 
 
 def read_log_batch(

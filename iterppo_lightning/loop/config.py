@@ -28,6 +28,13 @@ class LoopConfig:
     method (the critic, PPO's logged states, filtered BC)."""
     explore_temperature: float = 2.0
     """Sampling temperature of an explored reply."""
+    branch_fraction: float = 0.0
+    """Share of each iteration's conversations spent on branches (docs/critic.md, "Branches"): the rest are
+    collected as usual, then each branch goes back to a distinct state of one of them (replayed from its seed),
+    lets pi_k reply again and plays on to the end. 0 = off. Embedded simulator only (refused with data.logs or
+    an LLM customer); every method gets the same conversations."""
+    branch_temperature: float | None = None
+    """Sampling temperature of a branch's first reply (None = collect_temperature: pi_k's own reply)."""
     eval_greedy: bool = False
     """Evaluate with greedy decoding instead of sampling from the policy."""
     eval_greedy_also: bool = False
@@ -67,6 +74,10 @@ class LoopConfig:
             raise ValueError(f"model.loop.explore_prob must be in [0, 1], got {self.explore_prob}")
         if self.explore_temperature <= 0:
             raise ValueError(f"model.loop.explore_temperature must be > 0, got {self.explore_temperature}")
+        if not 0.0 <= self.branch_fraction < 1.0:
+            raise ValueError(f"model.loop.branch_fraction must be in [0, 1), got {self.branch_fraction}")
+        if self.branch_temperature is not None and self.branch_temperature <= 0:
+            raise ValueError(f"model.loop.branch_temperature must be > 0, got {self.branch_temperature}")
         if self.eval_episodes < 0:
             raise ValueError(f"loop.eval_episodes must be >= 0, got {self.eval_episodes}")
         if self.callbacks is not None and self.early_stopping_patience is not None:

@@ -161,6 +161,12 @@ def check_variant_settings(system, datamodule) -> None:
             raise ValueError(
                 f"model.loop.{key} {what}, which a run on {no_truth}. Remove model.loop.{key} (set it to null)"
             )
+    if system.loop.branch_fraction > 0 and (datamodule.logs or system.llm_customer is not None):
+        source = f"data.logs ({datamodule.logs})" if datamodule.logs else "an LLM customer (model.llm_customer)"
+        raise ValueError(
+            f"model.loop.branch_fraction {system.loop.branch_fraction} goes back to states of the embedded "
+            f"simulator's conversations, which {source} cannot replay: set model.loop.branch_fraction 0"
+        )
     if getattr(system.loop, "oracle_critic", None) is not None:
         critic = system.critic
         if critic.target != "mc" or critic.ensemble_size > 1:
