@@ -3,6 +3,7 @@
 `iterppo_lightning.cli` imports this module only for these subcommands (it pulls in torch and Lightning).
 
     iterppo fit --config configs/quickstart.yaml --run_dir runs/quickstart [--resume]
+    (Ctrl-C or SIGTERM: one line naming the phase and the exact resume command; exit 130 / 143)
     iterppo fit --config C --run_dir runs/logged --data.logs logs/batch_0.jsonl   # one iteration on logs
     iterppo evaluate --config configs/quickstart.yaml --policy runs/quickstart/final_policy --episodes 500 --seed 1
     iterppo evaluate --run_dir runs/quickstart --episodes 500    # the run's config.yaml and final_policy
@@ -16,13 +17,22 @@ arguments, its docstring their help. `fit` is also defined on the CLI class, whi
 instead of `Trainer.fit`; it builds a fresh Trainer for every phase of every iteration from the
 `trainer:` section of the config (`_trainer_factory`). `bootstrap` trains phase by phase too: the CLI
 hands the Trainer that factory (`IterPPOTrainer.phase_trainers`) before the subcommand runs.
+
+Before LightningCLI instantiates anything, `IterPPOCLI.parse_arguments` checks every numeric and shape
+setting (config_checks.py) and lists every bad one at once. `main` turns SIGINT and SIGTERM into one line
+naming where the command was (for `fit`: the phase, the iteration and the exact resume command) and the
+shell's exit status for the signal (utils/interrupts.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import logging
+import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -37,6 +47,7 @@ from lightning.pytorch.strategies import Strategy
 
 from iterppo_lightning.commands.bootstrap import bootstrap_pi0
 from iterppo_lightning.commands.collect import collect_logs
+from iterppo_lightning.commands.config_checks import check_config, config_problems
 from iterppo_lightning.commands.evaluate import evaluate_saved_policy
 from iterppo_lightning.data.datamodule import TrajectoryDataModule
 from iterppo_lightning.data.log_io import LogValidationError
@@ -51,6 +62,7 @@ from iterppo_lightning.loop.controller import NumericalFault, OuterLoop
 from iterppo_lightning.loop.run_dir import RunDirError
 from iterppo_lightning.loop.run_state import RunStateError
 from iterppo_lightning.system import IterativePPO
+from iterppo_lightning.utils.interrupts import Interrupted, as_interrupt, raise_on_interrupt
 from iterppo_lightning.utils.progress_bar import PhaseProgressBar
 from iterppo_lightning.utils.third_party import quiet_deepspeed_accelerator_detection
 
@@ -90,8 +102,18 @@ class IterPPOTrainer(L.Trainer):
     run_seed = 0
     """The config's `seed_everything` (set by IterPPOCLI): bootstrap derives pi_0's seeds from it as `fit` does."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # SIGTERM is the command's to handle (main: utils/interrupts.py), not each phase fit's. Lightning's handler
+        # would turn it into a SystemExit with status 0 at the next batch, and under several processes it runs a
+        # broadcast inside the signal handler, which deadlocks against the other ranks' gradient all-reduce.
+        # Its SLURM requeue (SIGUSR1) saves a Lightning checkpoint that `fit` never reads (resume: --resume).
+        connector = getattr(self, "_signal_connector", None)
+        if connector is not None:
+            connector.register_signal_handlers = lambda: None
+
     def fit(self, model, *args, **kwargs):
-        """Lightning's Trainer.fit, once per phase; `iterppo fit` passes no checkpoint (resume: --resume true).
+        """Lightning's Trainer.fit, once per phase; `iterppo fit` passes no checkpoint (resume: --resume).
 
         Under DeepSpeed it then hands the module back to the loop as a plain module (zero.py).
         """
@@ -305,15 +327,20 @@ class IterPPOCLI(LightningCLI):
             default="runs/iterppo",
             help="Folder for this run's outputs (must not hold another run).",
         )
+        # Flags: `--resume` alone means true; `--resume true` / `--resume false` still parse.
         parser.add_argument(
             "--resume",
             type=bool,
+            nargs="?",
+            const=True,
             default=False,
             help="Continue the run in --run_dir where it stopped (or start it when there is none).",
         )
         parser.add_argument(
             "--allow_config_change",
             type=bool,
+            nargs="?",
+            const=True,
             default=False,
             help="Let --resume continue although the model/data config changed.",
         )
@@ -325,6 +352,19 @@ class IterPPOCLI(LightningCLI):
                 help=f"Strategy of the {phase} phase's Trainer (a name or class_path/init_args); "
                 "default trainer.strategy. Every phase runs on all the run's processes.",
             )
+
+    def parse_arguments(self, parser, args) -> None:
+        """Check every numeric and shape setting first (all problems at once, by key), then parse as LightningCLI.
+
+        The first parse skips validation: the parser would stop at the first bad value, and config dataclasses
+        check themselves while being parsed, with messages that do not name the key.
+        """
+        if not isinstance(args, dict):
+            lenient = parse_unvalidated(parser, list(sys.argv[1:] if args is None else args))
+            subcommand = lenient.get("subcommand") if lenient is not None else None
+            if subcommand:
+                check_config(subcommand, lenient[subcommand])  # ConfigError: main prints it, exit 2
+        super().parse_arguments(parser, args)
 
     def before_bootstrap(self) -> None:
         # LightningCLI calls before_<subcommand> first: the Trainer's bootstrap builds its phase Trainers as fit does.
@@ -371,7 +411,14 @@ class IterPPOCLI(LightningCLI):
             logger=self._get(self.config_init, "trainer", default={}).get("logger"),
         )
         # Several processes: start them all now, before any work, so each runs the whole loop (SPMD).
-        launch_processes(self.trainer, loop.run)
+        try:
+            launch_processes(self.trainer, loop.run)
+        except BaseException as err:
+            interrupted = as_interrupt(err)
+            if interrupted is None:
+                raise
+            interrupted.where, interrupted.folder = loop.stage.describe(), str(loop.run_dir)
+            raise interrupted from (None if interrupted is err else err)
 
 
 def _quiet_third_party() -> None:
@@ -421,13 +468,91 @@ def build_cli(
     )
 
 
+SUBCOMMANDS = tuple(IterPPOCLI.subcommands())
+
+
+def parse_unvalidated(parser, argv: list[str]):
+    """The config `argv` gives, merged as the parser merges it but with no value checked (None when even that
+    fails, or for --help / --print_config, which print and exit: the real parse then reports or prints)."""
+    if not argv or any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
+        return None
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.suppress(Exception, SystemExit):
+            return parser.parse_args(argv, _skip_validation=True)
+    return None
+
+
+def _subcommand(argv: list[str]) -> str:
+    return next((a for a in argv if a in SUBCOMMANDS), "fit")
+
+
+def resume_command(argv: list[str], run_dir: str | None) -> str:
+    """`argv` (subcommand first) as the command that resumes its run: any --resume value dropped, --resume added,
+    and --run_dir named when the command left it to the config or the default."""
+    words, skip = [], False
+    for i, word in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if word == "--resume":
+            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            skip = following in ("true", "false", "yes", "no", "1", "0")
+            continue
+        if not word.startswith("--resume="):
+            words.append(word)
+    if run_dir and not any(w == "--run_dir" or w.startswith("--run_dir=") for w in words):
+        words += ["--run_dir", run_dir]
+    return shlex.join(["iterppo", *words, "--resume"])
+
+
+def interrupt_report(interrupted: Interrupted, argv: list[str]) -> str:
+    """The one line an interrupted command leaves: the signal, where it was, and how to continue."""
+    subcommand = _subcommand(argv)
+    head = f"iterppo: interrupted ({interrupted.signal_name})"
+    if subcommand == "fit":
+        where = interrupted.where or "the start of the run (before any step)"
+        kept = f" in {interrupted.folder}" if interrupted.folder else ""
+        return (
+            f"{head} in {where}; every step committed before it is kept{kept}. "
+            f"Resume with: {resume_command(argv, interrupted.folder)}"
+        )
+    return (
+        f"{head} in `iterppo {subcommand}`; its output is written only once complete, so nothing was written. "
+        f"Run it again with: {shlex.join(['iterppo', *argv])}"
+    )
+
+
+def _is_main_process() -> bool:
+    """Rank 0 (the only process of a single-process command) reports; the other ranks stop quietly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def main(args: list[str] | None = None, descriptions: dict[str, str] | None = None) -> None:
     """Run one LightningCLI subcommand, `args` (default: the process's) starting with its name.
 
     Bad input exits with `iterppo: error: ...` and the exit code of its kind (1 bad logs, 3 numerical fault, 2 other).
+    SIGINT / SIGTERM exit with 130 / 143 after one line saying where the command was and how to continue.
     descriptions: subcommand -> the line its --help starts with (default: the first line of its docstring).
     """
     _quiet_third_party()
+    argv = list(sys.argv[1:] if args is None else args)
+    with raise_on_interrupt():
+        try:
+            _run(args, descriptions)
+        except BaseException as err:
+            interrupted = as_interrupt(err)
+            if interrupted is None:
+                raise
+            if _is_main_process():
+                print(interrupt_report(interrupted, argv), file=sys.stderr, flush=True)
+            sys.exit(interrupted.exit_code)
+
+
+def _run(args: list[str] | None, descriptions: dict[str, str] | None) -> None:
     try:
         build_cli(args, parser_kwargs={name: {"description": text} for name, text in (descriptions or {}).items()})
     except LogValidationError as err:  # the same report as `iterppo validate-data`
@@ -443,6 +568,7 @@ def main(args: list[str] | None = None, descriptions: dict[str, str] | None = No
         FileExistsError,
         ValueError,
         MisconfigurationException,
+        OSError,  # a run or output folder that cannot be written: a message, not a traceback
     ) as err:
         print(f"iterppo: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -481,12 +607,17 @@ def resolve_fit_config(config_files: list[str], overrides: list[str]) -> str:
     """The full YAML config `iterppo fit --config F1 --config F2 ... OVERRIDES` would run with (its --print_config).
 
     Later config files and then the overrides (`--key value` pairs) win, as on the command line. Raises
-    FitConfigError naming the bad key or value; nothing is instantiated.
+    FitConfigError naming the bad key or value (every bad numeric or shape setting at once: config_checks.py);
+    nothing is instantiated.
     """
     from jsonargparse import ArgumentError
 
     parser = fit_parser()
     args = [arg for path in config_files for arg in ("--config", str(path))] + list(overrides)
+    lenient = parse_unvalidated(parser, args)
+    problems = [] if lenient is None else config_problems("fit", lenient, check_run_dir=False)
+    if problems:
+        raise FitConfigError(f"{len(problems)} bad setting(s):\n  " + "\n  ".join(problems))
     try:
         config = parser.parse_args(args)
     except ArgumentError as err:

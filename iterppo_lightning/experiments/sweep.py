@@ -41,7 +41,8 @@ its phase times, from run_state.json, so a skipped run keeps its original time)
 and the process wall seconds the sweep measured.
 
 Exit codes: 0 every run finished, 1 some run or pi_0 failed (named, with its
-log), 2 bad arguments or configs (nothing launched), 130 interrupted.
+log), 2 bad arguments or configs (nothing launched), 130 / 143 interrupted by SIGINT / SIGTERM (the runs it
+started get SIGTERM and stop resumably; one line says how to continue).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from iterppo_lightning.experiments.run_records import read_run_state as _run_sta
 from iterppo_lightning.experiments.run_records import recorded_seconds
 from iterppo_lightning.loop.run_state import config_differences
 from iterppo_lightning.utils.atomic_io import atomic_write_json, is_temp_name
+from iterppo_lightning.utils.interrupts import Interrupted, raise_on_interrupt
 
 __all__ = ["main", "build_parser", "QUICK_SCALE", "quick_overrides", "SweepError"]
 
@@ -470,7 +472,7 @@ def execute(pi0: list[Job], runs: list[Job], max_jobs: int, index: Index) -> Non
                     + ("" if code == 0 else f" (exit {code}, log {job.log})")
                 )
                 index.write(pi0, runs)
-    except KeyboardInterrupt:
+    except Interrupted:
         for job in running:  # only the processes this sweep started, each by its own group
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.process.pid, signal.SIGTERM)
@@ -530,10 +532,6 @@ def _lock(root: Path):
     return handle
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -564,14 +562,16 @@ def main(argv: list[str] | None = None) -> int:
         + f"; {skipped} finished run(s) skipped, {sum(j.action == 'resumed' for j in runs)} to resume, "
         f"{sum(j.status == 'pending' for j in pi0)} pi_0 to bootstrap; --jobs {args.jobs}"
     )
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated sweep stops its runs too, resumably
     try:
-        execute(pi0, runs, args.jobs, index)
-    except KeyboardInterrupt:
-        print(f"iterppo sweep: interrupted; rerun the same command to continue ({index.path})", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        with raise_on_interrupt():  # Ctrl-C or a terminated sweep stops its runs too, resumably
+            execute(pi0, runs, args.jobs, index)
+    except Interrupted as interrupted:
+        print(
+            f"iterppo sweep: interrupted ({interrupted.signal_name}); its runs were stopped resumably (index "
+            f"{index.path}). Continue with the same command: {command}",
+            file=sys.stderr,
+        )
+        return interrupted.exit_code
     bad = [j for j in pi0 + runs if j.status != "finished"]
     if bad:
         print(

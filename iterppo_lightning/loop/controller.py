@@ -48,6 +48,7 @@ from iterppo_lightning.loop.oracle_critic import OracleCritic, make_oracle_criti
 from iterppo_lightning.loop.run_dir import WORLD_SIZE_KEYS, OpenSettings, RunFolder, write_bootstrap_record
 from iterppo_lightning.loop.run_logger import PHASE_NAMESPACES, RunLogger
 from iterppo_lightning.loop.run_state import IterationProgress, RunState, RunStateError
+from iterppo_lightning.loop.stage import LoopStage
 from iterppo_lightning.loop.variants import (
     DataSource,
     check_variant_settings,
@@ -150,6 +151,8 @@ class OuterLoop:
         self.base_model_dir: Path | None = None
         self.oracle: OracleCritic | None = None
         """model.loop.oracle_critic: the oracle of the current policy phase (None when off, or before the phase)."""
+        self.stage = LoopStage("start")
+        """The step running now: what an interrupted run names (commands/lightning_cli.py)."""
 
     @property
     def run_dir(self) -> Path:
@@ -217,12 +220,14 @@ class OuterLoop:
         if self.state.pi0_ready:
             self.restore()
             return
+        self.stage = LoopStage("bootstrap")
         self._guarded(-1, lambda _: self.make_initial_policy())
         self.improvement.start(self.policy)
         self.state.pi0_ready = True
         self.folder.commit()
 
     def evaluate_pi0(self) -> None:
+        self.stage = LoopStage("evaluation")
         self.seed_step(-1, "initial_eval")
         self._call("on_run_start")
         # The commit below happens on every rank or none.
@@ -280,6 +285,7 @@ class OuterLoop:
     # -- D_k ----------------------------------------------------------------------------------
     def collect(self, k: int, progress: IterationProgress) -> None:
         """D_k: rank 0 collects and saves the buffer; the commit is the barrier after which it is on disk."""
+        self.stage = LoopStage("collection", k)
         if progress.collected:
             return
         if self.source.reuses_collection(k):  # offline: everything was collected in iteration 0
@@ -323,6 +329,7 @@ class OuterLoop:
         Q comes from simulator continuations during the policy phase: `policy_critic`)."""
         if not self.improvement.uses_critic:
             return
+        self.stage = LoopStage("critic", k)
         reused_from = self.source.critic_iteration(k)
         oracle = self.config.oracle_critic
         if progress.critic_fitted:
@@ -437,6 +444,7 @@ class OuterLoop:
     # -- pi_(k+1) -------------------------------------------------------------------------------
     def improve_policy(self, k: int, progress: IterationProgress) -> None:
         """pi_(k+1) from pi_k (PPO against Q_k, or filtered BC), exported with its lineage card."""
+        self.stage = LoopStage("policy", k)
         key = self.improvement.record_key
         if progress.policy_fitted:
             self.improvement.refitted(self)
@@ -477,6 +485,7 @@ class OuterLoop:
     # -- callbacks and the commit -----------------------------------------------------------------
     def end_iteration(self, k: int, progress: IterationProgress) -> None:
         """The callbacks estimate, evaluate, export, report and may stop the run; then the iteration commits."""
+        self.stage = LoopStage("evaluation", k)
         self.seed_step(k, "iteration_end")
         self._call("on_iteration_end", k, self.record)
         self.view.should_stop = bool(dist_utils.broadcast_object(self.view.should_stop))  # rank 0's callbacks decide

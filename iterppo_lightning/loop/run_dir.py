@@ -78,6 +78,8 @@ class RunDirError(RuntimeError):
 
 def prepare_run_dir(run_dir: Path) -> None:
     """Refuse a folder that holds anything but a run, and fail before any work if it is not writable."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run_dir {str(run_dir)!r} is a file, not a folder; choose a new --run_dir")
     if run_dir.exists():
         # A run killed before its first commit left only temporaries: they do not make it a run.
         for leftover in run_dir.iterdir():
@@ -245,6 +247,12 @@ class RunFolder:
     def _open(self, settings: OpenSettings, carried: dict, preflight: Callable[[], None]) -> OpenedRun:
         """Start a new run, resume an interrupted one, or continue a logged run with its next batch."""
         preflight()  # bad model paths fail here, before a run_dir exists or any training starts
+        try:
+            return self._open_folder(settings, carried)
+        except OSError as err:  # a file where the folder should be, no permission, a full disk: no traceback
+            raise RunDirError(f"cannot open the run in run_dir {str(self.path)!r}: {err}") from err
+
+    def _open_folder(self, settings: OpenSettings, carried: dict) -> OpenedRun:
         logs = settings.logs
         if not self.state_file.exists():
             self.state = RunState(seed=settings.seed, mode="logs" if logs else "simulator")

@@ -4,11 +4,12 @@ Resume is only as good as the crashes it was tested against, and a timed
 external kill lands somewhere different on every machine. A failpoint names
 the place instead, so a test can kill a real subprocess exactly there:
 
-    ITERPPO_FAILPOINT=critic.step@3 iterppo fit ...   # SIGKILL at the 3rd critic step
-    ITERPPO_INJECT_NAN=policy.loss@2 iterppo fit ...  # the 2nd PPO loss becomes NaN
+    ITERPPO_FAILPOINT=critic.step@3 iterppo fit ...          # SIGKILL at the 3rd critic step
+    ITERPPO_FAILPOINT=critic.step@3:SIGTERM iterppo fit ...  # SIGTERM there instead (what `kill` sends)
+    ITERPPO_INJECT_NAN=policy.loss@2 iterppo fit ...         # the 2nd PPO loss becomes NaN
 
-`@N` (default 1) is the hit count within the process. With neither variable set
-every call is a dictionary lookup and nothing else.
+`@N` (default 1) is the hit count within the process; `:SIGNAL` (default SIGKILL) the signal sent.
+With neither variable set every call is a dictionary lookup and nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _armed(env: str, name: str) -> bool:
     spec = os.environ.get(env)
     if not spec:
         return False
-    target, _, count = spec.partition("@")
+    target, _, count = spec.partition(":")[0].partition("@")
     if target != name:
         return False
     _hits[(env, name)] += 1
@@ -36,11 +37,12 @@ def _armed(env: str, name: str) -> bool:
 
 
 def failpoint(name: str) -> None:
-    """SIGKILL this process here when ITERPPO_FAILPOINT names this point (and hit count)."""
+    """SIGKILL (or the signal it names) this process here when ITERPPO_FAILPOINT names this point (and hit count)."""
     if _armed(KILL_ENV, name):
         sys.stdout.flush()
         sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        signal_name = os.environ[KILL_ENV].partition(":")[2] or "SIGKILL"
+        os.kill(os.getpid(), signal.Signals[signal_name])
 
 
 def maybe_nan(name: str, value):
