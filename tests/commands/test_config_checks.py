@@ -39,6 +39,8 @@ BAD_SETTINGS = [
     (["--model.loop.iterations", "0"], "model.loop.iterations"),
     (["--model.loop.eval_episodes", "-1"], "model.loop.eval_episodes"),
     (["--model.loop.collect_temperature", "0"], "model.loop.collect_temperature"),
+    (["--model.loop.explore_prob", "1.5"], "model.loop.explore_prob"),
+    (["--model.loop.branch_fraction", "1"], "model.loop.branch_fraction"),
     (["--model.environment.max_agent_turns", "0"], "model.environment.max_agent_turns"),
     (["--model.environment.accept_prob", "0.5"], "model.environment.accept_prob"),
     (["--trainer.max_epochs", "50"], "trainer.max_epochs"),
