@@ -476,7 +476,8 @@ def _is_break(token: str) -> bool:
 def _phrase_at(words: list[str], i: int, phrases: frozenset[tuple[str, ...]]) -> int:
     """Length of the longest phrase of ``phrases`` starting at ``words[i]``, 0 when none does."""
     for size in (4, 3, 2):
-        if tuple(words[i : i + size]) in phrases:
+        phrase = tuple(words[i : i + size])
+        if len(phrase) == size and phrase in phrases:
             return size
     return 0
 
@@ -503,95 +504,10 @@ def parse_natural(text: str | None) -> ParsedReply:
         return parsed
     stream = _reading_stream(text)
     used = [False] * len(stream)  # positions read as part of a product, tier, offer or phrase
-    mentions: list[_Mention] = []
-
-    def clause_start(i: int) -> int:
-        while i > 0 and not _is_break(stream[i - 1]):
-            i -= 1
-        return i
-
-    # Products: a tier word within NATURAL_PRODUCT_WINDOW words before a category word, in the same clause; a tier
-    # coordinated with it ("the basic or the premium tablet") names a second product of that category.
-    for j, word in enumerate(stream):
-        category = _NATURAL_CATEGORY_OF.get(word)
-        if category is None:
-            continue
-        used[j] = True
-        tier_at = None
-        for k in range(j - 1, max(clause_start(j), j - NATURAL_PRODUCT_WINDOW) - 1, -1):
-            if stream[k] in _COORDINATION or _NATURAL_CATEGORY_OF.get(stream[k]) or stream[k] in NEGATORS:
-                break
-            if _NATURAL_TIER_OF.get(stream[k]) is not None and not used[k]:
-                tier_at = k
-                break
-        if tier_at is None:
-            mentions.append(_Mention("category", j, j, category))
-            continue
-        for m in range(tier_at, j + 1):
-            used[m] = True
-        found = [_Mention("product", tier_at, j, (_NATURAL_TIER_OF[stream[tier_at]], category))]
-        k = tier_at - 1
-        while k >= 0:
-            k_conj = k
-            while k_conj >= 0 and stream[k_conj] in _DETERMINERS:
-                k_conj -= 1
-            if k_conj < 1 or stream[k_conj] not in _COORDINATION:
-                break
-            k_tier = k_conj - 1
-            while k_tier >= 0 and stream[k_tier] in _DETERMINERS:
-                k_tier -= 1
-            tier = _NATURAL_TIER_OF.get(stream[k_tier]) if k_tier >= 0 else None
-            if tier is None or used[k_tier]:
-                break
-            for m in range(k_tier, k_conj + 1):
-                used[m] = True
-            found.insert(0, _Mention("product", k_tier, k_conj, (tier, category)))
-            k = k_tier - 1
-        mentions.extend(found)
-
-    # Bare tiers: a tier word before a generic product noun ("the basic model"), or an unambiguous one on its own.
-    for i, word in enumerate(stream):
-        tier = _NATURAL_TIER_OF.get(word)
-        if tier is None or used[i]:
-            continue
-        generic = i + 1 < len(stream) and stream[i + 1] in GENERIC_PRODUCT_NOUNS
-        if generic or word in NATURAL_UNAMBIGUOUS_TIER_WORDS or "_" in word:
-            used[i] = True
-            if generic:
-                used[i + 1] = True
-            mentions.append(_Mention("tier", i, i + generic, tier))
-
-    # Offers: discount phrases first (their "price" is no question), then single cues.
-    for i in range(len(stream)):
-        size = 0 if used[i] else _phrase_at(stream, i, DISCOUNT_PHRASES)
-        if size:
-            for m in range(i, i + size):
-                used[m] = True
-            mentions.append(_Mention("discount", i, i + size - 1))
-    for i, word in enumerate(stream):
-        if used[i] or word not in DISCOUNT_CUES:
-            continue
-        if word == "off" and i > 0 and stream[i - 1] in OFF_NOT_DISCOUNT:
-            continue
-        used[i] = True
-        mentions.append(_Mention("discount", i, i))
-
-    # Negation: a negator cancels the first mention after it in its clause, and mentions coordinated with that one
-    # ("no sale or discount").
+    # Products first, so their tier words are no questions ("the budget laptop"), then bare tiers, then offers.
+    mentions = _read_products(stream, used) + _read_bare_tiers(stream, used) + _read_offers(stream, used)
     mentions.sort(key=lambda m: m.start)
-    for i, word in enumerate(stream):
-        if word not in NEGATORS:
-            continue
-        after = [m for m in mentions if m.start > i and not any(_is_break(t) for t in stream[i : m.start])]
-        previous_end = None
-        for mention in after:
-            if previous_end is not None:
-                between = stream[previous_end + 1 : mention.start]
-                if not between or not all(t in _COORDINATION or t in _DETERMINERS for t in between):
-                    break
-            mention.negated = True
-            previous_end = mention.end
-
+    _apply_negation(stream, mentions)
     for mention in mentions:
         if mention.negated:
             continue
@@ -606,8 +522,6 @@ def parse_natural(text: str | None) -> ParsedReply:
             parsed.tiers.add(mention.value)
         else:
             parsed.offers_discount = True
-
-    # Questions, sentence by sentence, on the words no product, tier or offer used.
     asks_need = asks_budget = False
     start = 0
     for end in range(len(stream) + 1):
@@ -619,6 +533,118 @@ def parse_natural(text: str | None) -> ParsedReply:
     parsed.asks_need = asks_need and not parsed.products
     parsed.asks_budget = asks_budget
     return parsed
+
+
+def _read_products(stream: list[str], used: list[bool]) -> list[_Mention]:
+    """Products and bare categories: a tier word within `NATURAL_PRODUCT_WINDOW` words before a category word, in
+    the same clause; a tier coordinated with it ("the basic or the premium tablet") names a second product."""
+    mentions: list[_Mention] = []
+    for j, word in enumerate(stream):
+        category = _NATURAL_CATEGORY_OF.get(word)
+        if category is None:
+            continue
+        used[j] = True
+        tier_at = None
+        for k in range(j - 1, max(-1, j - 1 - NATURAL_PRODUCT_WINDOW), -1):
+            if (
+                _is_break(stream[k])
+                or stream[k] in _COORDINATION
+                or stream[k] in NEGATORS
+                or stream[k] in _NATURAL_CATEGORY_OF
+            ):
+                break
+            if stream[k] in _NATURAL_TIER_OF and not used[k]:
+                tier_at = k
+                break
+        if tier_at is None:
+            mentions.append(_Mention("category", j, j, category))
+            continue
+        for m in range(tier_at, j + 1):
+            used[m] = True
+        mentions.extend(_coordinated_products(stream, used, tier_at, category))
+        mentions.append(_Mention("product", tier_at, j, (_NATURAL_TIER_OF[stream[tier_at]], category)))
+    return mentions
+
+
+def _coordinated_products(stream: list[str], used: list[bool], tier_at: int, category: str) -> list[_Mention]:
+    """Products named by tiers coordinated before the one at ``tier_at``: "basic or the" in "the basic or the
+    premium tablet". Each covers its tier word up to its conjunction."""
+    found: list[_Mention] = []
+    k = tier_at - 1
+    while True:
+        conjunction = _skip_determiners(stream, k)
+        if conjunction < 1 or stream[conjunction] not in _COORDINATION:
+            return found
+        k_tier = _skip_determiners(stream, conjunction - 1)
+        if k_tier < 0 or stream[k_tier] not in _NATURAL_TIER_OF or used[k_tier]:
+            return found
+        for m in range(k_tier, conjunction + 1):
+            used[m] = True
+        found.insert(0, _Mention("product", k_tier, conjunction, (_NATURAL_TIER_OF[stream[k_tier]], category)))
+        k = k_tier - 1
+
+
+def _skip_determiners(stream: list[str], k: int) -> int:
+    """The last position at or before ``k`` that is not a determiner ("the", "our"); -1 when none is."""
+    while k >= 0 and stream[k] in _DETERMINERS:
+        k -= 1
+    return k
+
+
+def _read_bare_tiers(stream: list[str], used: list[bool]) -> list[_Mention]:
+    """Tiers without a category: a tier word before a generic product noun ("the basic model"), an unambiguous tier
+    word, or a several-word tier, on its own."""
+    mentions: list[_Mention] = []
+    for i, word in enumerate(stream):
+        tier = _NATURAL_TIER_OF.get(word)
+        if tier is None or used[i]:
+            continue
+        generic = i + 1 < len(stream) and stream[i + 1] in GENERIC_PRODUCT_NOUNS
+        if generic or word in NATURAL_UNAMBIGUOUS_TIER_WORDS or "_" in word:
+            used[i] = True
+            if generic:
+                used[i + 1] = True
+            mentions.append(_Mention("tier", i, i + generic, tier))
+    return mentions
+
+
+def _read_offers(stream: list[str], used: list[bool]) -> list[_Mention]:
+    """Discounts: offer phrases first (their "price" is no question), then single cues."""
+    mentions: list[_Mention] = []
+    for i in range(len(stream)):
+        size = 0 if used[i] else _phrase_at(stream, i, DISCOUNT_PHRASES)
+        if size:
+            for m in range(i, i + size):
+                used[m] = True
+            mentions.append(_Mention("discount", i, i + size - 1))
+    for i, word in enumerate(stream):
+        if used[i] or word not in DISCOUNT_CUES:
+            continue
+        if word == "off" and i > 0 and stream[i - 1] in OFF_NOT_DISCOUNT:
+            continue
+        used[i] = True
+        mentions.append(_Mention("discount", i, i))
+    return mentions
+
+
+def _apply_negation(stream: list[str], mentions: list[_Mention]) -> None:
+    """Mark negated mentions (``mentions`` in stream order): a negator cancels the first mention after it in its
+    clause, and the mentions coordinated with that one ("no sale or discount")."""
+    for i, word in enumerate(stream):
+        if word not in NEGATORS:
+            continue
+        previous_end = None
+        for mention in mentions:
+            if mention.start <= i:
+                continue
+            if any(_is_break(t) for t in stream[i : mention.start]):
+                break
+            if previous_end is not None:
+                between = stream[previous_end + 1 : mention.start]
+                if not between or not all(t in _COORDINATION or t in _DETERMINERS for t in between):
+                    break
+            mention.negated = True
+            previous_end = mention.end
 
 
 def _sentence_questions(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,23 @@ def test_repeating_a_natural_message_in_other_case_and_spacing_is_repetition() -
     episode.step("What are you looking for?")
     episode.step("  what are you LOOKING for ?")
     assert episode.conversation.turns[-1].customer == REPEATED
+
+
+def test_any_text_parses_without_error() -> None:
+    """Random text over the grammar's own words, punctuation, dashes, quotes and emoji: every message parses, with
+    the invariants the customer relies on (a named product is never a need question; counts add up)."""
+    pieces = (
+        "not no or and the a our premium basic standard top of line mid range laptop phone tablet headphones off "
+        "% $ 500 budget price how much what looking for need discount sale promo high end entry level one model "
+        "I'd don't can't isn't Let's , . ? ! ; : - \u2013 \u2019 \u201c better price special offer your needs 👋"
+    ).split()
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = " ".join(rng.choices(pieces, k=rng.randint(0, 20)))
+        text = text.replace(" - ", "-") if rng.random() < 0.5 else text
+        parsed = parse_natural(text)
+        assert not (parsed.asks_need and parsed.products), text
+        assert parsed.empty == (parsed.n_words == 0), text
+        assert {c for _, c in parsed.products} <= parsed.categories, text
+        assert {t for t, _ in parsed.products} <= parsed.tiers, text
+    assert parse_reply("I can give you a better price").offers_discount  # a phrase ending the message
