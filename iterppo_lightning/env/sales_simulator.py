@@ -14,8 +14,10 @@ patience. Asking earns no immediate reward, so a myopic agent never asks and
 mostly fails; asking need, then budget, then recommending the fitting product
 with a discount succeeds almost always.
 
-All text is lower-case with words and punctuation separated by single spaces,
-so a small word-level language model can read and write it.
+All the customer's and the business's own text is lower-case with words and
+punctuation separated by single spaces, so a small word-level language model can
+read and write it. The agent's messages may also be natural text ("I'd recommend
+our Premium Laptop!"): env/reply_parser.py reads both.
 
 Determinism: an episode draws every random choice from generators derived only
 from its own seed, so its outcome depends on the seed and the messages it is
