@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import lightning as L
 
+from iterppo_lightning.env.chat_endpoint import ChatEndpointConfig
+from iterppo_lightning.env.chat_endpoint import config_problems as endpoint_problems
 from iterppo_lightning.env.llm_customer import LLMCustomerConfig
 from iterppo_lightning.env.sales_simulator import SimulatorConfig
 from iterppo_lightning.loop.bootstrap import BootstrapConfig
@@ -32,6 +34,8 @@ class IterativePPO(L.LightningModule):
         llm_customer: LLMCustomerConfig | None = None,
         customer_model: ModelSource | None = None,
         judge_model: ModelSource | None = None,
+        customer_endpoint: ChatEndpointConfig | None = None,
+        judge_endpoint: ChatEndpointConfig | None = None,
         algorithm: str = "iterative_ppo",
         filtered_bc: FilteredBCConfig | None = None,
     ):
@@ -51,6 +55,10 @@ class IterativePPO(L.LightningModule):
             customer_model: the model playing the customer (default: base_model).
             judge_model: the model answering llm_customer's yes/no purchase question when its
                 judge is "model" (default: the customer model).
+            customer_endpoint: an OpenAI-compatible chat endpoint (vLLM, llama.cpp server, Ollama, a
+                hosted API) playing the customer instead of customer_model. See docs/llm_customer.md.
+            judge_endpoint: an endpoint answering the judge's yes/no question instead of judge_model
+                (default: the customer's endpoint or model).
             algorithm: "iterative_ppo" (fit Q_k, then PPO against it) or "filtered_bc" (the
                 baseline: fine-tune pi_k with the SFT loss on the agent turns of the iteration's
                 successful conversations; no critic). See docs/variants.md.
@@ -75,5 +83,39 @@ class IterativePPO(L.LightningModule):
             raise ValueError(
                 "give either model.policy_init (a saved policy) or model.base_model (a pretrained model), not both"
             )
-        if llm_customer is not None and (customer_model or base_model) is None:
-            raise ValueError("model.llm_customer needs model.customer_model (or model.base_model) to play the customer")
+        self.customer_endpoint = customer_endpoint
+        self.judge_endpoint = judge_endpoint
+        problems = customer_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def customer_problems(system: IterativePPO) -> list[str]:
+    """Every inconsistency of the LLM customer's settings (models, endpoints, the API key variables), at once."""
+    out: list[str] = []
+    endpoints = {"customer_endpoint": system.customer_endpoint, "judge_endpoint": system.judge_endpoint}
+    for key, endpoint in endpoints.items():
+        if endpoint is None:
+            continue
+        if system.llm_customer is None:
+            out.append(f"model.{key} is set but model.llm_customer is not: add an llm_customer section")
+        out.extend(endpoint_problems(endpoint, f"model.{key}"))
+    if system.customer_endpoint is not None and system.customer_model is not None:
+        out.append(
+            "give either model.customer_model or model.customer_endpoint (the customer is a model or an endpoint), "
+            "not both"
+        )
+    if system.judge_endpoint is not None and system.judge_model is not None:
+        out.append("give either model.judge_model or model.judge_endpoint, not both")
+    if system.llm_customer is not None:
+        if system.judge_endpoint is not None and system.llm_customer.judge != "model":
+            out.append(
+                f"model.judge_endpoint is set but model.llm_customer.judge is {system.llm_customer.judge!r}: "
+                "set it to model to use the endpoint as the judge, or remove model.judge_endpoint"
+            )
+        if system.customer_endpoint is None and (system.customer_model or system.base_model) is None:
+            out.append(
+                "model.llm_customer needs model.customer_model (or model.base_model, or model.customer_endpoint) "
+                "to play the customer"
+            )
+    return out

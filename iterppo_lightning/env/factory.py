@@ -3,21 +3,45 @@
 from __future__ import annotations
 
 from iterppo_lightning.env.sales_simulator import SalesSimulator
-from iterppo_lightning.models.source import load_causal_lm
+from iterppo_lightning.models.source import check_source, load_causal_lm
 
 
 def make_environment(system):
-    """`system.llm_customer` set: an LLM customer (its model loaded once, frozen); else the simulator."""
+    """`system.llm_customer` set: an LLM customer (an endpoint, or a model loaded once, frozen); else the simulator."""
     if system.llm_customer is None:
         return SalesSimulator(system.environment)
+    from iterppo_lightning.env.chat_endpoint import ChatEndpoint
     from iterppo_lightning.env.llm_customer import LLMCustomerEnvironment
 
-    model, tokenizer = load_causal_lm(system.customer_model or system.base_model, require_chat_template=True)
-    model.requires_grad_(False).eval()
-    judge, judge_tokenizer = None, None
-    if system.judge_model is not None and system.llm_customer.judge == "model":
-        judge, judge_tokenizer = load_causal_lm(system.judge_model, require_chat_template=True)
-        judge.requires_grad_(False).eval()
+    model, tokenizer, customer_endpoint = None, None, None
+    if system.customer_endpoint is not None:
+        customer_endpoint = ChatEndpoint(system.customer_endpoint, role="customer", key="model.customer_endpoint")
+    else:
+        model, tokenizer = load_causal_lm(system.customer_model or system.base_model, require_chat_template=True)
+        model.requires_grad_(False).eval()
+    judge, judge_tokenizer, judge_endpoint = None, None, None
+    if system.llm_customer.judge == "model":
+        if system.judge_endpoint is not None:
+            judge_endpoint = ChatEndpoint(system.judge_endpoint, role="judge", key="model.judge_endpoint")
+        elif system.judge_model is not None:
+            judge, judge_tokenizer = load_causal_lm(system.judge_model, require_chat_template=True)
+            judge.requires_grad_(False).eval()
     return LLMCustomerEnvironment(
-        system.llm_customer, model, tokenizer, judge_model=judge, judge_tokenizer=judge_tokenizer
+        system.llm_customer,
+        model,
+        tokenizer,
+        judge_model=judge,
+        judge_tokenizer=judge_tokenizer,
+        customer_endpoint=customer_endpoint,
+        judge_endpoint=judge_endpoint,
     )
+
+
+def check_environment_sources(system) -> None:
+    """Bad customer / judge model paths fail before any work (endpoints are checked when the config is read)."""
+    if system.llm_customer is None:
+        return
+    if system.customer_endpoint is None:
+        check_source(system.customer_model or system.base_model, require_chat_template=True)
+    if system.judge_model is not None:
+        check_source(system.judge_model, require_chat_template=True)

@@ -18,29 +18,41 @@ Why it is built this way:
 * A round is batched: `step_batch` makes ONE `generate` call for every
   customer reply of the round and at most one judge forward pass, because
   generation, not bookkeeping, is what an LLM customer costs.
+* The customer and the judge may instead be any OpenAI-compatible chat
+  endpoint (chat_endpoint.py): a round then sends one request per
+  conversation, `concurrency` at a time, and fails as a whole (nothing of the
+  round is kept) when a request still fails after its retries.
 * The customer's text is stored exactly as generated (buy marker included) and
   the judge's probability is kept per reply in ``metadata["judge_probs"]``, so
   any outcome can be audited from the record alone.
 
 Determinism: the seed fixes the persona (and the business's decisions);
-sampling the customer's replies uses torch's global RNG, which the caller seeds.
+sampling the customer's replies uses torch's global RNG, which the caller seeds
+(an endpoint samples on its server: see `ChatEndpointConfig.seed`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from iterppo_lightning.data.conversation import Conversation, Turn
+from iterppo_lightning.env.chat_endpoint import ChatEndpoint, ChatRequest, request_seed, yes_probability
 from iterppo_lightning.env.reply_parser import CATEGORY_WORDS, TIERS
 from iterppo_lightning.env.sales_simulator import Persona, SalesEpisode, SimulatorConfig
 from iterppo_lightning.models import chat_generation as chat
+
+log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
 JUDGES: tuple[str, ...] = ("marker", "model")
 JUDGE_QUESTION = "Did the customer agree to buy? Answer yes or no."
+JUDGE_ENDPOINT_TEMPERATURE = 0.0
+JUDGE_ENDPOINT_MAX_TOKENS = 8
+"""A judge endpoint's defaults: a deterministic, short answer (its first yes or no is read)."""
 OPENING_PREFIX = "opening:"
 """A line of an explicit persona card starting with this (any case) is the customer's first message."""
 
@@ -254,16 +266,43 @@ class LLMCustomerEpisode:
 
 
 class LLMCustomerEnvironment:
-    """Factory of LLM-customer episodes; advances a whole round with one batched generate."""
+    """Factory of LLM-customer episodes; advances a whole round with one batched generate (or endpoint batch).
 
-    def __init__(self, config: LLMCustomerConfig, model, tokenizer, judge_model=None, judge_tokenizer=None) -> None:
+    The customer is an in-process `model` + `tokenizer`, or `customer_endpoint` (then no model is needed).
+    The judge (``config.judge == "model"``) is `judge_endpoint`, else `judge_model`, else the customer's
+    own endpoint or model.
+    """
+
+    def __init__(
+        self,
+        config: LLMCustomerConfig,
+        model=None,
+        tokenizer=None,
+        judge_model=None,
+        judge_tokenizer=None,
+        *,
+        customer_endpoint: ChatEndpoint | None = None,
+        judge_endpoint: ChatEndpoint | None = None,
+    ) -> None:
         self.config = config
+        self.customer_endpoint = customer_endpoint
+        if customer_endpoint is None and (model is None or tokenizer is None):
+            raise ValueError("the LLM customer needs a model and its tokenizer, or a customer endpoint")
         self.model = model
         self.tokenizer = tokenizer
         self.judge_model = judge_model if judge_model is not None else model
         self.judge_tokenizer = judge_tokenizer if judge_tokenizer is not None else tokenizer
-        chat.require_chat_template(tokenizer, "customer")
-        if config.judge == "model":
+        if judge_endpoint is None and judge_model is None and customer_endpoint is not None:
+            # The judge asks its own short question of the customer's server, with the judge's defaults.
+            judge_endpoint = ChatEndpoint(
+                replace(customer_endpoint.config, temperature=None, max_tokens=None), role="judge"
+            )
+        self.judge_endpoint = judge_endpoint
+        if customer_endpoint is None:
+            chat.require_chat_template(tokenizer, "customer")
+        if config.judge == "model" and judge_endpoint is None:
+            if self.judge_model is None or self.judge_tokenizer is None:
+                raise ValueError('llm_customer.judge "model" needs a judge model or a judge endpoint')
             chat.require_chat_template(self.judge_tokenizer, "judge")
         # Persona draws use the simulator's defaults; the business uses this config's probabilities.
         self._business_config = SimulatorConfig(
@@ -308,6 +347,8 @@ class LLMCustomerEnvironment:
     def _customer_replies(self, episodes: Sequence[LLMCustomerEpisode]) -> list[str]:
         cfg = self.config
         conversations = [customer_messages(ep.conversation, ep.persona_card, cfg.buy_marker) for ep in episodes]
+        if self.customer_endpoint is not None:
+            return self._endpoint_replies(self.customer_endpoint, episodes, conversations)
         return chat.generate_chat(
             self.model,
             self.tokenizer,
@@ -319,8 +360,27 @@ class LLMCustomerEnvironment:
             max_prompt_tokens=cfg.max_prompt_tokens,
         )
 
+    def _endpoint_replies(
+        self, endpoint: ChatEndpoint, episodes: Sequence[LLMCustomerEpisode], conversations: list[Messages]
+    ) -> list[str]:
+        """One request per conversation, concurrently; the text is kept exactly as the server returned it."""
+        settings = endpoint.config
+        temperature = self.config.temperature if settings.temperature is None else settings.temperature
+        max_tokens = settings.max_tokens or self.config.max_new_tokens
+        requests = [
+            ChatRequest(
+                messages,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                # The same conversation at the same turn asks with the same seed, in a resumed run too.
+                seed=request_seed(settings.seed, ep.seed, len(ep.conversation.turns)),
+            )
+            for ep, messages in zip(episodes, conversations)
+        ]
+        return [answer.text for answer in endpoint.complete_many(requests)]
+
     def _judge(self, episodes: Sequence[LLMCustomerEpisode], replies: list[str]) -> list[float]:
-        """P(purchase) per reply: 1/0 from the marker, or the judge model's P(yes)."""
+        """P(purchase) per reply: 1/0 from the marker, or the judge's P(yes)."""
         cfg = self.config
         if cfg.judge == "marker":
             return [1.0 if cfg.buy_marker in reply else 0.0 for reply in replies]
@@ -328,10 +388,35 @@ class LLMCustomerEnvironment:
             judge_messages(ep.persona_card, ep.conversation.turns[-1].sent or "", reply)
             for ep, reply in zip(episodes, replies)
         ]
+        if self.judge_endpoint is not None:
+            return self._endpoint_judge(self.judge_endpoint, questions)
         batch = cfg.batch_size or len(questions)
         return [
             float(p) for p in chat.yes_probability(self.judge_model, self.judge_tokenizer, questions, batch_size=batch)
         ]
+
+    def _endpoint_judge(self, endpoint: ChatEndpoint, questions: list[Messages]) -> list[float]:
+        """P(yes) from the answer's first-token log-probabilities when the server gives them, else its text."""
+        settings = endpoint.config
+        requests = [
+            ChatRequest(
+                question,
+                temperature=JUDGE_ENDPOINT_TEMPERATURE if settings.temperature is None else settings.temperature,
+                max_tokens=settings.max_tokens or JUDGE_ENDPOINT_MAX_TOKENS,
+                seed=settings.seed,
+                logprobs=settings.logprobs,
+            )
+            for question in questions
+        ]
+        probs: list[float] = []
+        for answer in endpoint.complete_many(requests):
+            prob = yes_probability(answer)
+            if prob is None:
+                # Counted as "no": an unreadable verdict must not end a conversation as a purchase.
+                log.warning("judge endpoint %s said neither yes nor no (%r): counted as no", endpoint.url, answer.text)
+                prob = 0.0
+            probs.append(prob)
+        return probs
 
     def _bought(self, prob: float) -> bool:
         """The marker judge's probability is already the decision; the model's is thresholded."""

@@ -41,7 +41,7 @@ from iterppo_lightning.data.log_io import read_logs
 from iterppo_lightning.distributed import collectives as dist_utils
 from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
 from iterppo_lightning.env.episodes import summarize_conversations
-from iterppo_lightning.env.factory import make_environment
+from iterppo_lightning.env.factory import check_environment_sources, make_environment
 from iterppo_lightning.loop.bootstrap import behaviour_clone, make_pi0
 from iterppo_lightning.loop.critic_probe import ProbeContext, run_critic_probe
 from iterppo_lightning.loop.oracle_critic import OracleCritic, make_oracle_critic
@@ -573,10 +573,7 @@ class OuterLoop:
             check_source(system.base_model, require_chat_template=True)
             if system.bootstrap.buffer:
                 read_logs(system.bootstrap.buffer)  # a bad buffer fails before any work too
-        if system.llm_customer is not None:
-            check_source(system.customer_model or system.base_model, require_chat_template=True)
-            if system.judge_model is not None:
-                check_source(system.judge_model, require_chat_template=True)
+        check_environment_sources(system)  # the LLM customer's and judge's models, unless endpoints
 
     def trainer_factory(self, phase: str, **overrides) -> L.Trainer:
         """A fresh Trainer for one phase (the CLI's factory), logging to the run's loggers at the run's global step
