@@ -57,6 +57,7 @@ from iterppo_lightning.distributed.phase_strategies import (
     check_phase_strategies,
     launch_processes,
 )
+from iterppo_lightning.env.chat_endpoint import ChatEndpointError
 from iterppo_lightning.env.factory import make_environment
 from iterppo_lightning.loop.controller import NumericalFault, OuterLoop
 from iterppo_lightning.loop.run_dir import RunDirError
@@ -561,6 +562,9 @@ def _run(args: list[str] | None, descriptions: dict[str, str] | None) -> None:
     except NumericalFault as err:
         print(f"iterppo: error: {err}", file=sys.stderr)
         sys.exit(3)
+    except ChatEndpointError as err:  # the customer's or judge's server: the run's committed steps are kept
+        print(f"iterppo: error: {err}", file=sys.stderr)
+        sys.exit(1)
     except (
         RunDirError,
         RunStateError,
