@@ -123,11 +123,13 @@ def test_an_interrupted_sweep_stops_with_one_line(tmp_path, monkeypatch, capsys,
 
     monkeypatch.setattr(sweep, "execute", interrupted_run)
     experiments = [str(REPO / "configs" / "smoke.yaml")]
+    # Whatever the handlers were (a background job starts with SIGINT ignored), the sweep puts them back.
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     assert sweep.main(["--experiments", *experiments, "--seeds", "0", "--out", str(tmp_path / "sweep")]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"iterppo sweep: interrupted ({signum.name})"), err
     assert "iterppo sweep --experiments" in err[0]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_the_resume_command_drops_any_resume_value_and_names_the_run_dir():
