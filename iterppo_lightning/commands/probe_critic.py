@@ -15,7 +15,6 @@ logs or with an LLM customer, no critic, a buffer the simulator does not reprodu
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from jsonargparse import ArgumentParser
 
 from iterppo_lightning.loop.probe_config import PROBE_PERSONAS, CriticProbeConfig
 from iterppo_lightning.loop.run_state import RunStateError, load_run_state
+from iterppo_lightning.utils.atomic_io import finite_json
 
 __all__ = ["main", "build_parser", "format_report"]
 
@@ -236,18 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(record, args.run_dir, args.iteration))
     result = {"run_dir": args.run_dir, "iteration": args.iteration, **record}
     result["seconds"] = time.perf_counter() - start
-    print(json.dumps(_nan_to_null(result), allow_nan=False))  # strict JSON: an undefined metric is null
+    print(json.dumps(finite_json(result), allow_nan=False))  # strict JSON: an undefined metric is null
     return 0
-
-
-def _nan_to_null(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_null(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_null(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":
