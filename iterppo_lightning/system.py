@@ -13,6 +13,7 @@ import lightning as L
 from iterppo_lightning.env.chat_endpoint import ChatEndpointConfig
 from iterppo_lightning.env.chat_endpoint import config_problems as endpoint_problems
 from iterppo_lightning.env.llm_customer import LLMCustomerConfig
+from iterppo_lightning.env.protocol import read_environment_class, resolve_class
 from iterppo_lightning.env.sales_simulator import SimulatorConfig
 from iterppo_lightning.loop.bootstrap import BootstrapConfig
 from iterppo_lightning.loop.config import ALGORITHMS, FilteredBCConfig, LoopConfig
@@ -38,6 +39,7 @@ class IterativePPO(L.LightningModule):
         judge_endpoint: ChatEndpointConfig | None = None,
         algorithm: str = "iterative_ppo",
         filtered_bc: FilteredBCConfig | None = None,
+        environment_class: dict | None = None,
     ):
         """
         Args:
@@ -63,11 +65,22 @@ class IterativePPO(L.LightningModule):
                 baseline: fine-tune pi_k with the SFT loss on the agent turns of the iteration's
                 successful conversations; no critic). See docs/variants.md.
             filtered_bc: epochs, lr and batch size of the filtered_bc fine-tune.
+            environment_class: your own environment instead of the embedded simulator, as
+                ``{class_path: my_package.MyEnv, init_args: {...}}``: a class with reset(seed) and
+                step(agent_message) (docs/environments.md). fit, evaluate, collect and sample use it.
         """
         super().__init__()
         self.critic = critic
         self.policy = policy
+        self.environment_given = environment is not None
         self.environment = environment or SimulatorConfig()
+        self.environment_class = None
+        problems: list[str] = []
+        if environment_class is not None:
+            try:
+                self.environment_class = read_environment_class(environment_class)
+            except ValueError as error:
+                problems.append(str(error))
         self.bootstrap = bootstrap or BootstrapConfig()
         self.loop = loop or LoopConfig()
         self.policy_init = policy_init
@@ -85,7 +98,7 @@ class IterativePPO(L.LightningModule):
             )
         self.customer_endpoint = customer_endpoint
         self.judge_endpoint = judge_endpoint
-        problems = customer_problems(self)
+        problems += customer_problems(self) + environment_class_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -118,4 +131,43 @@ def customer_problems(system: IterativePPO) -> list[str]:
                 "model.llm_customer needs model.customer_model (or model.base_model, or model.customer_endpoint) "
                 "to play the customer"
             )
+    return out
+
+
+# What needs the embedded simulator itself: it replays a logged state from the conversation's seed, which a user's
+# environment (any object with reset and step) cannot promise.
+_SIMULATOR_ONLY = (
+    ("critic_probe", "measures Q_k against the embedded simulator's ground truth (it replays logged states)"),
+    ("oracle_critic", "computes Q from the embedded simulator's continuations of logged states"),
+)
+
+
+def environment_class_problems(system: IterativePPO) -> list[str]:
+    """Every setting that makes no sense with model.environment_class (a user's environment), at once."""
+    config = system.environment_class
+    if config is None:
+        return []
+    out: list[str] = []
+    try:
+        resolve_class(config)
+    except ValueError as error:
+        out.append(str(error))
+    if system.llm_customer is not None:
+        out.append(
+            "give either model.environment_class (your environment) or model.llm_customer (a chat model playing "
+            "the customer), not both"
+        )
+    if system.environment_given:
+        out.append(
+            "model.environment configures the embedded simulator, which model.environment_class replaces: remove "
+            "model.environment (your class's settings go in model.environment_class.init_args)"
+        )
+    for key, what in _SIMULATOR_ONLY:
+        if getattr(system.loop, key, None) is not None:
+            out.append(f"model.loop.{key} {what}; a run on model.environment_class cannot: remove model.loop.{key}")
+    if system.loop.branch_fraction > 0:
+        out.append(
+            f"model.loop.branch_fraction {system.loop.branch_fraction} replays states of the embedded simulator's "
+            "conversations, which model.environment_class cannot: set model.loop.branch_fraction 0"
+        )
     return out

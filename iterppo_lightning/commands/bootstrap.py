@@ -46,6 +46,11 @@ def bootstrap_pi0(
             "bootstrap makes pi_0 from imagined conversations; "
             "this config already names pi_0 (model.policy_init or model.base_model)"
         )
+    if getattr(model, "environment_class", None) is not None:
+        raise ValueError(
+            "bootstrap imitates the scripted sales agent on the embedded simulator; this config plays "
+            "model.environment_class: give fit a pi_0 with model.base_model or model.policy_init instead"
+        )
     out = Path(output)
     if out.exists():
         raise FileExistsError(f"{output!r} already exists; a pi_0 folder is never overwritten")

@@ -45,7 +45,12 @@ def collect_logs(
         raise FileExistsError(f"{output!r} already exists; logs are never overwritten")
     if not is_log_file_name(out):
         raise ValueError(f"--output {output!r}: the name must end in .jsonl, .jsonl.gz or .parquet")
-    simulator = make_environment(system)  # the scripted simulator, or the LLM customer when configured
+    if not policy and getattr(system, "environment_class", None) is not None:
+        raise ValueError(
+            "collect without --policy plays the scripted sales agent, which only knows the embedded simulator; "
+            "this config plays model.environment_class: give --policy DIR (a saved policy folder)"
+        )
+    simulator = make_environment(system)  # the simulator, the LLM customer, or model.environment_class
     # Namespace "logs" is used by nothing else, so these customers are new to any run.
     seeds = episode_seeds("logs", seed, 0, episodes)
     if policy:

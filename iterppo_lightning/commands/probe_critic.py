@@ -119,6 +119,11 @@ def read_run(run_dir: str) -> _Run:
             f"{run_dir} talks to an LLM customer (model.llm_customer): it cannot be replayed from a seed, so there is "
             "no ground truth to probe the critic against (the probe needs the embedded simulator)"
         )
+    if model.get("environment_class") is not None:
+        raise ProbeCommandError(
+            f"{run_dir} plays its own environment (model.environment_class): it cannot be replayed from a seed, so "
+            "there is no ground truth to probe the critic against (the probe needs the embedded simulator)"
+        )
     return _Run(path, config, int(state.seed), state.completed_iterations)
 
 
