@@ -36,7 +36,8 @@ def sample_dialogues(
     max_new_tokens: int = 24,
     max_prompt_tokens: int = 384,
 ) -> list[Conversation]:
-    """`dialogues` conversations of the saved policy with evaluate's customers for `seed`."""
+    """`dialogues` conversations of the saved policy with evaluate's customers for `seed`; each sampled reply draws
+    from its own stream of (`seed`, dialogue, turn), so dialogue i does not depend on how many are asked for."""
     if dialogues < 1:
         raise ValueError(f"-n/--dialogues must be >= 1, got {dialogues}")
     model, tokenizer = load_policy(policy_dir)
@@ -49,6 +50,7 @@ def sample_dialogues(
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
         greedy=greedy,
+        reply_seed=seed,  # dialogue i is the same whatever -n is
     )
 
 

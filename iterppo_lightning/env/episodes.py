@@ -124,6 +124,7 @@ def run_episodes(
     batch_size: int = 256,
     exploration: Exploration | None = None,
     progress: str | None = None,
+    reply_seed: int | None = None,
 ) -> list[Conversation]:
     """Play one episode per seed with `model` suggesting every agent reply.
 
@@ -145,6 +146,7 @@ def run_episodes(
         batch_size=batch_size,
         exploration=exploration,
         progress=progress,
+        reply_seed=reply_seed,
     )
     for ep in episodes:
         ep.conversation.iteration = iteration
@@ -166,8 +168,13 @@ def play_episodes(
     batch_size: int = 256,
     exploration: Exploration | None = None,
     progress: str | None = None,
+    reply_seed: int | None = None,
 ) -> None:
-    """Advance `episodes` (new, or already under way) to their ends, `model` suggesting every reply (run_episodes)."""
+    """Advance `episodes` (new, or already under way) to their ends, `model` suggesting every reply (run_episodes).
+
+    `reply_seed`: each reply samples from its own stream of (reply_seed, conversation id, turn), so a conversation
+    does not depend on which others are played with it (None: torch's global stream, as collection does).
+    """
     report = Progress(progress, len(episodes)) if progress else None
     while True:
         live = [ep for ep in episodes if not ep.done]
@@ -178,8 +185,13 @@ def play_episodes(
             conversations = [ep.conversation for ep in chunk]
             settings = dict(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, greedy=greedy)
             explored = exploration.choose(conversations) if exploration is not None else []
+            seeds = None
+            if reply_seed is not None:
+                seeds = [derive_seed("reply", reply_seed, c.conversation_id, len(c.turns)) for c in conversations]
             if not explored:
-                replies = suggest(model, tokenizer, conversations, temperature=temperature, **settings)
+                replies = suggest(
+                    model, tokenizer, conversations, temperature=temperature, reply_seeds=seeds, **settings
+                )
             else:
                 # Two generate calls: the explored states at the exploration temperature, the rest as usual.
                 rest = [i for i in range(len(chunk)) if i not in set(explored)]
@@ -191,6 +203,7 @@ def play_episodes(
                             tokenizer,
                             [conversations[i] for i in group],
                             temperature=group_temperature,
+                            reply_seeds=None if seeds is None else [seeds[i] for i in group],
                             **settings,
                         )
                         for i, text in zip(group, texts):

@@ -70,6 +70,18 @@ def test_greedy_dialogues_are_evaluates_customers_and_repeat(run_dir):
     assert customer_turns - 4 == pytest.approx(result["mean_turns"] * 4), "agent turns = customer turns - 1 each"
 
 
+def test_a_sampled_dialogue_does_not_depend_on_how_many_are_asked_for(run_dir):
+    policy = str(run_dir / "final_policy")
+
+    def dialogues(n: int) -> list[str]:  # each dialogue's text, without the header and the closing count
+        blocks = DIALOGUE_HEADER.split(sample("--policy", policy, "-n", str(n), "--seed", "4"))[3::3]
+        return [block.split("\n---")[0] for block in blocks]
+
+    one, three = dialogues(1), dialogues(3)
+    assert three[0] == one[0] and three[1] != one[0]  # dialogue 1 alike; dialogue 2 is another customer
+    assert sample("--policy", policy, "-n", "1", "--seed", "5") != sample("--policy", policy, "-n", "1", "--seed", "4")
+
+
 def test_sample_with_run_dir_uses_its_final_policy_and_any_policy_of_the_run(run_dir):
     out = sample("--run_dir", str(run_dir), "-n", "1", "--seed", "5")
     assert out.startswith(f"policy pi_1 ({run_dir / 'final_policy'}), 1 dialogue(s)")
