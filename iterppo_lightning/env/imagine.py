@@ -26,7 +26,7 @@ from pathlib import Path
 from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.data.conversation import Conversation, Turn
 from iterppo_lightning.models.chat_generation import generate_chat
-from iterppo_lightning.utils.atomic_io import atomic_write_json
+from iterppo_lightning.utils.atomic_io import atomic_dir, atomic_write_json
 from iterppo_lightning.utils.progress import Progress
 from iterppo_lightning.utils.seeding import imagine_outcome_rng
 
@@ -483,7 +483,8 @@ def imagine_conversations(model, tokenizer, config: ImagineConfig) -> ImagineRep
 
 # ---------------------------------------------------------------------- output
 def write_imagined_buffer(report: ImagineReport, folder: str | Path) -> Path:
-    """Write `folder/buffer` (the conversations) and `folder/imagine_report.json`; returns the buffer path.
+    """Write `folder/buffer` (the conversations) and `folder/imagine_report.json`, as one new folder at once
+    (a new folder: never overwritten); returns the buffer path.
 
     Refuses an empty report: an iteration-0 buffer with no conversations would
     only fail later, in behaviour cloning, far from the cause (the report's
@@ -495,7 +496,7 @@ def write_imagined_buffer(report: ImagineReport, folder: str | Path) -> Path:
             f"requested, rejected: {report.rejected}); nothing to write"
         )
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    buffer = save_buffer(report.conversations, folder / "buffer")
-    atomic_write_json(folder / REPORT_FILE, report.summary())
-    return buffer
+    with atomic_dir(folder) as tmp:  # an interrupted write leaves no half folder behind
+        save_buffer(report.conversations, tmp / "buffer")
+        atomic_write_json(tmp / REPORT_FILE, report.summary())
+    return folder / "buffer"

@@ -459,6 +459,20 @@ def test_write_imagined_buffer_round_trips(monkeypatch, tmp_path):
         write_imagined_buffer(report, tmp_path / "imagined")
 
 
+def test_an_imagined_folder_cut_short_leaves_nothing(monkeypatch, tmp_path):
+    import iterppo_lightning.env.imagine as imagine
+
+    report = run_stub(monkeypatch, StubLLM(n_personas=1, dialogue=lambda i, p: SUCCESS), personas=1)
+
+    def interrupted(*args, **kwargs):  # the report's write is cut short (Ctrl-C, a full disk)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imagine, "atomic_write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_imagined_buffer(report, tmp_path / "imagined")
+    assert list(tmp_path.iterdir()) == []  # no half folder, no temporary one: the same command can run again
+
+
 # ---------------------------------------------------------------------- SmolLM2 (slow)
 @pytest.mark.slow
 def test_smollm2_imagines_conversations(tmp_path):
