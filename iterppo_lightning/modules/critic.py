@@ -94,6 +94,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         pessimism: float = 0.0,
         aux_next_message_coef: float = 0.0,
         early_stopping_patience: int = 0,
+        backbone_overrides: dict[str, int | float] | None = None,
     ):
         """
         Args:
@@ -131,6 +132,10 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 and restore the best epoch's weights (its validation metrics are the ones
                 reported, with critic/val_best_epoch). 0 = off: train every critic_epochs epoch.
                 Without a validation split (data.val_fraction 0) it does nothing.
+            backbone_overrides: model-config fields of a critic backbone unlike pi_0's (e.g. {n_layer: 4, n_embd:
+                256, n_head: 8} for a GPT-2): the critic is built from pi_0's config with these fields changed, with
+                random weights (it cannot start from pi_0's), on pi_0's tokenizer. Needs init_from_policy false.
+                None = pi_0's architecture.
         """
         super().__init__()
         if loss not in ("bce", "mse"):
@@ -149,6 +154,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             raise ValueError(f"model.critic.aux_next_message_coef must be >= 0, got {aux_next_message_coef}")
         if early_stopping_patience < 0:
             raise ValueError(f"model.critic.early_stopping_patience must be >= 0, got {early_stopping_patience}")
+        if backbone_overrides and init_from_policy:
+            raise ValueError(
+                f"model.critic.backbone_overrides {backbone_overrides} makes a critic unlike pi_0, which cannot start "
+                "from pi_0's weights: set model.critic.init_from_policy false"
+            )
         if pessimism > 0 and ensemble_size < 2:
             raise ValueError(
                 f"model.critic.pessimism {pessimism} needs model.critic.ensemble_size >= 2 (one critic has no spread "
@@ -169,6 +179,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.pessimism = pessimism
         self.aux_next_message_coef = aux_next_message_coef
         self.early_stopping_patience = early_stopping_patience
+        self.backbone_overrides = dict(backbone_overrides or {})
         self._trainable: set[str] = set()
         self.backbone: nn.Module | None = None
         self.head: nn.Linear | None = None
@@ -217,7 +228,15 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         if self.init_from_policy:
             backbone = AutoModel.from_pretrained(base_model_dir)
         else:
-            backbone = AutoModel.from_config(AutoConfig.from_pretrained(base_model_dir))
+            config = AutoConfig.from_pretrained(base_model_dir)
+            for field, value in self.backbone_overrides.items():
+                if not hasattr(config, field):
+                    raise ValueError(
+                        f"model.critic.backbone_overrides: {field!r} is not a field of the policy's model config "
+                        f"({type(config).__name__})"
+                    )
+                setattr(config, field, value)
+            backbone = AutoModel.from_config(config)
         fuse_activations(backbone)
         hidden = backbone.config.hidden_size
         lm_head = None

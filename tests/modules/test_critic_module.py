@@ -71,6 +71,26 @@ def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer):
     assert q[:4].min() > 0.65 and q[4:].max() < 0.35
 
 
+def test_a_critic_unlike_the_policy_is_built_from_its_overrides_and_learns(base_dir, tokenizer):
+    torch.manual_seed(0)
+    overrides = {"n_layer": 3, "n_embd": 64, "n_head": 2}
+    critic = CriticModule(lr=5e-3, init_from_policy=False, backbone_overrides=overrides)
+    critic.build(base_dir)
+    assert {k: getattr(critic.backbone.config, k) for k in overrides} == overrides
+    assert len(critic.backbone.h) == 3 and critic.head.in_features == 64
+    trainer = make_trainer(max_epochs=5)
+    trainer.fit(critic, datamodule=_toy_datamodule(tokenizer))
+    assert trainer.callback_metrics["critic/val_auroc"] > 0.9
+
+
+def test_backbone_overrides_are_refused_where_they_cannot_apply(base_dir):
+    with pytest.raises(ValueError, match="model.critic.backbone_overrides .*model.critic.init_from_policy false"):
+        CriticModule(backbone_overrides={"n_layer": 4})
+    critic = CriticModule(init_from_policy=False, backbone_overrides={"n_layers": 4})
+    with pytest.raises(ValueError, match="'n_layers' is not a field of the policy's model config"):
+        critic.build(base_dir)
+
+
 def test_val_auroc_is_not_reported_as_zero_when_it_is_undefined(base_dir, tokenizer):
     # Successes only among training conversations: the validation split holds failures only.
     convs = []
