@@ -496,8 +496,9 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
         "over-estimate). *Greedy* is the final policy's success with greedy decoding on the same customers "
         "(`model.loop.eval_greedy_also`). *Q_0 corr* and *Q_0 pairs* are the critic probe's `within_state_corr` and "
         "`pairwise_acc` for the first critic (`model.loop.critic_probe`): how well Q_0 ranks replies at one state "
-        "against the simulator's ground truth (docs/critic.md). Intervals of rates, correlations and accuracies are "
-        "clipped to [0, 1]; '-' where a run did not measure it.",
+        "against the simulator's ground truth (docs/critic.md). Intervals are clipped to the quantity's range "
+        "(rates and accuracies to [0, 1], correlations and the OPE gap to [-1, 1]); '-' where a run did not "
+        "measure it.",
         "",
         "| experiment | seeds | pi_0 success | final success | greedy | best-iteration success | Q_0 corr | Q_0 pairs "
         "| conversations | wall (min) | OPE gap |",
@@ -519,7 +520,7 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
             f"| {name} | {len(runs)} | {fmt_ci(initials, RATE)} | {fmt_ci(finals, RATE)} | {fmt_ci(greedy, RATE)} | "
             f"{fmt_ci(bests, RATE)} | {fmt_ci(corr, (-1.0, 1.0))} | {fmt_ci(pairs, RATE)} | "
             f"{_fmt(sum(conversations) / len(conversations), '.0f') if conversations else '-'} | "
-            f"{_minutes(seconds)} | {fmt_ci(gaps)} |"
+            f"{_minutes(seconds)} | {fmt_ci(gaps, (-1.0, 1.0))} |"
         )
     lines += [
         "",
