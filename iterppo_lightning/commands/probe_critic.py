@@ -193,6 +193,7 @@ def format_report(record: dict, run_dir: str, k: int) -> str:
         f"{record['continuations']} continuations, persona {record['persona']}, seed {record['seed']})",
         f"{'move':<20}{'n':>5}{'mean Q':>9}{'true V':>9}",
     ]
+    own = record["policy_samples_only"]
     for move, cell in record["by_move"].items():
         lines.append(f"{move:<20}{cell['n']:>5}{_f(cell['q']):>9}{_f(cell['true']):>9}")
     lines += [
@@ -201,13 +202,19 @@ def format_report(record: dict, run_dir: str, k: int) -> str:
         f"{_f(record['true_split_corr'])})",
         f"pairwise acc      {_f(record['pairwise_acc'])} over {record['pairs']} pairs with |dV| > "
         f"{record['pair_threshold']}",
+        f"pi_{k}'s own samples only: within-state corr {_f(own['within_state_corr'])} over {own['corr_states']} "
+        f"states, pairwise acc {_f(own['pairwise_acc'])} over {own['pairs']} pairs",
         f"spread ratio      {_f(record['spread_ratio'])} (std of Q within a state {_f(record['q_spread'])}, "
         f"of V {_f(record['true_spread'])})",
         f"bias {_f(record['bias'], '+.3f')}  mae {_f(record['mae'])}  within-state error (std of Q - V) "
         f"{_f(record['within_state_error'])}  (mean Q {_f(record['mean_q'])}, mean V {_f(record['mean_true'])}; "
         f"standard error of one V {_f(record['true_se'])})",
     ]
-    names = {"discount_decision": "with vs without discount", "ask_decision": "ask need vs recommend"}
+    names = {
+        "discount_decision": "with vs without discount",
+        "ask_decision": "ask need vs recommend",
+        "category_decision": "the asked-for category vs another",
+    }
     for key, label in names.items():
         d = record[key]
         lines.append(

@@ -51,6 +51,8 @@ DECISIONS = {
     # name: (candidate A, candidate B, the stages where the choice is the decisive one)
     "discount_decision": ("recommend_discount", "recommend", ("need+budget",)),
     "ask_decision": ("ask_need", "recommend_discount", ("nothing", "budget")),
+    # The same recommendation (tier, discount) of the category the customer asked for against another one.
+    "category_decision": ("recommend_discount", "wrong_product", ("need", "need+budget")),
 }
 """Decisive choices: Q(A) - Q(B) against the true difference, at the states where each is the question."""
 
@@ -287,9 +289,14 @@ def run_critic_probe(
     return summarize(states, settings, ctx)
 
 
+def true_values(st: _State) -> list[float]:
+    """The true value (Monte Carlo mean) of each candidate at a state, in candidate order."""
+    return [pm.mean(r) for r in st.returns]
+
+
 def summarize(states: list[_State], settings: CriticProbeConfig, ctx: ProbeContext) -> dict:
     """The probe's record from the scored states (rl/probe_metrics.py does the maths)."""
-    groups = [(st.q, [pm.mean(r) for r in st.returns]) for st in states]
+    groups = [(st.q, true_values(st)) for st in states]
     # Two independent halves of the continuations: how well the ground truth agrees with itself.
     halves = [([pm.mean(r[0::2]) for r in st.returns], [pm.mean(r[1::2]) for r in st.returns]) for st in states]
     corr, corr_states = pm.within_state_corr(groups)
@@ -324,6 +331,24 @@ def summarize(states: list[_State], settings: CriticProbeConfig, ctx: ProbeConte
         "seed": settings.seed,
         "gamma": ctx.gamma,
         "stages": {s: sum(st.stage == s for st in states) for s in STAGES},
+    }
+    # pi_k's own replies only: the replies PPO actually compares, where Q_k is identifiable from D_k. The canonical
+    # moves include replies pi_k almost never writes (another category, a bare discount); Q_k's error there cannot
+    # be learned from pi_k's data and matters to Theorem 2 only if pi_(k+1) moves there.
+    own = [
+        (
+            [st.q[c] for c, m in enumerate(st.moves) if m == "policy"],
+            [v for v, m in zip(true_values(st), st.moves) if m == "policy"],
+        )
+        for st in states
+    ]
+    own_corr, own_states = pm.within_state_corr(own)
+    own_pairwise, own_pairs = pm.pairwise_accuracy(own, settings.pair_threshold)
+    record["policy_samples_only"] = {
+        "within_state_corr": own_corr,
+        "corr_states": own_states,
+        "pairwise_acc": own_pairwise,
+        "pairs": own_pairs,
     }
     for name, (a, b, stages) in DECISIONS.items():
         pairs_ab, diff_se = [], []

@@ -21,6 +21,7 @@ PROBE += ["--model.loop.critic_probe.policy_samples", "1"]
 ITERATIONS = 2  # configs/smoke.yaml
 KEYS = {"within_state_corr", "corr_se", "pairwise_acc", "spread_ratio", "bias", "mae", "within_state_error"}
 KEYS |= {"true_se", "true_split_corr", "corr_ceiling", "discount_decision", "ask_decision", "by_move"}
+KEYS |= {"category_decision", "policy_samples_only"}
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,12 @@ def test_an_oracle_critic_scores_a_perfect_probe(first_pass, tiny_model, tokeniz
     assert record["spread_ratio"] == pytest.approx(1.0)
     assert record["bias"] == pytest.approx(0.0, abs=1e-12) and record["mae"] == pytest.approx(0.0, abs=1e-12)
     assert record["within_state_error"] == pytest.approx(0.0, abs=1e-12)
-    assert record["discount_decision"]["q_diff"] == pytest.approx(record["discount_decision"]["true_diff"])
+    for decision in cp.DECISIONS:
+        if record[decision]["states"]:
+            assert record[decision]["q_diff"] == pytest.approx(record[decision]["true_diff"]), decision
+    assert record["category_decision"]["states"] > 0  # scripted conversations reveal the need
+    own = record["policy_samples_only"]
+    assert own["pairs"] == 0 or own["pairwise_acc"] == 1.0
 
 
 def test_a_constant_critic_has_no_spread(first_pass) -> None:
@@ -197,3 +202,18 @@ def test_the_probe_is_refused_without_a_simulated_ground_truth(logs, llm_custome
 def test_nan_free_record_is_json_ready(first_pass) -> None:
     flat = [v for v in first_pass.record.values() if isinstance(v, float)]
     assert flat and all(math.isfinite(v) for v in flat)
+
+
+def test_policy_samples_only_ranks_pi_k_replies_alone() -> None:
+    """A critic right about pi_k's replies and wrong about a canonical move pi_k never writes: the all-candidates
+    numbers are hurt, the pi_k-only ones are perfect (hand-worked: one state, three samples, one canonical move)."""
+    returns = [[0.0, 0.0], [1.0, 1.0], [0.5, 0.5], [0.0, 0.0]]  # true values 0, 1, 0.5 (pi_k) and 0 (wrong product)
+    moves = ["policy", "policy", "policy", "wrong_product"]
+    state = cp._State(None, 0, "need", moves, ["a", "b", "c", "d"], [], returns)
+    state.q = [0.1, 0.9, 0.5, 0.95]  # ranks pi_k's three right, the wrong product first
+    record = cp.summarize([state], SETTINGS, context())
+    own = record["policy_samples_only"]
+    assert own["within_state_corr"] == pytest.approx(1.0)
+    assert own["pairwise_acc"] == 1.0 and own["pairs"] == 3  # |dV| 1, 0.5, 0.5 all above the 0.1 threshold
+    assert record["pairwise_acc"] == pytest.approx(3 / 5)  # + (b, d) wrong, (c, d) wrong; (a, d) has dV 0
+    assert record["within_state_corr"] < 0.5
