@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from cli_helpers import REPO, last_json_line, run_cli
 from tiny_chat import save_tiny_chat_model
 
@@ -76,3 +77,43 @@ def test_evaluate_reads_the_exported_policy_with_its_prompt(prompted_run):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert last_json_line(proc.stdout)["episodes"] == 4
+
+
+def test_a_run_killed_in_the_critic_phase_resumes_to_the_same_result(tmp_path, prompted_run):
+    """SIGKILL after pi_0 (with its prompt) is saved: the resumed run reads pi_0 back from the run folder, so the
+    prompt is neither lost nor applied twice, and it ends where the uninterrupted run did."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    args = (
+        "fit",
+        "--config",
+        str(SMOKE_CHAT),
+        "--run_dir",
+        str(run_dir),
+        "--model.base_model.path",
+        str(prompted_run.parent / "tiny_llama"),
+        "--model.llm_customer",
+        "null",
+        "--model.system_prompt",
+        SHOP,
+        "--model.base_model.dtype",
+        "bfloat16",
+    )
+    killed = run_cli(*args, env={"ITERPPO_FAILPOINT": "critic.step@1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_cli(*args, "--resume", "true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def without_times(path) -> list[dict]:
+        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        for r in records:
+            r.pop("seconds")
+        return records
+
+    assert without_times(run_dir) == without_times(prompted_run)
+    adapter = ("iteration_0", "policy", "lora_adapter", "adapter_model.safetensors")
+    ours, reference = load_file(run_dir.joinpath(*adapter)), load_file(prompted_run.joinpath(*adapter))
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    _, tokenizer = load_policy(run_dir / "final_policy")
+    assert tokenizer.chat_template.count(SHOP[:20]) == 1
