@@ -40,6 +40,7 @@ class IterativePPO(L.LightningModule):
         algorithm: str = "iterative_ppo",
         filtered_bc: FilteredBCConfig | None = None,
         environment_class: dict | None = None,
+        system_prompt: str | None = None,
     ):
         """
         Args:
@@ -68,6 +69,10 @@ class IterativePPO(L.LightningModule):
             environment_class: your own environment instead of the embedded simulator, as
                 ``{class_path: my_package.MyEnv, init_args: {...}}``: a class with reset(seed) and
                 step(agent_message) (docs/environments.md). fit, evaluate, collect and sample use it.
+            system_prompt: a system message for a chat base_model (e.g. what the shop sells). It is baked into
+                pi_0's chat template as its default system message, so every state the policy and the critic read
+                starts with it and every exported policy carries it (data/rendering.py). None: the model's own
+                template as it is.
         """
         super().__init__()
         self.critic = critic
@@ -88,6 +93,7 @@ class IterativePPO(L.LightningModule):
         self.llm_customer = llm_customer
         self.customer_model = customer_model
         self.judge_model = judge_model
+        self.system_prompt = system_prompt
         if algorithm not in ALGORITHMS:
             raise ValueError(f"model.algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         self.algorithm = algorithm

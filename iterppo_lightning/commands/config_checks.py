@@ -256,6 +256,24 @@ def _tiny_model_context_problems(config: Any) -> list[str]:
     return problems
 
 
+def _system_prompt_problems(config: Any) -> list[str]:
+    """model.system_prompt is baked into a chat base_model's template when pi_0 is made from it: it needs
+    model.base_model (pi_0 from policy_init or the bootstrapped word-level model would never get it, and the
+    word-level models' plain format has no system turn)."""
+    prompt = _value(config, "model.system_prompt")
+    if prompt is None:
+        return []
+    if not isinstance(prompt, str) or not prompt.strip():
+        return [f"model.system_prompt must be non-empty text, got {prompt!r}"]
+    if _value(config, "model.base_model") is None:
+        return [
+            "model.system_prompt needs model.base_model (a chat model): it is baked into pi_0's chat template; "
+            "the word-level models' plain format has no system turn, and a model.policy_init folder keeps the "
+            "template it was saved with"
+        ]
+    return []
+
+
 def _trainer_problems(config: Any) -> list[str]:
     problems = []
     for key, instead in PHASE_TRAINER_FLAGS.items():
@@ -299,6 +317,7 @@ def config_problems(subcommand: str, config: Any, *, check_run_dir: bool = True)
     check_run_dir: also check that `fit`'s run_dir can be written (off where the config is only resolved).
     """
     problems = _range_problems(config, MODEL_RULES) + _shape_problems(config)
+    problems += _system_prompt_problems(config)
     problems += _range_problems(config, COMMAND_RULES.get(subcommand, {}))
     if subcommand in TRAINING_COMMANDS:
         problems += _trainer_problems(config)

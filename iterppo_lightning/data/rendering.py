@@ -6,11 +6,17 @@ text a policy is trained on is the text it is deployed on. Two formats:
 - chat (a tokenizer with a chat template): customer = user, message actually
   sent = assistant, with the agent's suggestion noted when the business
   edited or rejected it.
+A chat policy's system prompt (`model.system_prompt`) lives in its tokenizer's
+chat template (`apply_system_prompt`): every reader of the tokenizer (collection,
+the critic, PPO, evaluation, an exported policy's deployer) renders the same text
+without passing the prompt around.
 Outcome flags are not rendered: in every non-terminal state all o_j are 0
 (the episode ends at success), so they carry no information.
 """
 
 from __future__ import annotations
+
+import json
 
 from iterppo_lightning.data.chat_format import ABSTAIN, AGENT, CUSTOMER, EDITED, END, PLAIN_CHAT_TEMPLATE, REJECTED
 from iterppo_lightning.data.conversation import Conversation, Turn
@@ -91,3 +97,41 @@ def render_state(conversation: Conversation, turn_index: int, tokenizer=None) ->
     return tokenizer.apply_chat_template(
         render_chat_messages(conversation, turn_index), tokenize=False, add_generation_prompt=True
     )
+
+
+SYSTEM_PROMPT_MARK = "{#- iterppo: model.system_prompt -#}"
+"""First line of a chat template with a system prompt baked in (how a reader of tokenizer_config / chat_template.jinja
+sees where it came from)."""
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a Jinja string literal. JSON escapes are Jinja's; braces and % are escaped too, so no text can
+    close the surrounding tag."""
+    literal = json.dumps(text)
+    return literal.replace("{", "\\u007b").replace("}", "\\u007d").replace("%", "\\u0025")
+
+
+def system_prompt_template(template: str, prompt: str) -> str:
+    """`template` with `prompt` as its default system message: a conversation without a system message of its own
+    gets one holding `prompt`; one that has its own is rendered as before (the caller's system message wins)."""
+    return (
+        f"{SYSTEM_PROMPT_MARK}\n"
+        "{%- if messages | length == 0 or messages[0]['role'] != 'system' %}"
+        "{%- set messages = [{'role': 'system', 'content': " + _jinja_string(prompt) + "}] + messages %}"
+        "{%- endif %}" + template
+    )
+
+
+def apply_system_prompt(tokenizer, prompt: str) -> None:
+    """Bake `prompt` into `tokenizer`'s chat template (see `system_prompt_template`); `save_pretrained` then writes
+    it with the policy, so an exported policy renders its states with the prompt it was trained with.
+
+    The plain format (the tiny word-level models) has no system turn: refused.
+    """
+    if uses_plain_format(tokenizer):
+        raise ValueError("a system prompt needs a chat model's template; the plain (word-level) format has none")
+    if not prompt or not prompt.strip():
+        raise ValueError("a system prompt must be non-empty text")
+    if not isinstance(tokenizer.chat_template, str):
+        raise ValueError("a system prompt needs a single chat template (this tokenizer has several, by name)")
+    tokenizer.chat_template = system_prompt_template(tokenizer.chat_template, prompt)

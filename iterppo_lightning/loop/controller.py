@@ -38,6 +38,7 @@ from rich.console import Console
 from iterppo_lightning.callbacks import IterationCallback, callback_chain, callback_states, load_callback_states
 from iterppo_lightning.data.buffer import load_buffer, save_buffer
 from iterppo_lightning.data.log_io import read_logs
+from iterppo_lightning.data.rendering import apply_system_prompt
 from iterppo_lightning.distributed import collectives as dist_utils
 from iterppo_lightning.distributed.zero import check_zero_checkpoint, zero_stage
 from iterppo_lightning.env.episodes import summarize_conversations
@@ -245,6 +246,8 @@ class OuterLoop:
             return
         if system.base_model is not None:
             model, tokenizer = load_causal_lm(system.base_model, require_chat_template=True)
+            if system.system_prompt is not None:
+                apply_system_prompt(tokenizer, system.system_prompt)  # saved with pi_0: every later reader has it
             if system.bootstrap.buffer:
                 # pi_0 = the base model behaviour-cloned on imagined (or logged) conversations.
                 self.seed_step(-1, "bootstrap")

@@ -301,7 +301,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         if read_rows is None:
             read_rows = torch.arange(hidden.shape[0], device=hidden.device)
             read_positions = last_token_index(attention_mask)
-        return head(hidden[read_rows, read_positions]).squeeze(-1), hidden
+        # A bfloat16 backbone (base_model.dtype) feeds the float32 head.
+        return head(hidden[read_rows, read_positions].to(head.weight.dtype)).squeeze(-1), hidden
 
     def _members(self) -> list[tuple[nn.Module, nn.Linear, nn.Linear | None]]:
         """(backbone, head, lm_head or None) of every member, member 1 first."""

@@ -425,8 +425,13 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         )
         resp_logits = self._tempered(logits[:, :-1])
         logprobs = pm.logprobs_from_logits(resp_logits, response)
-        values = self.value_head(hidden[:, prompt_len - 1 : -1]).squeeze(-1)
+        values = self._values(hidden[:, prompt_len - 1 : -1])
         return logprobs, values, resp_logits
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head on hidden states [B, T, H] -> [B, T]; a bfloat16 policy (base_model.dtype) feeds the
+        float32 head."""
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     def _reference_logits(self, full_ids, full_mask, keep: int) -> torch.Tensor:
         with self._reference_model() as reference:
@@ -514,7 +519,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             # One log-softmax over the vocabulary for the sampled tokens' log-probs and the entropy.
             log_softmax = pm.log_softmax(self._tempered(logits))
             logprobs.append(pm.gather_logprobs(log_softmax, rollout.responses[g.rows, : g.reply_width]))
-            values.append(self.value_head(hidden[:, g.prompt_width - 1 : -1]).squeeze(-1))
+            values.append(self._values(hidden[:, g.prompt_width - 1 : -1]))
             if self.entropy_coef:
                 entropies.append(pm.entropy_from_logprobs(log_softmax))
             else:  # logged only: keep the full-vocabulary entropy out of the backward pass
@@ -576,7 +581,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         with self._timed("score_forward"):  # value head, reference and Q_k forwards
             # The rollout policy's log-probs and hidden states come from the sampling passes themselves.
             old_logprobs = sampled.logprobs
-            old_values = self.value_head(sampled.hidden).squeeze(-1).masked_fill(resp_mask == 0, 0.0)
+            old_values = self._values(sampled.hidden).masked_fill(resp_mask == 0, 0.0)
             groups = self._groups(
                 all_rows, prompt_lengths, resp_mask.sum(1).tolist(), self._split_forwards(), response.device
             )
