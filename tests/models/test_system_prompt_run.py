@@ -20,12 +20,9 @@ SMOKE_CHAT = REPO / "configs" / "smoke_chat.yaml"
 SHOP = 'You sell laptops, phones, tablets and headphones (basic, standard, premium); a 10% "discount" exists.'
 
 
-@pytest.fixture(scope="module")
-def prompted_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prompted")
-    base = save_tiny_chat_model(root / "tiny_llama")
-    run_dir = root / "run"
-    proc = run_cli(
+def prompted_fit(run_dir, base) -> tuple[str, ...]:
+    """`fit` of the smoke chat config on the tiny base model, with the simulator's customer, the prompt, bfloat16."""
+    return (
         "fit",
         "--config",
         str(SMOKE_CHAT),
@@ -40,6 +37,14 @@ def prompted_run(tmp_path_factory):
         "--model.base_model.dtype",
         "bfloat16",
     )
+
+
+@pytest.fixture(scope="module")
+def prompted_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prompted")
+    base = save_tiny_chat_model(root / "tiny_llama")
+    run_dir = root / "run"
+    proc = run_cli(*prompted_fit(run_dir, base))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
@@ -85,21 +90,7 @@ def test_a_run_killed_in_the_critic_phase_resumes_to_the_same_result(tmp_path, p
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "run"
-    args = (
-        "fit",
-        "--config",
-        str(SMOKE_CHAT),
-        "--run_dir",
-        str(run_dir),
-        "--model.base_model.path",
-        str(prompted_run.parent / "tiny_llama"),
-        "--model.llm_customer",
-        "null",
-        "--model.system_prompt",
-        SHOP,
-        "--model.base_model.dtype",
-        "bfloat16",
-    )
+    args = prompted_fit(run_dir, prompted_run.parent / "tiny_llama")
     killed = run_cli(*args, env={"ITERPPO_FAILPOINT": "critic.step@1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run_cli(*args, "--resume", "true")
