@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from iterppo_lightning.commands.evaluate import check_decoding
 from iterppo_lightning.data.log_io import is_log_file_name, summarize_logs, write_logs
 from iterppo_lightning.env.episodes import episode_seeds, run_episodes
 from iterppo_lightning.env.factory import make_environment
@@ -34,10 +35,14 @@ def collect_logs(
     *,
     policy: str = "",
     greedy: bool = False,
+    temperature: float = 1.0,
     batch_size: int = 256,
 ) -> dict:
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    check_decoding(greedy, temperature)
+    if not policy and temperature != 1.0:
+        raise ValueError(f"--temperature {temperature} needs --policy: the scripted behaviour agent does not sample")
     if not output:
         raise ValueError("collect needs --output FILE (.jsonl, .jsonl.gz or .parquet)")
     out = Path(output)
@@ -67,6 +72,7 @@ def collect_logs(
             max_new_tokens=system.policy.max_new_tokens,
             max_prompt_tokens=system.loop.max_prompt_tokens,
             greedy=greedy,
+            temperature=temperature,
             batch_size=batch_size,
             progress="collect",
         )

@@ -13,6 +13,7 @@ def evaluate_saved_policy(
     seed: int,
     *,
     greedy: bool = False,
+    temperature: float = 1.0,
     max_new_tokens: int = 24,
     max_prompt_tokens: int = 384,
     batch_size: int = 256,
@@ -20,6 +21,7 @@ def evaluate_saved_policy(
 ) -> dict:
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    check_decoding(greedy, temperature)
     model, tokenizer = load_policy(policy_dir)
     conversations = run_episodes(
         model,
@@ -30,6 +32,7 @@ def evaluate_saved_policy(
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
         greedy=greedy,
+        temperature=temperature,
         batch_size=batch_size,
         progress="evaluate",
     )
@@ -43,4 +46,13 @@ def evaluate_saved_policy(
         "policy": str(policy_dir),
         "seed": seed,
         "decoding": "greedy" if greedy else "sample",
+        "temperature": None if greedy else temperature,
     }
+
+
+def check_decoding(greedy: bool, temperature: float) -> None:
+    """--temperature must be positive, and means nothing with --greedy (refused rather than ignored)."""
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    if greedy and temperature != 1.0:
+        raise ValueError(f"--greedy decodes without sampling: give --greedy or --temperature {temperature}, not both")

@@ -148,6 +148,7 @@ class IterPPOTrainer(L.Trainer):
         episodes: int = 500,
         seed: int = 0,
         greedy: bool = False,
+        temperature: float = 1.0,
         batch_size: int = 256,
     ) -> dict:
         """Evaluate a saved policy on fresh simulated customers and print one JSON object.
@@ -160,6 +161,7 @@ class IterPPOTrainer(L.Trainer):
             episodes: number of fresh simulated conversations.
             seed: seed of the evaluation customers (never used by `fit`).
             greedy: greedy decoding instead of sampling from the policy.
+            temperature: sampling temperature (not with --greedy).
             batch_size: conversations advanced together in one generate call.
         """
         if not policy:
@@ -170,6 +172,7 @@ class IterPPOTrainer(L.Trainer):
             episodes,
             seed,
             greedy=greedy,
+            temperature=temperature,
             max_new_tokens=model.policy.max_new_tokens,
             max_prompt_tokens=model.loop.max_prompt_tokens,
             batch_size=batch_size,
@@ -187,6 +190,7 @@ class IterPPOTrainer(L.Trainer):
         seed: int = 0,
         policy: str = "",
         greedy: bool = False,
+        temperature: float = 1.0,
         batch_size: int = 256,
     ) -> dict:
         """Simulate conversations and write them as logs (docs/data.md): a file `fit --data.logs` accepts.
@@ -199,9 +203,19 @@ class IterPPOTrainer(L.Trainer):
             seed: seed of the simulated customers (another seed gives other customers and conversation ids).
             policy: a saved policy folder to suggest the replies; empty = the scripted behaviour agent.
             greedy: greedy decoding instead of sampling (with --policy).
+            temperature: sampling temperature (with --policy, not with --greedy).
             batch_size: conversations advanced together in one generate call.
         """
-        result = collect_logs(model, output, episodes, seed, policy=policy, greedy=greedy, batch_size=batch_size)
+        result = collect_logs(
+            model,
+            output,
+            episodes,
+            seed,
+            policy=policy,
+            greedy=greedy,
+            temperature=temperature,
+            batch_size=batch_size,
+        )
         print(json.dumps(result))
         return result
 
@@ -213,6 +227,7 @@ class IterPPOTrainer(L.Trainer):
         dialogues: int = 5,
         seed: int = 0,
         greedy: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         """Print a saved policy's full dialogues with fresh simulated customers, readable in a terminal.
 
@@ -226,6 +241,7 @@ class IterPPOTrainer(L.Trainer):
             dialogues: how many dialogues to print (-n).
             seed: seed of the customers (evaluate's customers for the same seed).
             greedy: greedy decoding instead of sampling from the policy.
+            temperature: sampling temperature (not with --greedy).
         """
         from iterppo_lightning.commands.sample import format_dialogues, sample_dialogues
 
@@ -237,10 +253,11 @@ class IterPPOTrainer(L.Trainer):
             dialogues,
             seed,
             greedy=greedy,
+            temperature=temperature,
             max_new_tokens=model.policy.max_new_tokens,
             max_prompt_tokens=model.loop.max_prompt_tokens,
         )
-        print(format_dialogues(conversations, policy, seed, greedy))
+        print(format_dialogues(conversations, policy, seed, greedy, temperature=temperature))
 
     def imagine(
         self,

@@ -16,6 +16,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
+from iterppo_lightning.commands.evaluate import check_decoding
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.env.episodes import episode_seeds, run_episodes
 from iterppo_lightning.models.policy_folder import load_policy, read_card
@@ -33,6 +34,7 @@ def sample_dialogues(
     seed: int,
     *,
     greedy: bool = False,
+    temperature: float = 1.0,
     max_new_tokens: int = 24,
     max_prompt_tokens: int = 384,
 ) -> list[Conversation]:
@@ -40,6 +42,7 @@ def sample_dialogues(
     from its own stream of (`seed`, dialogue, turn), so dialogue i does not depend on how many are asked for."""
     if dialogues < 1:
         raise ValueError(f"-n/--dialogues must be >= 1, got {dialogues}")
+    check_decoding(greedy, temperature)
     model, tokenizer = load_policy(policy_dir)
     return run_episodes(
         model,
@@ -50,6 +53,7 @@ def sample_dialogues(
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
         greedy=greedy,
+        temperature=temperature,
         reply_seed=seed,  # dialogue i is the same whatever -n is
     )
 
@@ -97,13 +101,20 @@ def format_dialogue(conversation: Conversation, title: str, width: int = 100) ->
 
 
 def format_dialogues(
-    conversations: list[Conversation], policy_dir: str, seed: int, greedy: bool, width: int | None = None
+    conversations: list[Conversation],
+    policy_dir: str,
+    seed: int,
+    greedy: bool,
+    width: int | None = None,
+    temperature: float = 1.0,
 ) -> str:
     """Every dialogue, with a header naming the policy, the seed and the decoding, and a closing count."""
     width = width or shutil.get_terminal_size((100, 24)).columns
     card = read_card(policy_dir) or {}
     name = card.get("policy_id") or Path(policy_dir).name
     decoding = "greedy decoding" if greedy else "sampled replies"
+    if not greedy and temperature != 1.0:
+        decoding += f" at temperature {temperature:g}"
     n = len(conversations)
     blocks = [f"policy {name} ({policy_dir}), {n} dialogue(s) with evaluate's customers for seed {seed}, {decoding}"]
     for i, conversation in enumerate(conversations, start=1):

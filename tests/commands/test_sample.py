@@ -98,6 +98,29 @@ def test_sample_refuses_bad_arguments_naming_them(run_dir, tmp_path, capsys):
     assert not_run.returncode == 2 and f"--run_dir {str(tmp_path)!r} holds no run" in not_run.stderr
 
 
+def test_a_temperature_changes_the_replies_and_is_named_and_checked(run_dir, tmp_path, capsys):
+    """--temperature reaches evaluate, sample and collect, is reported, and is refused when it means nothing."""
+    policy = str(run_dir / "final_policy")
+    hot = sample("--policy", policy, "-n", "3", "--seed", "6", "--temperature", "3.0")
+    assert hot.startswith(f"policy pi_1 ({policy}), 3 dialogue(s)") and "sampled replies at temperature 3" in hot
+    assert hot != sample("--policy", policy, "-n", "3", "--seed", "6")
+    proc = run_cli("evaluate", "--policy", policy, "--episodes", "3", "--temperature", "0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_json_line(proc.stdout)["temperature"] == 0.5
+    output = tmp_path / "logs.jsonl"
+    proc = run_cli("collect", "--policy", policy, "--episodes", "2", "--temperature", "0.5", "--output", str(output))
+    assert proc.returncode == 0 and len(read_logs(output)) == 2, proc.stderr[-3000:]
+    for command, extra in (("evaluate", []), ("sample", []), ("collect", ["--output", str(tmp_path / "x.jsonl")])):
+        zero = run_inprocess(capsys, command, "--policy", policy, "--temperature", "0", *extra)
+        assert zero.returncode == 2 and "--temperature must be > 0, got 0.0" in zero.stderr, command
+        both = run_inprocess(capsys, command, "--policy", policy, "--temperature", "0.5", "--greedy", *extra)
+        assert both.returncode == 2 and "give --greedy or --temperature 0.5, not both" in both.stderr, command
+    scripted = run_inprocess(
+        capsys, "collect", "--run_dir", str(run_dir), "--temperature", "0.5", "--output", str(output)
+    )
+    assert scripted.returncode == 2 and "--temperature 0.5 needs --policy" in scripted.stderr
+
+
 # -- evaluate and collect with a run's config ------------------------------------------------------------
 
 
