@@ -289,14 +289,9 @@ def run_critic_probe(
     return summarize(states, settings, ctx)
 
 
-def true_values(st: _State) -> list[float]:
-    """The true value (Monte Carlo mean) of each candidate at a state, in candidate order."""
-    return [pm.mean(r) for r in st.returns]
-
-
 def summarize(states: list[_State], settings: CriticProbeConfig, ctx: ProbeContext) -> dict:
     """The probe's record from the scored states (rl/probe_metrics.py does the maths)."""
-    groups = [(st.q, true_values(st)) for st in states]
+    groups = [(st.q, [pm.mean(r) for r in st.returns]) for st in states]
     # Two independent halves of the continuations: how well the ground truth agrees with itself.
     halves = [([pm.mean(r[0::2]) for r in st.returns], [pm.mean(r[1::2]) for r in st.returns]) for st in states]
     corr, corr_states = pm.within_state_corr(groups)
@@ -336,11 +331,8 @@ def summarize(states: list[_State], settings: CriticProbeConfig, ctx: ProbeConte
     # moves include replies pi_k almost never writes (another category, a bare discount); Q_k's error there cannot
     # be learned from pi_k's data and matters to Theorem 2 only if pi_(k+1) moves there.
     own = [
-        (
-            [st.q[c] for c, m in enumerate(st.moves) if m == "policy"],
-            [v for v, m in zip(true_values(st), st.moves) if m == "policy"],
-        )
-        for st in states
+        tuple([x for x, m in zip(column, st.moves) if m == "policy"] for column in group)
+        for st, group in zip(states, groups)
     ]
     own_corr, own_states = pm.within_state_corr(own)
     own_pairwise, own_pairs = pm.pairwise_accuracy(own, settings.pair_threshold)
