@@ -7,7 +7,11 @@ kind whose mean Q is far from its mean return is not fitted, however the probe c
 wrong in the probe is memorised, not learned. Kinds are read with the simulator's own reply parser at each
 logged state (what the customer has revealed; `benchmarks/_reply_kinds.py` lists them).
 
-    python benchmarks/critic_fit_by_reply.py --run_dir RUN [--iteration K]
+    python benchmarks/critic_fit_by_reply.py --run_dir RUN [--iteration K] [--on_iteration J]
+
+With `--on_iteration K+1` it scores Q_k on the replies of the next policy instead, the one PPO made against Q_k:
+a kind that Q_k rates far above the return it got there is one PPO moved towards because Q_k over-rates it. (The
+returns there are pi_(k+1)'s after the reply, not pi_k's, so compare kinds, not single values.)
 
 Prints a table and, last, one JSON line (`kinds`: n, mean_q, mean_return per kind).
 """
@@ -35,7 +39,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run_dir", required=True, help="a finished run on the embedded simulator")
     parser.add_argument("--iteration", type=int, default=0, help="k: Q_k on iteration k's buffer")
+    parser.add_argument("--on_iteration", type=int, default=None, help="j: score iteration j's buffer (default k)")
     args = parser.parse_args()
+    on = args.iteration if args.on_iteration is None else args.on_iteration
     run = Path(args.run_dir)
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     model, data = config.get("model") or {}, config.get("data") or {}
@@ -51,8 +57,10 @@ def main() -> None:
     gamma = float(data.get("gamma", 0.9))
 
     kinds, returns, prompts, replies = [], [], [], []
-    for conversation in load_buffer(folder.buffer_dir(args.iteration)):
-        if conversation.iteration != args.iteration:
+    if not folder.buffer_dir(on).is_dir():
+        parser.error(f"{folder.buffer_dir(on)} does not exist: {run} collected no batch at iteration {on}")
+    for conversation in load_buffer(folder.buffer_dir(on)):
+        if conversation.iteration != on:
             continue
         for turn, g in zip(conversation.agent_turns, conversation.returns(gamma)):
             kinds.append(reply_kind(conversation, turn))
@@ -67,7 +75,8 @@ def main() -> None:
     for kind, qq, g in zip(kinds, q, returns):
         cells[kind].append((qq, g))
     table = {}
-    print(f"Q_{args.iteration} of {run} on its own {len(q)} logged turns")
+    whose = "its own" if on == args.iteration else f"iteration {on}'s"
+    print(f"Q_{args.iteration} of {run} on {whose} {len(q)} logged turns")
     print(f"{'kind':<22}{'n':>6}{'mean Q':>9}{'mean return':>13}")
     for kind in KINDS:
         if cells[kind]:
@@ -75,7 +84,11 @@ def main() -> None:
             mean_q, mean_g = sum(c[0] for c in cells[kind]) / n, sum(c[1] for c in cells[kind]) / n
             table[kind] = {"n": n, "mean_q": round(mean_q, 4), "mean_return": round(mean_g, 4)}
             print(f"{kind:<22}{n:>6}{mean_q:>9.3f}{mean_g:>13.3f}")
-    print(json.dumps({"run_dir": str(run), "iteration": args.iteration, "turns": len(q), "kinds": table}))
+    print(
+        json.dumps(
+            {"run_dir": str(run), "iteration": args.iteration, "on_iteration": on, "turns": len(q), "kinds": table}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ MODEL_RULES: dict[str, tuple[Check, str]] = {
     "model.critic.ensemble_size": COUNT,
     "model.critic.pessimism": NON_NEGATIVE,
     "model.critic.aux_next_message_coef": NON_NEGATIVE,
+    "model.critic.branch_contrast_coef": NON_NEGATIVE,
     "model.critic.early_stopping_patience": NON_NEGATIVE,
     "model.policy.lr": POSITIVE,
     "model.policy.ppo_epochs": COUNT,
@@ -225,6 +226,12 @@ def _shape_problems(config: Any) -> list[str]:
         problems.append(
             f"model.critic.pessimism {ensemble[0]:g} needs model.critic.ensemble_size >= 2 (one critic has no "
             f"spread to be pessimistic about), got {ensemble[1]}"
+        )
+    contrast = _numbers(config, "model.critic.branch_contrast_coef", "model.loop.branch_fraction")
+    if contrast and contrast[0] > 0 and contrast[1] <= 0:
+        problems.append(
+            f"model.critic.branch_contrast_coef {contrast[0]:g} compares two replies at one state, which only branch "
+            "conversations give: set model.loop.branch_fraction > 0 (or the coefficient to 0)"
         )
     weights = _value(config, "data.pool_weights")
     if isinstance(weights, (list, tuple)) and all(_number(w) for w in weights):

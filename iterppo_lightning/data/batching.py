@@ -60,6 +60,51 @@ class SequenceExample:
         )
 
 
+@dataclass
+class SequenceGroup:
+    """Sequences that must share a critic batch: those holding two replies at one state (a branch pair), so that the
+    critic can compare them within the batch. `pairs`: the (TurnExample, TurnExample) pairs among their turns."""
+
+    sequences: list[SequenceExample]
+    pairs: list[tuple[object, object]]
+
+    @property
+    def length(self) -> int:
+        """Its longest sequence's tokens: what a batch holding it is padded to, at least."""
+        return max(len(s.input_ids) for s in self.sequences)
+
+    @property
+    def turns(self) -> list:
+        """Its sequences' turns, in order: the order a batch holding it lists them in."""
+        return [turn for sequence in self.sequences for turn in sequence.turns]
+
+
+def group_pairs(sequences: Sequence[SequenceExample], pairs: Sequence[tuple[object, object]]) -> list[SequenceGroup]:
+    """`sequences` joined into groups so that the two turns of each pair are in one group (a sequence holding turns
+    of several pairs joins them all); every other sequence is a group of its own. A pair with a turn in none of
+    `sequences` is dropped. Groups come in the order of their first sequence."""
+    where = {id(turn): i for i, sequence in enumerate(sequences) for turn in sequence.turns}
+    parent = list(range(len(sequences)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    kept = [(a, b) for a, b in pairs if id(a) in where and id(b) in where]
+    for a, b in kept:
+        ra, rb = root(where[id(a)]), root(where[id(b)])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, SequenceGroup] = {}
+    for i, sequence in enumerate(sequences):
+        groups.setdefault(root(i), SequenceGroup([], [])).sequences.append(sequence)
+    for a, b in kept:
+        groups[root(where[id(a)])].pairs.append((a, b))
+    return list(groups.values())
+
+
 def conversation_sequence(
     prompts: Sequence[list[int]], replies: Sequence[list[int]], turns: list
 ) -> SequenceExample | None:

@@ -30,7 +30,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
 
-from iterppo_lightning.data.batching import BucketedBatchSampler, SequenceExample, conversation_sequence
+from iterppo_lightning.data.batching import (
+    BucketedBatchSampler,
+    SequenceExample,
+    SequenceGroup,
+    conversation_sequence,
+    group_pairs,
+)
 from iterppo_lightning.data.buffer import load_buffer
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.data.log_schema import DEFAULT_MAX_MESSAGE_CHARS, check_max_message_chars
@@ -214,6 +220,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Critic ensemble size: with > 1, critic batches carry each member's bootstrap counts."""
         self.next_messages = False
         """Critic batches carry each turn's next customer message (`aux_*` tensors, see _collate_sequences)."""
+        self.pair_branches = False
+        """Critic training batches keep branch pairs together and carry `pair_first` / `pair_second` (see
+        `branch_pairs`)."""
         self.conversations: list[Conversation] = []
         self.train_examples: list[TurnExample] = []
         self.val_examples: list[TurnExample] = []
@@ -246,6 +255,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         sft_turns: set[tuple[str, int]] | None = None,
         bootstrap_members: int = 1,
         next_messages: bool = False,
+        branch_pairs: bool = False,
     ) -> Iterator[TrajectoryDataModule]:
         """The fits inside the block train `phase` with these settings; the previous ones come back after it,
         whatever happens inside.
@@ -259,19 +269,29 @@ class TrajectoryDataModule(L.LightningDataModule):
                 Poisson bootstrap counts.
             next_messages: critic batches carry each turn's next customer message as auxiliary
                 next-token targets (model.critic.aux_next_message_coef).
+            branch_pairs: critic training batches keep each branch's reply with the reply it branched from (the
+                same state) and say which turns pair up (model.critic.branch_contrast_coef; `branch_pairs`).
         """
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         size_attribute = _BATCH_SIZE_ATTRIBUTE[phase]
-        saved = (self.phase, getattr(self, size_attribute), self.sft_turns, self.bootstrap_members, self.next_messages)
+        saved = (
+            self.phase,
+            getattr(self, size_attribute),
+            self.sft_turns,
+            self.bootstrap_members,
+            self.next_messages,
+            self.pair_branches,
+        )
         self.phase, self.sft_turns, self.bootstrap_members = phase, sft_turns, bootstrap_members
-        self.next_messages = next_messages
+        self.next_messages, self.pair_branches = next_messages, branch_pairs
         if batch_size is not None:
             setattr(self, size_attribute, batch_size)
         try:
             yield self
         finally:
-            self.phase, own_batch_size, self.sft_turns, self.bootstrap_members, self.next_messages = saved
+            self.phase, own_batch_size, self.sft_turns, self.bootstrap_members, self.next_messages = saved[:5]
+            self.pair_branches = saved[5]
             setattr(self, size_attribute, own_batch_size)
 
     def set_conversations(self, conversations: list[Conversation], weights: list[float] | None = None) -> None:
@@ -461,6 +481,17 @@ class TrajectoryDataModule(L.LightningDataModule):
             out["aux_turns"] = torch.tensor(aux_turns, dtype=torch.long)
         return out
 
+    def _collate_groups(self, groups: list[SequenceGroup]) -> dict[str, torch.Tensor]:
+        """The groups' sequences collated as by `_collate_sequences`, plus `pair_first` and `pair_second`: for each
+        branch pair of the batch, the indices of its two turns among the batch's turns."""
+        sequences = [s for group in groups for s in group.sequences]
+        out = self._collate_sequences(sequences)
+        position = {id(turn): i for i, turn in enumerate(t for group in groups for t in group.turns)}
+        pairs = [pair for group in groups for pair in group.pairs]
+        out["pair_first"] = torch.tensor([position[id(a)] for a, _ in pairs], dtype=torch.long)
+        out["pair_second"] = torch.tensor([position[id(b)] for _, b in pairs], dtype=torch.long)
+        return out
+
     def _collate_pairs(self, batch: list[TurnExample]) -> dict[str, torch.Tensor]:
         """Per-turn rows [state | suggestion] right-padded (one row per turn), in the batch format of
         `_collate_sequences`."""
@@ -475,6 +506,24 @@ class TrajectoryDataModule(L.LightningDataModule):
             "attention_mask": mask,
             "state_keys": [(e.conversation_id, e.turn_index) for e in batch],
         }
+
+    # -- branch pairs ---------------------------------------------------------
+    def branch_pairs(self) -> list[tuple[TurnExample, TurnExample]]:
+        """Two replies at one state: (the turn a branch conversation branched from, the branch's own turn there),
+        for every branch (env/branching.py) whose original is loaded too, when both are in the training split.
+        Their returns are samples of Q(s, a) and Q(s, a') at the same s and hidden customer, so their difference
+        is an unbiased sample of Q(s, a) - Q(s, a'), free of the state's own value."""
+        by_key = {(e.conversation_id, e.turn_index): e for e in self.train_examples}
+        pairs = []
+        for conversation in self.conversations:
+            branch = conversation.metadata.get("branch")
+            if not branch:
+                continue
+            first = by_key.get((branch["of"], branch["turn"]))
+            second = by_key.get((conversation.conversation_id, branch["turn"]))
+            if first is not None and second is not None:
+                pairs.append((first, second))
+        return pairs
 
     # -- loaders --------------------------------------------------------------
     def _clones(self, e: TurnExample) -> bool:
@@ -513,9 +562,18 @@ class TrajectoryDataModule(L.LightningDataModule):
             sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
         return DataLoader(dataset, batch_sampler=ShardedBatchSampler(sampler, batch_size), collate_fn=collate)
 
+    def _group_loader(self, groups: list[SequenceGroup], batch_size: int) -> DataLoader:
+        """Shuffled batches of whole groups (each with its branch pairs), about `batch_size` turns each, bucketed by
+        a group's longest sequence."""
+        sampler = BucketedBatchSampler([g.length for g in groups], [len(g.turns) for g in groups], batch_size, True)
+        return DataLoader(_ListDataset(groups), batch_sampler=sampler, collate_fn=self._collate_groups)
+
     def train_dataloader(self) -> DataLoader:
         if self.phase == "critic":
             sequences = self.train_sequences + self.critic_only_sequences
+            if self.pair_branches:
+                groups = group_pairs(sequences, self.branch_pairs())
+                return self._group_loader(groups, self.critic_batch_size)
             return self._sequence_loader(sequences, self.critic_batch_size, shuffle=True)
         if self.phase == "sft":
             sequences = self._phase_sequences(self.train_sequences)

@@ -375,8 +375,14 @@ class OuterLoop:
         paths = self.load_training_data(k)
         rule = choose_critic_targets(critic.target)
         # An ensemble trains each member on its own bootstrap resample of the conversations; the auxiliary loss
-        # (critic.aux_next_message_coef) needs each turn's next customer message in the batches.
-        with dm.for_phase("critic", bootstrap_members=critic.ensemble_size, next_messages=critic.uses_aux):
+        # (critic.aux_next_message_coef) needs each turn's next customer message in the batches, and the branch
+        # contrast (critic.branch_contrast_coef) each branch pair in one batch.
+        phase = dict(
+            bootstrap_members=critic.ensemble_size,
+            next_messages=critic.uses_aux,
+            branch_pairs=critic.uses_branch_pairs,
+        )
+        with dm.for_phase("critic", **phase):
             if not critic.is_built or not critic.warm_start:
                 critic.build(self.base_model_dir)
             first = rule.first(self)

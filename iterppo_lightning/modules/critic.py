@@ -94,6 +94,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         pessimism: float = 0.0,
         aux_next_message_coef: float = 0.0,
         early_stopping_patience: int = 0,
+        branch_contrast_coef: float = 0.0,
         backbone_overrides: dict[str, int | float] | None = None,
     ):
         """
@@ -132,6 +133,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 and restore the best epoch's weights (its validation metrics are the ones
                 reported, with critic/val_best_epoch). 0 = off: train every critic_epochs epoch.
                 Without a validation split (data.val_fraction 0) it does nothing.
+            branch_contrast_coef: weight of a within-state loss added to the critic's, over branch pairs (two
+                replies at one state and hidden customer, data `branch_pairs`; needs model.loop.branch_fraction > 0):
+                the mean over pairs of ((Q(s, a) - Q(s, a')) - (G - G'))^2, in probability units, per member. Its
+                minimiser is the true difference of the two replies' values, and the state's own value cancels
+                out of it, so it trains exactly the ranking at a state that PPO reads. 0 = off.
             backbone_overrides: model-config fields of a critic backbone unlike pi_0's (e.g. {n_layer: 4, n_embd:
                 256, n_head: 8} for a GPT-2): the critic is built from pi_0's config with these fields changed, with
                 random weights (it cannot start from pi_0's), on pi_0's tokenizer. Needs init_from_policy false.
@@ -154,6 +160,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             raise ValueError(f"model.critic.aux_next_message_coef must be >= 0, got {aux_next_message_coef}")
         if early_stopping_patience < 0:
             raise ValueError(f"model.critic.early_stopping_patience must be >= 0, got {early_stopping_patience}")
+        if branch_contrast_coef < 0:
+            raise ValueError(f"model.critic.branch_contrast_coef must be >= 0, got {branch_contrast_coef}")
         if backbone_overrides and init_from_policy:
             raise ValueError(
                 f"model.critic.backbone_overrides {backbone_overrides} makes a critic unlike pi_0, which cannot start "
@@ -179,6 +187,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.pessimism = pessimism
         self.aux_next_message_coef = aux_next_message_coef
         self.early_stopping_patience = early_stopping_patience
+        self.branch_contrast_coef = branch_contrast_coef
         self.backbone_overrides = dict(backbone_overrides or {})
         self._trainable: set[str] = set()
         self.backbone: nn.Module | None = None
@@ -201,6 +210,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
     def uses_aux(self) -> bool:
         """Whether critic batches should carry the next customer messages (data module `next_messages`)."""
         return self.aux_next_message_coef > 0
+
+    @property
+    def uses_branch_pairs(self) -> bool:
+        """Whether critic training batches should keep branch pairs together (data module `branch_pairs`)."""
+        return self.branch_contrast_coef > 0
 
     @property
     def is_built(self) -> bool:
@@ -417,6 +431,17 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             losses.append(self._loss(logits[m], batch["target"], weight))
         return torch.stack(losses).sum()
 
+    def _contrast_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Sum over members of each member's mean ((Q_a - Q_b) - (G_a - G_b))^2 over the batch's branch pairs."""
+        first, second = batch["pair_first"], batch["pair_second"]
+        probs = torch.sigmoid(logits)
+        if self.ensemble_size == 1:
+            probs = probs.unsqueeze(0)
+        if first.numel() == 0:
+            return probs.sum() * 0.0  # no pair in this batch: 0, still in the graph
+        target = batch["target"]
+        return pm.paired_difference_loss(probs[:, first], probs[:, second], target[first], target[second]).sum()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, token_losses = self._batch_outputs(batch)
         if self.ensemble_size == 1:
@@ -427,6 +452,17 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         share = global_share(batch["target"].shape[0])
         if share is not None:
             loss = loss * share
+        if self.uses_branch_pairs:
+            if "pair_first" not in batch:
+                raise ValueError(
+                    "model.critic.branch_contrast_coef > 0 needs critic batches that keep branch pairs together: fit "
+                    "with datamodule.for_phase('critic', branch_pairs=True) (OuterLoop.fit_q does)"
+                )
+            contrast = self._contrast_loss(logits, batch)
+            pairs = batch["pair_first"].numel()
+            self.log("critic/train_contrast_loss", contrast.detach() / self.ensemble_size, batch_size=max(pairs, 1))
+            pair_share = global_share(pairs)
+            loss = loss + self.branch_contrast_coef * (contrast if pair_share is None else contrast * pair_share)
         if token_losses is not None:
             aux = self._aux_loss(token_losses, batch)
             self.log("critic/train_aux_loss", aux.detach() / self.ensemble_size, batch_size=token_losses.shape[-1])

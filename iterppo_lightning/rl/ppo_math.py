@@ -601,6 +601,20 @@ def ensemble_lower_bound(member_scores: torch.Tensor, pessimism: float) -> torch
     return member_scores.mean(dim=0) - pessimism * member_scores.std(dim=0, unbiased=True)
 
 
+def paired_difference_loss(
+    q_first: torch.Tensor, q_second: torch.Tensor, g_first: torch.Tensor, g_second: torch.Tensor
+) -> torch.Tensor:
+    """The critic's within-state loss over pairs of replies at one state, ``[..., P] -> [...]``:
+    ``mean over pairs of ((q_first - q_second) - (g_first - g_second))^2``.
+
+    ``q_*`` are Q estimates (probabilities), ``g_*`` the two replies' sampled returns. Why: the expectation of
+    ``g_first - g_second`` is ``Q(s, a) - Q(s, a')``, so the minimiser is the true difference, and whatever the
+    state is worth cancels out of both sides: the loss trains the ranking of replies at a state alone, where a
+    Monte Carlo regression spends most of its signal on telling good states from bad ones.
+    """
+    return ((q_first - q_second) - (g_first - g_second)).pow(2).mean(dim=-1)
+
+
 def check_solver_settings(advantage: str, group_size: int, kl_anchor: str) -> None:
     """Raise ValueError, naming the config key, for an unknown solver or anchor or a group too small."""
     if advantage not in ADVANTAGE_ESTIMATORS:

@@ -80,3 +80,9 @@ def test_the_scripts_on_a_finished_run(tmp_path) -> None:
     assert sum(cell["n"] for cell in fit["kinds"].values()) == fit["turns"] > 0
     for cell in fit["kinds"].values():
         assert 0.0 <= cell["mean_q"] <= 1.0 and 0.0 <= cell["mean_return"] <= 1.0
+    # Q_0 on the next policy's batch: the turns are iteration 1's, the critic iteration 0's.
+    ahead = run_script("critic_fit_by_reply.py", "--run_dir", str(run_dir), "--iteration", "0", "--on_iteration", "1")
+    assert (ahead["iteration"], ahead["on_iteration"], ahead["turns"]) == (0, 1, fit["turns"])
+    assert {k: c["mean_return"] for k, c in ahead["kinds"].items()} == {
+        k: c["mean_return"] for k, c in fit["kinds"].items()
+    }

@@ -41,6 +41,7 @@ BAD_SETTINGS = [
     (["--model.loop.collect_temperature", "0"], "model.loop.collect_temperature"),
     (["--model.loop.explore_prob", "1.5"], "model.loop.explore_prob"),
     (["--model.loop.branch_fraction", "1"], "model.loop.branch_fraction"),
+    (["--model.critic.branch_contrast_coef", "-1"], "model.critic.branch_contrast_coef"),
     (["--model.environment.max_agent_turns", "0"], "model.environment.max_agent_turns"),
     (["--model.environment.accept_prob", "0.5"], "model.environment.accept_prob"),
     (["--trainer.max_epochs", "50"], "trainer.max_epochs"),
@@ -54,6 +55,16 @@ def test_a_bad_setting_is_refused_by_its_key(override, key):
     with pytest.raises(FitConfigError) as refused:
         resolve_fit_config([str(SMOKE)], override)
     assert key in str(refused.value)
+
+
+def test_the_branch_contrast_without_branches_is_refused_by_both_keys():
+    with pytest.raises(FitConfigError) as refused:
+        resolve_fit_config([str(SMOKE)], ["--model.critic.branch_contrast_coef", "1"])
+    assert "model.critic.branch_contrast_coef 1" in str(refused.value)
+    assert "set model.loop.branch_fraction > 0" in str(refused.value)
+    resolve_fit_config(
+        [str(SMOKE)], ["--model.critic.branch_contrast_coef", "1", "--model.loop.branch_fraction", "0.5"]
+    )
 
 
 def test_every_shipped_config_passes_the_checks():

@@ -15,6 +15,7 @@ from iterppo_lightning.data.batching import (
     batch_count,
     bucketed_batches,
     conversation_sequence,
+    group_pairs,
 )
 
 
@@ -135,3 +136,18 @@ def test_single_turn_sequence_is_the_per_turn_row():
 
     seq = SequenceExample.single_turn(Turn())
     assert (seq.input_ids, seq.reply_starts, seq.reply_ends) == ([5, 6, 7, 8, 9], [3], [5])
+
+
+def test_group_pairs_keeps_both_turns_of_each_pair_in_one_group():
+    turns = [object() for _ in range(6)]  # stand-ins for TurnExamples: matched by identity
+    s0 = SequenceExample([1, 2, 3, 4], [turns[0], turns[1]], [1, 3], [2, 4])  # a conversation row, two turns
+    s1 = SequenceExample([1, 5], [turns[2]], [1], [2])
+    s2 = SequenceExample([1, 2, 3, 6, 7], [turns[3]], [3], [5])
+    s3 = SequenceExample([9], [turns[4]], [0], [1])
+    # turns[1] pairs with turns[2], turns[2] with turns[3] (joining s0, s1, s2); turns[5] is in no sequence.
+    pairs = [(turns[1], turns[2]), (turns[3], turns[2]), (turns[4], turns[5])]
+    groups = group_pairs([s0, s3, s1, s2], pairs)
+    assert [g.sequences for g in groups] == [[s0, s1, s2], [s3]]
+    assert groups[0].pairs == pairs[:2] and groups[1].pairs == []
+    assert (groups[0].length, len(groups[0].turns)) == (5, 4)
+    assert [g.sequences for g in group_pairs([s0, s1], [])] == [[s0], [s1]]

@@ -547,3 +547,53 @@ def test_imagined_conversations_join_the_critics_training_rows_only(tokenizer, c
 def test_bad_imagined_weight_names_the_setting():
     with pytest.raises(ValueError, match="data.imagined_weight"):
         TrajectoryDataModule(imagined_weight=-0.5)
+
+
+# -- branch pairs: two replies at one state ------------------------------------------------------------------------
+
+
+def _with_branches(conversations, count: int = 8):
+    """`conversations` plus `count` branch conversations: each a copy of one of them from its turn t on with
+    another reply there (and the original's ending), recorded as env/branching.py records a branch."""
+    out = copy.deepcopy(conversations)
+    for n, original in enumerate(conversations[:count]):
+        t = original.agent_turns[n % len(original.agent_turns)]
+        branch = copy.deepcopy(original)
+        branch.conversation_id = f"{original.conversation_id}-b{t}"
+        branch.turns[t].suggestion = branch.turns[t].sent = "anything else for you"
+        branch.metadata["branch"] = {"of": original.conversation_id, "turn": t, "stream": n}
+        out.append(branch)
+    return out
+
+
+@pytest.mark.parametrize("conversation_rows", [False, True])
+def test_branch_pairs_share_a_batch_and_name_their_two_turns(tokenizer, conversations, conversation_rows):
+    data = _with_branches(conversations)
+    dm = _dm(tokenizer, data, val_fraction=0.0, critic_batch_size=6, conversation_rows=conversation_rows)
+    pairs = dm.branch_pairs()
+    assert len(pairs) == 8
+    for first, second in pairs:
+        assert second.conversation_id == f"{first.conversation_id}-b{first.turn_index}"
+        assert first.prompt_ids == second.prompt_ids and first.action_ids != second.action_ids  # one state, two replies
+    expected = sorted((_key(a), _key(b)) for a, b in pairs)
+    with dm.for_phase("critic", branch_pairs=True):
+        for seed in (0, 1):
+            epoch = _epoch(dm.train_dataloader(), seed)
+            turns, found = [], []
+            for batch, _, ts in epoch:
+                assert batch["target"].tolist() == pytest.approx([t.target for t in ts])
+                found += [(_key(ts[a]), _key(ts[b])) for a, b in zip(batch["pair_first"], batch["pair_second"])]
+                turns += [_key(t) for t in ts]
+            assert sorted(turns) == sorted(_key(e) for e in dm.train_examples)  # every turn once per epoch
+            assert sorted(found) == expected  # every pair once, both turns in its batch
+    # Outside the block, and without the flag, batches are the plain ones.
+    torch.manual_seed(0)
+    assert all("pair_first" not in b for b in dm.train_dataloader())
+
+
+def test_a_branch_pair_split_by_the_validation_split_is_not_a_pair(tokenizer, conversations):
+    data = _with_branches(conversations, count=len(conversations))
+    dm = _dm(tokenizer, data, val_fraction=0.5)
+    train = {e.conversation_id for e in dm.train_examples}
+    expected = [c for c in data if "branch" in c.metadata and {c.conversation_id, c.metadata["branch"]["of"]} <= train]
+    assert 0 < len(dm.branch_pairs()) == len(expected) < len(conversations)

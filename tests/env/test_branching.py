@@ -88,3 +88,28 @@ def test_branches_are_refused_where_nothing_can_go_back_to_a_state(logs, llm_cus
         check_variant_settings(system, datamodule)
     system.loop.branch_fraction = 0.0
     check_variant_settings(system, datamodule)
+
+
+def test_a_run_with_branches_fits_the_critic_on_their_pairs(tmp_path) -> None:
+    import csv
+
+    from cli_helpers import REPO, run_cli
+
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "fit",
+        "--config",
+        str(REPO / "configs" / "smoke.yaml"),
+        "--run_dir",
+        str(run_dir),
+        "--model.loop.iterations",
+        "1",
+        "--model.loop.branch_fraction",
+        "0.5",
+        "--model.critic.branch_contrast_coef",
+        "1.0",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(run_dir / "logs" / "csv" / "metrics.csv", newline="") as f:
+        logged = [row["critic/train_contrast_loss"] for row in csv.DictReader(f) if row["critic/train_contrast_loss"]]
+    assert logged and all(0.0 <= float(v) <= 4.0 for v in logged)  # the loop's critic batches carried the pairs

@@ -483,3 +483,40 @@ def test_early_stopping_off_trains_every_epoch(base_dir, tokenizer):
     trainer = make_trainer(max_epochs=3)
     trainer.fit(critic, datamodule=dm)
     assert trainer.current_epoch == 3 and "critic/val_best_epoch" not in trainer.callback_metrics
+
+
+# -- the within-state loss over branch pairs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ensemble_size", [1, 2])
+def test_branch_contrast_adds_its_coefficient_times_the_paired_loss(base_dir, tokenizer, ensemble_size):
+    from iterppo_lightning.rl.ppo_math import paired_difference_loss
+
+    torch.manual_seed(0)
+    dm = _toy_datamodule(tokenizer, n=16)
+    batch = dm._collate_pairs(dm.train_examples)
+    n = batch["target"].shape[0]
+    batch["pair_first"], batch["pair_second"] = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])
+    plain = CriticModule(ensemble_size=ensemble_size)
+    plain.build(base_dir)
+    with torch.no_grad():
+        for _, head in _members(plain):
+            head.weight.normal_(0, 1)  # Q differs from turn to turn
+    contrast = CriticModule(ensemble_size=ensemble_size, branch_contrast_coef=3.0)
+    contrast.backbone, contrast.head, contrast.extra_members = plain.backbone, plain.head, plain.extra_members
+    for module in (plain, contrast):
+        module.log = lambda *args, **kwargs: None
+    with torch.no_grad():
+        probs = torch.sigmoid(plain.batch_logits(batch)).reshape(ensemble_size, n)
+        target = batch["target"]
+        first, second = batch["pair_first"], batch["pair_second"]
+        by_hand = paired_difference_loss(probs[:, first], probs[:, second], target[first], target[second]).sum()
+        gap = contrast.training_step(batch, 0) - plain.training_step(batch, 0)
+    assert by_hand > 0.01
+    assert gap.item() == pytest.approx(3.0 * by_hand.item(), rel=1e-5)
+    # A batch made without the pairs is refused, naming the setting.
+    del batch["pair_first"], batch["pair_second"]
+    with pytest.raises(ValueError, match="branch_contrast_coef"):
+        contrast.training_step(batch, 0)
+    with pytest.raises(ValueError, match="model.critic.branch_contrast_coef"):
+        CriticModule(branch_contrast_coef=-1.0)

@@ -27,6 +27,7 @@ from iterppo_lightning.rl.ppo_math import (
     masked_var,
     masked_whiten,
     normalize_scores,
+    paired_difference_loss,
     per_token_rewards,
     policy_loss,
     sequence_returns,
@@ -511,3 +512,27 @@ def test_length_groups_cover_every_row_once_and_refuse_mismatched_lengths() -> N
     assert length_groups([], call_cost=1) == []
     with pytest.raises(ValueError):
         length_groups([1, 2], [1], call_cost=1)
+
+
+# --------------------------------------------------------------------------- #
+# the critic's within-state loss over branch pairs
+# --------------------------------------------------------------------------- #
+def test_paired_difference_loss_by_hand() -> None:
+    # Pair 1: Q says 0.6 - 0.2 = 0.4, the returns 1 - 0 = 1   -> (0.4 - 1)^2 = 0.36
+    # Pair 2: Q says 0.4 - 0.3 = 0.1, the returns 0 - 1 = -1  -> (0.1 + 1)^2 = 1.21      mean 0.785
+    q_first, q_second = torch.tensor([0.6, 0.4]), torch.tensor([0.2, 0.3])
+    g_first, g_second = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    close(paired_difference_loss(q_first, q_second, g_first, g_second), 0.785)
+    # Per member of an ensemble: [N, P] -> [N]; a member whose differences match the returns' loses nothing.
+    members_first = torch.stack([q_first, torch.tensor([0.9, 0.0])])
+    members_second = torch.stack([q_second, torch.tensor([-0.1, 1.0])])
+    close(paired_difference_loss(members_first, members_second, g_first, g_second), [0.785, 0.0])
+
+
+def test_paired_difference_loss_ignores_what_the_state_is_worth() -> None:
+    # Moving both replies' Q by the same amount (a state valued higher or lower) changes nothing.
+    q_first, q_second = torch.tensor([0.5, 0.7, 0.1]), torch.tensor([0.2, 0.75, 0.0])
+    g_first, g_second = torch.tensor([1.0, 0.0, 0.9]), torch.tensor([0.0, 0.0, 0.0])
+    base = paired_difference_loss(q_first, q_second, g_first, g_second)
+    shift = torch.tensor([0.3, -0.5, 0.2])
+    close(paired_difference_loss(q_first + shift, q_second + shift, g_first, g_second), base.item(), atol=1e-6)
