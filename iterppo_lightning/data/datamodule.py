@@ -290,8 +290,14 @@ class TrajectoryDataModule(L.LightningDataModule):
         try:
             yield self
         finally:
-            self.phase, own_batch_size, self.sft_turns, self.bootstrap_members, self.next_messages = saved[:5]
-            self.pair_branches = saved[5]
+            (
+                self.phase,
+                own_batch_size,
+                self.sft_turns,
+                self.bootstrap_members,
+                self.next_messages,
+                self.pair_branches,
+            ) = saved
             setattr(self, size_attribute, own_batch_size)
 
     def set_conversations(self, conversations: list[Conversation], weights: list[float] | None = None) -> None:
