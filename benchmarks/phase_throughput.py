@@ -144,6 +144,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--precision",
+        default="32-true",
+        help="the phase Trainer's precision (bf16-mixed: what --critic_precision / --bootstrap_precision set in fit)",
+    )
+    p.add_argument(
         "--conversation-rows",
         action="store_true",
         help="critic / bc: data.conversation_rows true (whole conversations as rows) instead of the config's choice",
@@ -420,7 +425,9 @@ def main(argv=None) -> dict:
     setup_s = time.perf_counter() - t_setup
 
     timer = PhaseTimer(args.warmup_epochs)
-    trainer = make_trainer([timer], max_epochs=args.epochs, devices=1, use_distributed_sampler=False)
+    trainer = make_trainer(
+        [timer], max_epochs=args.epochs, devices=1, use_distributed_sampler=False, precision=args.precision
+    )
     with phase_block:
         train_rows = datamodule.train_dataloader().dataset
         val_rows = datamodule.val_dataloader().dataset if datamodule.val_examples else []
@@ -688,11 +695,11 @@ def behaviour_clone_briefly(model, datamodule, sections: dict, steps: int) -> fl
     return float(loss) if loss is not None else float("nan")
 
 
-def ppo_policy_fit(module, datamodule, batches: int, callbacks=()) -> float:
+def ppo_policy_fit(module, datamodule, batches: int, callbacks=(), precision: str = "32-true") -> float:
     """One policy-phase fit of `batches` rollouts, as the loop runs it; its wall seconds."""
     saved = datamodule.policy_batches
     datamodule.policy_batches = batches
-    trainer = make_trainer(list(callbacks), max_epochs=1, devices=1, use_distributed_sampler=False)
+    trainer = make_trainer(list(callbacks), max_epochs=1, devices=1, use_distributed_sampler=False, precision=precision)
     try:
         with datamodule.for_phase("policy"):
             t0 = time.perf_counter()
@@ -727,12 +734,16 @@ def main_ppo(args: argparse.Namespace) -> dict:
 
     counter = PpoTokenCounter(module)
     counter.attach(critic)
-    warm_wall = ppo_policy_fit(module, datamodule, args.warmup_batches) if args.warmup_batches else None
+    warm_wall = (
+        ppo_policy_fit(module, datamodule, args.warmup_batches, precision=args.precision)
+        if args.warmup_batches
+        else None
+    )
     module.timings.clear()  # discard what the warm-up accumulated
     counter.active = True
     window = LoopTimer()
     torch.manual_seed(args.seed + 1)  # the same prompts, whatever the warm-up drew
-    fit_wall = ppo_policy_fit(module, datamodule, args.batches, [window])
+    fit_wall = ppo_policy_fit(module, datamodule, args.batches, [window], args.precision)
     counter.detach()
     load_after = os.getloadavg()[0]
 

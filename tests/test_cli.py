@@ -170,6 +170,19 @@ def test_fit_refuses_an_existing_run_dir_and_changes_nothing(smoke_run, capsys):
     assert _tree_fingerprint(run_dir) == tree_before
 
 
+def test_resume_of_a_run_made_before_a_key_existed_counts_the_key_as_its_default(smoke_run, capsys, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "old_run"
+    shutil.copytree(smoke_run.run_dir, run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["loop"].pop("branch_fraction") == 0.0  # the default, as before the key existed
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    res = run_inprocess(capsys, "fit", "--config", str(SMOKE), "--run_dir", str(run_dir), "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "nothing to resume" in res.stdout + res.stderr
+
+
 def test_unknown_key_on_the_command_line_is_named(tmp_path, capsys):
     res = run_inprocess(
         capsys, "fit", "--config", str(SMOKE), "--run_dir", str(tmp_path / "run"), "--model.loop.iterationz", "3"

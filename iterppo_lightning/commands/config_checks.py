@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,9 @@ PHASE_TRAINER_FLAGS = {
 """Trainer settings the loop sets for each phase's Trainer itself (a value here would be ignored), and the keys
 that set them instead. Lightning's defaults (None, max_steps -1) are what "unset" looks like."""
 
+PRECISION_KEYS = ("trainer.precision", "bootstrap_precision", "critic_precision", "policy_precision")
+"""The run's precision and each phase's own (distributed/phase_strategies.py: phase_precision)."""
+
 TRAINING_COMMANDS = ("fit", "bootstrap")
 """Subcommands that train phase by phase (the Trainer flags above would be ignored there)."""
 
@@ -289,6 +293,17 @@ def _trainer_problems(config: Any) -> list[str]:
             problems.append(
                 f"{key} is set for each phase by the loop, from {instead}; remove it (a value here would be ignored)"
             )
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+
+    allowed = typing.get_args(_PRECISION_INPUT_STR)
+    for key in PRECISION_KEYS:
+        value = _value(config, key)
+        phase_key = key != "trainer.precision"  # the phase keys also take `auto` (phase_strategies.phase_precision)
+        if value is not None and str(value) not in allowed + ("16", "32", "64", "bf16") + (
+            ("auto",) if phase_key else ()
+        ):
+            names = ", ".join(allowed + (("auto",) if phase_key else ()))
+            problems.append(f"{key} must be one of {names}, got {value!r}")
     if _value(config, "ckpt_path"):
         problems.append(
             "ckpt_path: `iterppo fit` does not load Lightning checkpoints; every step of a run is committed to its "

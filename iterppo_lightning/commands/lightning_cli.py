@@ -56,6 +56,7 @@ from iterppo_lightning.distributed.phase_strategies import (
     build_phase_strategy,
     check_phase_strategies,
     launch_processes,
+    phase_precision,
 )
 from iterppo_lightning.env.chat_endpoint import ChatEndpointError
 from iterppo_lightning.env.factory import make_environment
@@ -370,6 +371,13 @@ class IterPPOCLI(LightningCLI):
                 help=f"Strategy of the {phase} phase's Trainer (a name or class_path/init_args); "
                 "default trainer.strategy. Every phase runs on all the run's processes.",
             )
+            parser.add_argument(
+                f"--{phase}_precision",
+                type=str | None,
+                default=None,
+                help=f"Precision of the {phase} phase's Trainer (e.g. bf16-mixed, 32-true, or auto: bf16-mixed on a "
+                "CPU with native bf16, else trainer.precision); default trainer.precision.",
+            )
 
     def parse_arguments(self, parser, args) -> None:
         """Check every numeric and shape setting first (all problems at once, by key), then parse as LightningCLI.
@@ -389,11 +397,19 @@ class IterPPOCLI(LightningCLI):
         self.trainer.phase_trainers = self._trainer_factory
         self.trainer.run_seed = int(self.config["bootstrap"]["seed_everything"])
 
+    def _on_cpu(self) -> bool:
+        from lightning.pytorch.accelerators import CPUAccelerator
+
+        return isinstance(self.trainer.accelerator, CPUAccelerator)
+
     def _trainer_factory(self, phase: str, **overrides) -> L.Trainer:
         trainer_config = dict(self._get(self.config_init, "trainer", default={}))
         # A fresh strategy object per phase Trainer (a used one refuses a second Trainer), from the raw config.
         raw = self.config[self.config["subcommand"]]
         overrides.setdefault("strategy", build_phase_strategy(phase, raw, getattr(self, "_model_for_strategies", None)))
+        precision_key, precision = phase_precision(phase, raw, on_cpu=self._on_cpu())
+        if precision_key != "trainer.precision":
+            overrides.setdefault("precision", precision)
         # Our DataModule shards every global batch itself (distributed/collectives.py: ShardedBatchSampler).
         overrides.setdefault("use_distributed_sampler", False)
         # The run's loggers come from the loop (`logger=`, at the run's global step); a phase Trainer made outside
@@ -427,6 +443,8 @@ class IterPPOCLI(LightningCLI):
             resume=bool(config["resume"]),
             allow_config_change=bool(config["allow_config_change"]),
             logger=self._get(self.config_init, "trainer", default={}).get("logger"),
+            # A run made by an older version lacks the keys added since; they count as their defaults.
+            config_defaults=default_fit_config() if config["resume"] else None,
         )
         # Several processes: start them all now, before any work, so each runs the whole loop (SPMD).
         try:
@@ -622,6 +640,15 @@ def fit_parser():
     except _ParsersBuilt as built:
         return built.cli._parser("fit")
     raise AssertionError("_ParsersOnly always stops in parse_arguments")
+
+
+NOTHING_SET = "{model: {critic: {}, policy: {}, loop: {}, bootstrap: {}, environment: {}}}"
+"""An inline config that sets nothing: the sections fit needs, empty, so every key shows its default."""
+
+
+def default_fit_config() -> str:
+    """The full YAML config of `iterppo fit` with nothing set: every key at its default."""
+    return resolve_fit_config([NOTHING_SET], [])
 
 
 def resolve_fit_config(config_files: list[str], overrides: list[str]) -> str:

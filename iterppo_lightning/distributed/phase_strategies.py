@@ -1,7 +1,10 @@
-"""One strategy per phase (bootstrap, critic, policy), checked before any work, and the up-front process launch.
+"""One strategy and precision per phase (bootstrap, critic, policy), checked before any work, and the up-front
+process launch.
 
 `trainer.strategy` is every phase's default; `critic_strategy`, `policy_strategy` and `bootstrap_strategy`
-override it per phase (e.g. DDP for a small critic, ZeRO-3 for a large policy). All phases run on the same
+override it per phase (e.g. DDP for a small critic, ZeRO-3 for a large policy). Likewise `trainer.precision`
+and `critic_precision`, `policy_precision`, `bootstrap_precision` (e.g. bf16 for the critic and behaviour
+cloning, float32 for PPO's log-prob ratios). All phases run on the same
 processes: a multi-process run is SPMD, started once before any work (`launch_processes`), and every phase
 Trainer then finds its processes already there.
 """
@@ -47,6 +50,27 @@ def phase_spec(phase: str, raw_config: Any) -> tuple[str, Any]:
     return "trainer.strategy", _get(_get(raw_config, "trainer"), "strategy", "auto")
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX). Elsewhere PyTorch emulates bf16,
+    which is slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def phase_precision(phase: str, raw_config: Any, on_cpu: bool = True) -> tuple[str, str]:
+    """(the config key that sets this phase's precision, the precision its Trainer gets).
+
+    `auto` is bf16-mixed on a CPU with native bf16 (`native_cpu_bf16`), else trainer.precision (float32 by default).
+    """
+    trainer_precision = str(_get(_get(raw_config, "trainer"), "precision", None) or "32-true")
+    own = _get(raw_config, f"{phase}_precision")
+    if own is None:
+        return "trainer.precision", trainer_precision
+    if str(own) == "auto":
+        return f"{phase}_precision", "bf16-mixed" if on_cpu and native_cpu_bf16() else trainer_precision
+    return f"{phase}_precision", str(own)
+
+
 def _import(class_path: str):
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
@@ -73,7 +97,7 @@ def build_phase_strategy(phase: str, raw_config: Any, system: Any = None):
     return strategy
 
 
-def _deepspeed_conflicts(key: str, spec: Any, strategy, precision: str, phase: str, system) -> list[str]:
+def _deepspeed_conflicts(key: str, spec: Any, strategy, precision: tuple[str, str], phase: str, system) -> list[str]:
     """Settings a DeepSpeed `config` would silently override or that contradict the run's own settings."""
     problems = []
     init_args = _as_dict(_get(spec, "init_args"))
@@ -108,11 +132,12 @@ def _deepspeed_conflicts(key: str, spec: Any, strategy, precision: str, phase: s
                 f"{key}: the DeepSpeed config's gradient_clipping {config['gradient_clipping']} differs from "
                 f"model.policy.max_grad_norm {system.policy.max_grad_norm}"
             )
-    half = "bf16" if "bf16" in precision else "fp16" if "16" in precision else None
+    precision_key, precision_value = precision
+    half = "bf16" if "bf16" in precision_value else "fp16" if "16" in precision_value else None
     for section in ("fp16", "bf16"):
         enabled = bool(config.get(section, {}).get("enabled", False))
         if enabled and section != half:
-            problems.append(f"{key}: the DeepSpeed config enables {section} but trainer.precision is {precision!r}")
+            problems.append(f"{key}: the DeepSpeed config enables {section} but {precision_key} is {precision_value!r}")
     if int(zero.get("stage", 0)) == 3 and phase == "policy" and system is not None and system.policy.lora is not None:
         problems.append(
             f"{key}: ZeRO-3 with model.policy.lora is not supported "
@@ -123,17 +148,17 @@ def _deepspeed_conflicts(key: str, spec: Any, strategy, precision: str, phase: s
 
 def check_phase_strategies(raw_config: Any, system: Any, cli_trainer) -> None:
     """Every phase's strategy can be built, runs on the run's processes, and agrees with the run's settings."""
-    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
     from lightning.pytorch.strategies import DeepSpeedStrategy, SingleDeviceStrategy
 
     from iterppo_lightning.distributed.cpu_deepspeed import CPUDeepSpeedStrategy
 
     world = cli_trainer.world_size
     on_gpu = isinstance(cli_trainer.accelerator, CUDAAccelerator)
-    precision = str(_get(_get(raw_config, "trainer"), "precision", None) or "32-true")
     problems = []
     for phase in PHASES:
         key, spec = phase_spec(phase, raw_config)
+        precision = phase_precision(phase, raw_config, on_cpu=isinstance(cli_trainer.accelerator, CPUAccelerator))
         if isinstance(spec, str):
             if spec.startswith("deepspeed") and not on_gpu:  # Lightning's registered deepspeed* names
                 problems.append(
@@ -156,6 +181,10 @@ def check_phase_strategies(raw_config: Any, system: Any, cli_trainer) -> None:
                     "iterppo_lightning.distributed.cpu_deepspeed.CPUDeepSpeedStrategy (trainer.accelerator is not cuda)"
                 )
             problems.extend(_deepspeed_conflicts(key, spec, strategy, precision, phase, system))
+            if isinstance(strategy, CPUDeepSpeedStrategy) and precision[1] not in ("32-true", "32"):
+                problems.append(
+                    f"{key}: CPUDeepSpeedStrategy runs in float32 only, but {precision[0]} is {precision[1]!r}"
+                )
     if problems:
         unique = list(dict.fromkeys(problems))  # phases sharing trainer.strategy report it once
         raise ValueError("strategy settings:\n  " + "\n  ".join(unique))

@@ -125,6 +125,13 @@ def resolve_config(config_files: list[Path], overrides: list[str]) -> str:
         raise SweepError(str(err)) from None
 
 
+def default_config() -> str:
+    """The full config of `fit` with nothing set: a finished run that predates a key counts as having its default."""
+    from iterppo_lightning.commands.lightning_cli import default_fit_config
+
+    return default_fit_config()
+
+
 def _get(config: dict, key: str) -> Any:
     value: Any = config
     for part in key.split("."):
@@ -248,6 +255,7 @@ def plan(experiments: list[Experiment], seeds: list[int], root: Path) -> tuple[l
     pi0_jobs: dict[tuple[str, int], Job] = {}
     runs: list[Job] = []
     mismatched: list[str] = []
+    defaults: str | None = None  # the config with nothing set, resolved once when a finished run needs it
     for seed in seeds:
         for exp in experiments:
             run_dir = root / exp.name / f"seed_{seed}"
@@ -293,7 +301,9 @@ def plan(experiments: list[Experiment], seeds: list[int], root: Path) -> tuple[l
                 saved = run_dir / "config.yaml"
                 if saved.exists():
                     resolved = resolve_config(exp.configs, overrides)
-                    diffs = config_differences(saved.read_text(encoding="utf-8"), resolved, set())
+                    if defaults is None:
+                        defaults = default_config()
+                    diffs = config_differences(saved.read_text(encoding="utf-8"), resolved, set(), defaults)
                     if diffs:
                         shown = diffs[:5] + ([f"... and {len(diffs) - 5} more"] if len(diffs) > 5 else [])
                         mismatched.append(f"{exp.name} seed {seed} ({run_dir}):\n    " + "\n    ".join(shown))

@@ -113,6 +113,7 @@ class OuterLoop:
         allow_config_change: bool = False,
         console: Console | None = None,
         logger: bool | Logger | list[Logger] | None = None,
+        config_defaults: str | None = None,
     ):
         """
         Args:
@@ -127,6 +128,8 @@ class OuterLoop:
             allow_config_change: resume although the config changed.
             logger: `trainer.logger`: None/True = the run's CSV (and TensorBoard) logs in RUN/logs, False = none,
                 Logger object(s) = those and the CSV (loop/run_logger.py).
+            config_defaults: the config with nothing set, as YAML; on resume a key the saved config lacks (the run
+                predates it) counts as unchanged when it has this default (None: compared as None).
         """
         self.system = system
         self.config = system.loop
@@ -142,7 +145,13 @@ class OuterLoop:
         self.callbacks = callback_chain(system.loop) if callbacks is None else list(callbacks)
         self.folder = RunFolder(run_dir, system.policy_init, self.console)
         self.settings = OpenSettings(
-            seed, datamodule.logs, resume, allow_config_change, config_text, datamodule.max_message_chars
+            seed,
+            datamodule.logs,
+            resume,
+            allow_config_change,
+            config_text,
+            datamodule.max_message_chars,
+            config_defaults,
         )
         self.logs = datamodule.logs
         self.improvement = choose_policy_improvement(system.algorithm)

@@ -114,6 +114,9 @@ class OpenSettings:
     """The config as YAML, written to config.yaml (None = not recorded, e.g. in tests)."""
     max_message_chars: int | None = DEFAULT_MAX_MESSAGE_CHARS
     """data.max_message_chars: the longest message a batch of logs may hold (None = no limit)."""
+    config_defaults: str | None = None
+    """The config with nothing set: a key the saved config lacks counts as its default here
+    (run_state.config_differences)."""
 
 
 @dataclass
@@ -331,7 +334,8 @@ class RunFolder:
             return False
         if not saved.exists():
             return True
-        diffs = config_differences(saved.read_text(encoding="utf-8"), settings.config_text, RESUMABLE_CHANGES)
+        saved_text, defaults = saved.read_text(encoding="utf-8"), settings.config_defaults
+        diffs = config_differences(saved_text, settings.config_text, RESUMABLE_CHANGES, defaults)
         if diffs and not settings.allow_config_change:
             raise RunStateError(
                 f"the config differs from the one {str(self.path)!r} was started with, so resuming would not "
@@ -342,7 +346,7 @@ class RunFolder:
                 "[yellow]continuing with a changed config:[/yellow]\n  " + "\n  ".join(diffs), highlight=False
             )
         # Rewrite only for a real change: a bare --resume (no --data.logs) changes nothing.
-        every = config_differences(saved.read_text(encoding="utf-8"), settings.config_text, set())
+        every = config_differences(saved_text, settings.config_text, set(), defaults)
         return any(not (d.startswith("data.logs:") and not logs) for d in every)
 
     # -- module state on disk ----------------------------------------------------------------

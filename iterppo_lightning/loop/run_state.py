@@ -132,20 +132,37 @@ def remove_stale_temporaries(run_dir: Path) -> list[str]:
     return removed
 
 
-def config_differences(saved_yaml: str, current_yaml: str, ignore: set[str]) -> list[str]:
-    """Dotted keys whose values differ between two config dumps (seed_everything, model, data, trainer)."""
+PRECISION_PHASES = ("bootstrap", "critic", "policy")
+"""Phases with a precision key of their own (`critic_precision`, ...: distributed/phase_strategies.py)."""
+
+
+def config_differences(
+    saved_yaml: str, current_yaml: str, ignore: set[str], defaults_yaml: str | None = None
+) -> list[str]:
+    """Dotted keys whose values differ between two config dumps (seed_everything, model, data, trainer and the
+    phases' precisions: what changes what is learned).
+
+    defaults_yaml: the config with nothing set (commands/lightning_cli.default_fit_config). A key the saved config
+    lacks altogether, because the run predates the key, counts as unchanged when its value now is that default:
+    a new setting's default keeps the behaviour from before it existed. Without it, such a key is compared as None.
+    """
     saved, current = yaml.safe_load(saved_yaml) or {}, yaml.safe_load(current_yaml) or {}
+    defaults = (yaml.safe_load(defaults_yaml) or {}) if defaults_yaml is not None else None
     diffs: list[str] = []
 
-    def walk(a: Any, b: Any, prefix: str) -> None:
+    def walk(a: Any, b: Any, default: Any, prefix: str, in_saved: bool) -> None:
         if prefix in ignore:
             return
-        if isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(b, dict) and (isinstance(a, dict) or (not in_saved and defaults is not None)):
+            a, default = (a if isinstance(a, dict) else {}), (default if isinstance(default, dict) else {})
             for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+                walk(a.get(key), b.get(key), default.get(key), f"{prefix}.{key}" if prefix else key, key in a)
+        elif not in_saved and defaults is not None:
+            if b != default:
+                diffs.append(f"{prefix}: not in the saved config (default {default!r}) -> {b!r}")
         elif a != b:
             diffs.append(f"{prefix}: {a!r} -> {b!r}")
 
-    for section in ("seed_everything", "model", "data", "trainer"):
-        walk(saved.get(section), current.get(section), section)
+    for section in ("seed_everything", "model", "data", "trainer", *(f"{p}_precision" for p in PRECISION_PHASES)):
+        walk(saved.get(section), current.get(section), (defaults or {}).get(section), section, section in saved)
     return diffs

@@ -1,4 +1,4 @@
-"""Fused kernels in place of ops composed in Python: GELU (tanh) and AdamW.
+"""Fused kernels in place of ops composed in Python (GELU, AdamW), and the attention kernel bf16 wants on CPU.
 
 GPT-2's default activation, `gelu_new`, evaluates the tanh approximation as
 separate mul/pow/tanh/add ops, each a pass over memory with its own autograd
@@ -7,6 +7,14 @@ node; at the tiny models' sizes that is about a quarter of a critic step.
 kernel (largest difference 2.4e-7 on standard-normal inputs). Likewise AdamW
 with `fused=True` updates every parameter in one kernel instead of a chain of
 foreach ops.
+
+Under bf16 on a CPU with native bf16 matrix multiplies (AVX512-BF16 or AMX), a tiny model's matmuls
+run about 4x faster than in float32, but PyTorch's fused CPU attention kernel (SDPA) is slower in
+bf16 than in float32, its backward most of all (a critic step at quickstart size: 43 ms in float32,
+43 ms in bf16 with SDPA, 19 ms in bf16 with eager attention). So a phase fitted in bf16 on CPU runs
+with eager attention, the same function as separate matmul and softmax ops, and gives SDPA back
+when the fit ends. Its LM head and the critic's Q head compute in float32 (a few percent of the
+work): rounding logits to bf16 measurably hurt what behaviour cloning and the critic learned.
 """
 
 from __future__ import annotations
@@ -15,9 +23,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.activations import GELUTanh, NewGELUActivation
 
-__all__ = ["FUSED_ACTIVATIONS", "adamw", "fuse_activations"]
+__all__ = ["FUSED_ACTIVATIONS", "adamw", "Float32OutputHead", "cpu_bf16_kernels", "fuse_activations", "restore_kernels"]
 
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 """config.activation_function -> the fused name transformers maps to the same function."""
@@ -47,13 +56,56 @@ def _configs(model: nn.Module):
             yield config
 
 
-def adamw(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
     """AdamW, fused into one kernel when every parameter is a float tensor on a device with a fused kernel.
 
     The update is the same algorithm; only float rounding differs from the default (foreach)
     implementation. The optimizer state has the same keys, so a state saved by either loads into
-    the other.
+    the other. `fused=False` keeps the foreach implementation: Lightning's mixed-precision plugin
+    refuses to clip the gradients of a fused optimizer.
     """
     params = list(params)
-    fusable = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    fusable = fused and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fusable or None)
+
+
+class Float32OutputHead(nn.Linear):
+    """An LM head that computes its logits in float32 under autocast: bf16 logits are rounded to 2^-7 of their size
+    (about 0.06 at a logit of 8), which is noise in every token's cross-entropy."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return nn.functional.linear(
+                hidden.float(), self.weight.float(), None if self.bias is None else self.bias.float()
+            )
+
+
+def cpu_bf16_kernels(module: nn.Module, trainer) -> list[tuple[nn.Module, str, object]]:
+    """Prepare every Hugging Face model inside `module` for a fit in bf16 on CPU (see the module docstring): eager
+    attention instead of SDPA, and LM heads in float32. Nothing changes at other precisions or on other devices.
+    Returns what was changed, for `restore_kernels` after the fit."""
+    precision = str(getattr(trainer, "precision", "32-true"))
+    if "bf16" not in precision or trainer.strategy.root_device.type != "cpu":
+        return []
+    changed = []
+    for sub in module.modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        # Nested models share their config: after the outer one switches, the inner one reads "eager".
+        if sub.config._attn_implementation == "sdpa":
+            sub.set_attn_implementation("eager")
+            changed.append((sub, "attention", "sdpa"))
+        head = sub.get_output_embeddings()
+        if type(head) is nn.Linear:
+            head.__class__ = Float32OutputHead
+            changed.append((head, "class", nn.Linear))
+    return changed
+
+
+def restore_kernels(changed: list[tuple[nn.Module, str, object]]) -> None:
+    """Undo what `cpu_bf16_kernels` changed."""
+    for target, what, before in changed:
+        if what == "attention":
+            target.set_attn_implementation(before)
+        else:
+            target.__class__ = before

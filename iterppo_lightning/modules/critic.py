@@ -26,7 +26,7 @@ from torchmetrics.classification import BinaryAUROC
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share
-from iterppo_lightning.models.fused_ops import adamw, fuse_activations
+from iterppo_lightning.models.fused_ops import adamw, cpu_bf16_kernels, fuse_activations, restore_kernels
 from iterppo_lightning.models.lora import LoraSettings, add_lora_to_backbone
 from iterppo_lightning.models.modeling import backbone_hidden, last_token_index
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
@@ -285,6 +285,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         # Before the strategy wraps the module: DDP refuses a module with nothing to train.
         self._thaw()
+        self._bf16_changes = cpu_bf16_kernels(self, self._trainer)
+
+    def teardown(self, stage: str) -> None:
+        restore_kernels(getattr(self, "_bf16_changes", []))
+        self._bf16_changes = []
 
     def on_fit_start(self) -> None:
         self._thaw()
@@ -315,8 +320,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         if read_rows is None:
             read_rows = torch.arange(hidden.shape[0], device=hidden.device)
             read_positions = last_token_index(attention_mask)
-        # A bfloat16 backbone (base_model.dtype) feeds the float32 head.
-        return head(hidden[read_rows, read_positions].to(head.weight.dtype)).squeeze(-1), hidden
+        # A bfloat16 backbone (base_model.dtype) feeds the float32 head, and under mixed precision the head still
+        # runs in float32: Q's of two replies at one state often differ by less than bf16's step at 1.0 (2^-7).
+        with torch.autocast(hidden.device.type, enabled=False):
+            q = head(hidden[read_rows, read_positions].to(head.weight.dtype)).squeeze(-1)
+        return q, hidden
 
     def _members(self) -> list[tuple[nn.Module, nn.Linear, nn.Linear | None]]:
         """(backbone, head, lm_head or None) of every member, member 1 first."""

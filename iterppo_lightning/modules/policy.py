@@ -33,11 +33,12 @@ from typing import NamedTuple
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from iterppo_lightning.distributed import collectives as dist_utils
 from iterppo_lightning.distributed.zero import gathered_for_generation, zero_stage
-from iterppo_lightning.models.fused_ops import adamw
+from iterppo_lightning.models.fused_ops import adamw, cpu_bf16_kernels, restore_kernels
 from iterppo_lightning.models.generation import sample_scored_replies
 from iterppo_lightning.models.lora import LoraSettings, adapter_state, adapter_weights, add_lora, is_lora
 from iterppo_lightning.models.modeling import causal_lm_forward
@@ -371,6 +372,11 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             self.reference.load_state_dict(self.policy.state_dict())
             self.reference.requires_grad_(False).eval()
             self._policy_is_reference = True
+        self._bf16_changes = cpu_bf16_kernels(self, self._trainer)
+
+    def teardown(self, stage: str) -> None:
+        restore_kernels(getattr(self, "_bf16_changes", []))
+        self._bf16_changes = []
 
     def _same_weights_as_reference(self) -> bool:
         """Whether the policy's weights are the reference's, bit for bit (before any ZeRO-3 partitioning)."""
@@ -397,8 +403,10 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
     def configure_optimizers(self):
         # With LoRA only the adapter requires grad; the base weights stay out of the optimizer.
         params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        # weight_decay 0.01 is torch's AdamW default, which this phase has always used.
-        return adamw(params, lr=self.lr, weight_decay=0.01)
+        # weight_decay 0.01 is torch's AdamW default, which this phase has always used. The update clips its
+        # gradients, which Lightning's mixed-precision plugin refuses for a fused optimizer.
+        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
+        return adamw(params, lr=self.lr, weight_decay=0.01, fused=not mixed)
 
     # -- rollout --------------------------------------------------------------------
     @contextlib.contextmanager

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from iterppo_lightning.distributed.collectives import any_rank, global_share
-from iterppo_lightning.models.fused_ops import adamw
+from iterppo_lightning.models.fused_ops import adamw, cpu_bf16_kernels, restore_kernels
 from iterppo_lightning.models.modeling import causal_lm_forward
 from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 
@@ -41,6 +41,13 @@ class BehaviourCloningModule(L.LightningModule):
     def attach(self, model) -> None:
         """Train this causal LM (weights are updated in place)."""
         self.model = model
+
+    def setup(self, stage: str) -> None:
+        self._bf16_changes = cpu_bf16_kernels(self, self._trainer)
+
+    def teardown(self, stage: str) -> None:
+        restore_kernels(getattr(self, "_bf16_changes", []))
+        self._bf16_changes = []
 
     def token_losses(self, batch: dict) -> torch.Tensor:
         """Cross-entropy of every next token, [B, T - 1] (entry t: the loss of token t + 1 given tokens <= t);

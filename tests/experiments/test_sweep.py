@@ -276,6 +276,37 @@ def test_a_changed_experiment_is_refused_naming_the_run(sweep, capsys):
     assert {k: tree_fingerprint(sweep.out / k) for k in sweep.runs} == before
 
 
+def _drop_key(config_file: Path, *path: str) -> None:
+    config = yaml.safe_load(config_file.read_text())
+    section = config
+    for key in path[:-1]:
+        section = section[key]
+    del section[path[-1]]
+    config_file.write_text(yaml.safe_dump(config))
+
+
+def test_runs_made_before_a_key_existed_count_as_its_default(sweep, capsys, tmp_path):
+    """A sweep extended after an upgrade: its finished runs' configs lack the keys added since."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(sweep.out, out)
+    for config_file in out.glob("*/seed_*/config.yaml"):  # the runs' pi_0 paths name the sweep's folder
+        config_file.write_text(config_file.read_text().replace(str(sweep.out), str(out)))
+    mc = [out / "mc" / f"seed_{s}" / "config.yaml" for s in SEEDS]
+    for config_file in mc:
+        _drop_key(config_file, "model", "loop", "branch_fraction")  # at its default, 0.0, in these runs
+    args = ["sweep", "--experiments", *sweep.configs, "--seeds", *map(str, SEEDS), "--out", str(out)]
+    res = run_inprocess(capsys, *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {r["action"] for r in index(out)["runs"]} == {"skipped"}
+    # A key missing from the saved config whose value now is not its default is a real change.
+    _drop_key(mc[0], "model", "policy", "init_args", "max_new_tokens")  # the experiment sets 12
+    res = run_inprocess(capsys, *args)
+    assert res.returncode == 2
+    assert "model.policy.init_args.max_new_tokens: not in the saved config (default 24) -> 12" in res.stderr
+
+
 def test_quick_scales_every_experiment_alike_into_its_own_folder(sweep):
     from iterppo_lightning.experiments.sweep import QUICK_SCALE, _experiments, plan, quick_overrides
 

@@ -110,6 +110,13 @@ def test_resume_refuses_a_changed_config_naming_the_key_and_allows_it_when_asked
     assert (tmp_path / "run" / "config.yaml").read_text() == changed
 
 
+def test_resume_refuses_a_changed_phase_precision(tmp_path):
+    # A phase's precision changes its float rounding, so what the rest of the run learns.
+    open_folder(tmp_path / "run")
+    with pytest.raises(RunStateError, match=r"critic_precision: None -> 'bf16-mixed'"):
+        open_folder(tmp_path / "run", resume=True, config_text=CONFIG + "critic_precision: bf16-mixed\n")
+
+
 def test_resume_accepts_the_resumable_changes_and_removes_stale_temporaries(tmp_path):
     open_folder(tmp_path / "run")
     stale = tmp_path / "run" / "iteration_0" / ".critic.abc.tmp.pt"
@@ -181,3 +188,21 @@ def test_optimizer_carry_has_a_public_api_on_the_real_modules(tmp_path):
     assert critic._zero_checkpoint_in == str(tmp_path / "critic_zero")
     critic.resume_from_zero_checkpoint(None)
     assert critic._zero_checkpoint_in is None
+
+
+def test_a_key_the_saved_config_lacks_counts_as_its_default_when_defaults_are_given():
+    from iterppo_lightning.loop.run_state import config_differences
+
+    saved = "model:\n  loop:\n    iterations: 2\n"
+    defaults = "model:\n  loop:\n    iterations: 4\n    explore_prob: 0.0\n    probe: null\n"
+    same = "model:\n  loop:\n    iterations: 2\n    explore_prob: 0.0\n    probe: null\n"
+    assert config_differences(saved, same, set(), defaults) == []
+    # Without defaults (or with another value) the key is a change.
+    assert config_differences(saved, same, set()) == ["model.loop.explore_prob: None -> 0.0"]
+    changed = "model:\n  loop:\n    iterations: 2\n    explore_prob: 0.1\n    probe: {states: 24}\n"
+    assert config_differences(saved, changed, set(), defaults) == [
+        "model.loop.explore_prob: not in the saved config (default 0.0) -> 0.1",
+        "model.loop.probe.states: not in the saved config (default None) -> 24",
+    ]
+    # A key the saved config holds is compared as before, defaults or not.
+    assert config_differences(same, changed, set(), defaults)[0] == "model.loop.explore_prob: 0.0 -> 0.1"

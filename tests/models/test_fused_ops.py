@@ -93,3 +93,30 @@ def test_fused_adamw_takes_the_same_steps_and_shares_its_state_format():
 def test_adamw_falls_back_to_the_default_for_parameters_without_a_fused_kernel():
     params = [torch.nn.Parameter(torch.zeros(2, dtype=torch.float64, device="meta"))]
     assert not adamw(params, lr=1e-3, weight_decay=0.0).defaults["fused"]
+
+
+def _trainer(precision: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(precision=precision, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+
+
+def test_a_cpu_bf16_fit_gets_eager_attention_and_a_float32_lm_head_and_gives_them_back(tokenizer):
+    from torch import nn
+
+    from iterppo_lightning.models.fused_ops import Float32OutputHead, cpu_bf16_kernels, restore_kernels
+
+    model = build_tiny_causal_lm(tokenizer, TinyLMConfig(n_layer=1, n_embd=32, n_head=2), seed=1)
+    assert cpu_bf16_kernels(model, _trainer("32-true")) == []
+    changed = cpu_bf16_kernels(model, _trainer("bf16-mixed"))
+    assert model.config._attn_implementation == "eager" and type(model.lm_head) is Float32OutputHead
+    ids = torch.randint(5, len(tokenizer), (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits
+        hidden = model.transformer(input_ids=ids).last_hidden_state
+    assert logits.dtype == torch.float32
+    # The head's product itself is float32: bf16 would round it to 2^-7 of its size.
+    torch.testing.assert_close(logits, hidden.float() @ model.lm_head.weight.T, atol=1e-5, rtol=1e-5)
+    restore_kernels(changed)
+    assert model.config._attn_implementation == "sdpa" and type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied

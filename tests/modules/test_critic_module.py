@@ -520,3 +520,29 @@ def test_branch_contrast_adds_its_coefficient_times_the_paired_loss(base_dir, to
         contrast.training_step(batch, 0)
     with pytest.raises(ValueError, match="model.critic.branch_contrast_coef"):
         CriticModule(branch_contrast_coef=-1.0)
+
+
+def test_a_bf16_fit_on_cpu_learns_with_eager_attention_and_gives_sdpa_back(base_dir, tokenizer):
+    """bf16 on CPU: SDPA's bf16 kernel is slower than eager attention there (models/fused_ops.py)."""
+    import lightning as L
+
+    class RecordAttention(L.Callback):
+        seen: set[str] = set()
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.seen.add(module.backbone.config._attn_implementation)
+
+    torch.manual_seed(0)
+    critic = CriticModule(lr=5e-3)
+    critic.build(base_dir)
+    assert critic.backbone.config._attn_implementation == "sdpa"
+    record = RecordAttention()
+    make_trainer(max_epochs=5, precision="bf16-mixed", callbacks=[record]).fit(
+        critic, datamodule=_toy_datamodule(tokenizer)
+    )
+    assert record.seen == {"eager"}
+    assert critic.backbone.config._attn_implementation == "sdpa"
+    assert {p.dtype for p in critic.parameters()} == {torch.float32}
+    ids, mask = _encode_pairs(tokenizer, [(o, "good") for o in OPENINGS] + [(o, "bad") for o in OPENINGS])
+    q = critic.score(ids, mask)
+    assert q[:4].min() > q[4:].max()
