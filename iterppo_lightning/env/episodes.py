@@ -1,7 +1,7 @@
 """Run a policy against an environment for many episodes at once.
 
 All live episodes advance in lockstep: each round renders every pending state,
-samples every reply in one batched `generate` call, and steps each episode.
+samples every reply in one batched call (`models.generation.sample_responses`), and steps each episode.
 Episode seeds come from `episode_seeds`, so a (namespace, seed) pair always
 gives the same customers whatever the batch size.
 """
@@ -51,7 +51,7 @@ def suggest(
     greedy: bool = False,
     reply_seeds: list[int] | None = None,
 ) -> list[str | None]:
-    """`model`'s reply at each conversation's current state (its last turn), in one batched `generate`.
+    """`model`'s reply at each conversation's current state (its last turn), in one batched sampling call.
 
     An empty reply (or <abstain>) is an abstain (None). `reply_seeds` (one per conversation): each reply samples
     from its own stream (models/generation.py), so it depends on its seed and its state only.

@@ -1,10 +1,11 @@
 """Batched sampling of replies with the KV cache.
 
-`sample_responses` (Hugging Face `generate`) serves collection and evaluation;
-`sample_scored_replies` is the same sampler written out as a loop for PPO
-rollouts: the same tokens for the same random state, plus what PPO reads from
-the sampling passes anyway (the sampled tokens' log-probs and the last hidden
-states), and a prefill split into groups of prompts of similar length.
+`sample_scored_replies` is Hugging Face `generate`'s sampling written out as a
+loop: the same tokens for the same random state, plus what PPO reads from the
+sampling passes anyway (the sampled tokens' log-probs and the last hidden
+states), a prefill split into groups of prompts of similar length, and rows
+that have ended leaving the decoding steps. `sample_responses` runs it for
+collection, evaluation and the critic probe.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from iterppo_lightning.models.modeling import position_ids_from_mask
@@ -47,7 +48,11 @@ def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> tupl
     return response.masked_fill(after_first_eos, pad_id), mask
 
 
-@torch.no_grad()
+PREFILL_CALL_COST = 48.0
+"""The cost of one more prefill forward, in padded positions, that a length group must save to be split off
+(`ppo_math.length_groups`; the PPO phase's `policy.length_group_cost`, measured for the tiny CPU models)."""
+
+
 def sample_responses(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
@@ -59,37 +64,32 @@ def sample_responses(
     greedy: bool = False,
     reply_seeds: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one reply per left-padded prompt: (response_ids [B, R], response_mask [B, R]).
+    """Sample one reply per left-padded prompt: (response_ids [B, R], response_mask [B, R]). Collection,
+    evaluation, the critic probe and chat replies use it.
 
-    Pure ancestral sampling (no top-k / top-p), so the sampled tokens follow
-    exactly softmax(logits / temperature), the distribution PPO's ratio uses.
-    `reply_seeds` (one per row): sample each reply from its own stream (PerReplyGumbelSampler)
-    instead of torch's global one.
+    Pure ancestral sampling (no top-k / top-p), so the sampled tokens follow exactly softmax(logits /
+    temperature), the distribution PPO's ratio uses; `greedy` takes the argmax. `reply_seeds` (one per row):
+    sample each reply from its own stream (PerReplyGumbelSampler) instead of torch's global one. The tokens
+    are those Hugging Face `generate` draws from the same random state (tests/models/test_generation.py);
+    the work is less: the prompts are prefilled in groups of similar length and rows that have ended leave
+    the decoding steps (`sample_scored_replies`).
     """
-    processors = None
-    if reply_seeds is not None and not greedy:
-        if len(reply_seeds) != prompt_ids.shape[0]:
-            raise ValueError(f"{len(reply_seeds)} reply seeds for {prompt_ids.shape[0]} prompts")
-        processors = LogitsProcessorList([PerReplyGumbelSampler(reply_seeds, temperature)])
-        greedy = True  # the processor adds the noise; greedy decoding takes the argmax
-    config = GenerationConfig(
-        do_sample=not greedy,
-        temperature=temperature if not greedy else None,
-        top_k=0 if not greedy else None,
-        top_p=1.0 if not greedy else None,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        use_cache=True,
+    from iterppo_lightning.rl.ppo_math import length_groups
+
+    groups = length_groups(prompt_mask.sum(1).tolist(), call_cost=PREFILL_CALL_COST)
+    sampled = sample_scored_replies(
+        model,
+        prompt_ids,
+        prompt_mask,
+        eos_id,
+        pad_id,
+        max_new_tokens,
+        temperature,
+        reply_seeds=reply_seeds,
+        prefill_groups=groups,
+        greedy=greedy,
     )
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, logits_processor=processors
-    )
-    model.train(was_training)
-    response = out[:, prompt_ids.shape[1] :]
-    return truncate_after_eos(response, eos_id, pad_id)
+    return sampled.response, sampled.response_mask
 
 
 @dataclass
@@ -160,6 +160,7 @@ def sample_scored_replies(
     temperature: float = 1.0,
     reply_seeds: list[int] | None = None,
     prefill_groups: Sequence[Sequence[int]] | None = None,
+    greedy: bool = False,
 ) -> ScoredReplies:
     """Sample one reply per left-padded prompt [B, P], keeping each sampled token's log-prob and hidden state.
 
@@ -170,6 +171,7 @@ def sample_scored_replies(
     Unlike `generate`, a row that has ended leaves the decoding forwards (its cache rows are dropped); the
     draw of each step still spans the whole batch, so the running rows' draws are unchanged.
     `reply_seeds`: each row from its own stream (PerReplyGumbelSampler), as in `sample_responses`.
+    `greedy`: the argmax of the logits instead of a draw (temperature and seeds unused; log-probs at T = 1).
 
     `prefill_groups` (lists of row indices covering every row once, e.g. `ppo_math.length_groups` of the
     prompt lengths): the prompts' forward runs per group, trimmed to the group's longest prompt, and the
@@ -191,7 +193,7 @@ def sample_scored_replies(
             logits, hidden = _prefill(model, prompt_ids, prompt_mask, cache)
         else:
             logits, hidden, cache = first
-        sampler = PerReplyGumbelSampler(reply_seeds, temperature) if reply_seeds is not None else None
+        sampler = PerReplyGumbelSampler(reply_seeds, temperature) if reply_seeds is not None and not greedy else None
         # The mask of every step's input, grown by one column per step (as generate grows it).
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
         position = prompt_mask.long().sum(1, keepdim=True)  # the next token's position id
@@ -199,8 +201,10 @@ def sample_scored_replies(
         running = torch.arange(batch, device=prompt_ids.device)  # the rows the cache (and each step) holds
         tokens, logprobs, hiddens = [], [], []
         for step in range(max_new_tokens):
-            scores = logits if temperature == 1.0 else logits / temperature
-            if sampler is not None:
+            scores = logits if temperature == 1.0 or greedy else logits / temperature
+            if greedy:
+                next_tokens = torch.argmax(scores, dim=-1)
+            elif sampler is not None:
                 next_tokens = torch.argmax(sampler(None, logits), dim=-1)  # Gumbel-max: noise added to logits / T
             else:
                 next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)

@@ -55,16 +55,19 @@ def stub_replies(monkeypatch, script):
     return calls
 
 
-def count_generate(monkeypatch, model) -> list[int]:
-    """Wrap `model.generate`; returns the batch size of every call."""
+def count_generations(monkeypatch, model) -> list[int]:
+    """Wrap the chat models' batched sampler (`sample_responses`) for `model`; returns the batch size of every call."""
+    from iterppo_lightning.models import chat_generation
+
     sizes: list[int] = []
-    original = model.generate
+    original = chat_generation.sample_responses
 
-    def counting_generate(*args, **kwargs):
-        sizes.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
+    def counting_sample(sampled_model, prompt_ids, *args, **kwargs):
+        if sampled_model is model:
+            sizes.append(prompt_ids.shape[0])
+        return original(sampled_model, prompt_ids, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", counting_generate)
+    monkeypatch.setattr(chat_generation, "sample_responses", counting_sample)
     return sizes
 
 
@@ -82,7 +85,7 @@ def assert_valid_log(conversation: Conversation) -> None:
 
 # ---------------------------------------------------------------------- episodes
 def test_opening_turn_comes_from_the_persona_without_a_model_call(monkeypatch, chat_model, chat_tokenizer):
-    sizes = count_generate(monkeypatch, chat_model)
+    sizes = count_generations(monkeypatch, chat_model)
     env = make_env(chat_model, chat_tokenizer)
     simulator = SalesSimulator()
     for seed in range(6):
@@ -104,7 +107,7 @@ def test_opening_turn_comes_from_the_persona_without_a_model_call(monkeypatch, c
 
 def test_step_batch_makes_one_generate_call_per_round(monkeypatch, chat_model, chat_tokenizer):
     torch.manual_seed(0)
-    sizes = count_generate(monkeypatch, chat_model)
+    sizes = count_generations(monkeypatch, chat_model)
     env = make_env(chat_model, chat_tokenizer, max_agent_turns=3, max_new_tokens=8)
     episodes = [env.new_episode(seed, f"c{seed}") for seed in range(8)]
     suggestions = [ASK] * 5 + [None, "", "   "]

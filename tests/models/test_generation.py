@@ -1,5 +1,6 @@
-"""`sample_scored_replies`: the same tokens as `generate` for the same random state, the log-probs and hidden
-states of the full forward, and a prefill split into length groups that changes nothing but the padding."""
+"""`sample_scored_replies` (and `sample_responses`, which runs it): the same tokens as Hugging Face `generate` for
+the same random state, greedy included, the log-probs and hidden states of the full forward, and a prefill split
+into length groups that changes nothing but the padding."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import torch
 from conftest import ends_often
 
 from iterppo_lightning.data.padding import pad_left
-from iterppo_lightning.models.generation import sample_responses, sample_scored_replies
+from iterppo_lightning.models.generation import (
+    PerReplyGumbelSampler,
+    sample_responses,
+    sample_scored_replies,
+    truncate_after_eos,
+)
 from iterppo_lightning.models.modeling import causal_lm_forward
 from iterppo_lightning.rl.ppo_math import length_groups
 
@@ -33,11 +39,35 @@ def prompts(tokenizer, conversations):
     return ids, mask, groups
 
 
+def _generate(model, ids, mask, eos, pad, new_tokens, temperature=1.0, greedy=False, reply_seeds=None):
+    """Hugging Face `generate`'s pure ancestral sampling (no top-k / top-p), or its greedy decoding: the reference."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    processors = None
+    if reply_seeds is not None and not greedy:
+        processors = LogitsProcessorList([PerReplyGumbelSampler(reply_seeds, temperature)])
+        greedy = True  # the processor adds the noise; greedy decoding takes the argmax
+    config = GenerationConfig(
+        do_sample=not greedy,
+        temperature=temperature if not greedy else None,
+        top_k=0 if not greedy else None,
+        top_p=1.0 if not greedy else None,
+        max_new_tokens=new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
+    return truncate_after_eos(out[:, ids.shape[1] :], eos, pad)
+
+
 def _both(model, tokenizer, ids, mask, new_tokens, seed, temperature=1.0, prefill_groups=None, **kwargs):
     """generate's replies and ours, each from the same random state."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     torch.manual_seed(seed)
-    reference = sample_responses(model, ids, mask, eos, pad, new_tokens, temperature, **kwargs)
+    reference = _generate(model, ids, mask, eos, pad, new_tokens, temperature, **kwargs)
     after_reference = torch.rand(1)
     torch.manual_seed(seed)
     ours = sample_scored_replies(
@@ -68,6 +98,20 @@ def test_per_reply_seeds_give_generates_tokens_too(eos_model, tokenizer, prompts
     (response, response_mask), ours = _both(eos_model, tokenizer, ids, mask, 10, 0, 1.0, groups, reply_seeds=seeds)
     assert torch.equal(ours.response, response)
     assert response_mask.sum(1).min() < response_mask.sum(1).max()
+
+
+@pytest.mark.parametrize("how", ["sampled", "per-reply seeds", "greedy"])
+def test_sample_responses_gives_generates_tokens(eos_model, tokenizer, prompts, how):
+    ids, mask, _ = prompts
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    kwargs = {"sampled": {}, "per-reply seeds": {"reply_seeds": list(range(12))}, "greedy": {"greedy": True}}[how]
+    torch.manual_seed(3)
+    reference = _generate(eos_model, ids, mask, eos, pad, 10, 0.9, **kwargs)
+    torch.manual_seed(3)
+    ours = sample_responses(eos_model, ids, mask, eos, pad, 10, 0.9, **kwargs)
+    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+    if how != "greedy":
+        assert len(set(ours[1].sum(1).tolist())) > 2, "rows must end at several steps"
 
 
 def test_log_probs_and_hidden_states_are_those_of_the_full_forward(eos_model, tokenizer, prompts):
