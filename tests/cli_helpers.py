@@ -81,6 +81,15 @@ def run_inprocess(capsys, *args: str) -> SimpleNamespace:
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err + trace)
 
 
+def fit_refused_before_any_work(config: Path, run_dir: Path, *flags: str) -> str:
+    """`iterppo fit --config CONFIG --run_dir RUN_DIR FLAGS` must exit 2 without creating the run folder;
+    returns its stderr (the message a user reads)."""
+    proc = run_cli("fit", "--config", str(config), "--run_dir", str(run_dir), *flags)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert not run_dir.exists()
+    return proc.stderr
+
+
 def last_json_line(stdout: str) -> dict:
     lines = [line for line in stdout.strip().splitlines() if line.strip()]
     assert lines, "nothing on stdout"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import REPO, run_cli
+from cli_helpers import REPO, fit_refused_before_any_work, run_cli
 from safetensors.torch import load_file
 from tiny_chat import save_tiny_chat_model
 
@@ -71,11 +71,7 @@ def test_conversations_are_rendered_with_the_models_chat_template(chat_run):
     ],
 )
 def test_a_bad_model_path_fails_before_any_work(tmp_path, override, named):
-    run_dir = tmp_path / "run"
-    proc = run_cli("fit", "--config", str(SMOKE_CHAT), "--run_dir", str(run_dir), *override)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert named in proc.stderr
-    assert not run_dir.exists()
+    assert named in fit_refused_before_any_work(SMOKE_CHAT, tmp_path / "run", *override)
 
 
 def test_a_killed_chat_run_with_lora_resumes_to_the_same_result(tmp_path, chat_run):
