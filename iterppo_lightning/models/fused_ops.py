@@ -14,7 +14,8 @@ bf16 than in float32, its backward most of all (a critic step at quickstart size
 43 ms in bf16 with SDPA, 19 ms in bf16 with eager attention). So a phase fitted in bf16 on CPU runs
 with eager attention, the same function as separate matmul and softmax ops, and gives SDPA back
 when the fit ends. Its LM head and the critic's Q head compute in float32 (a few percent of the
-work): rounding logits to bf16 measurably hurt what behaviour cloning and the critic learned.
+work): with Q rounded to bf16 the critic ranked replies worse on most seeds measured, and logits
+rounded to bf16 are noise in every token's cross-entropy (docs/performance.md, "bf16 on CPU").
 """
 
 from __future__ import annotations
