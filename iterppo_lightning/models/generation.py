@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from iterppo_lightning.data.padding import length_groups
 from iterppo_lightning.models.modeling import position_ids_from_mask
 
 
@@ -50,7 +51,7 @@ def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> tupl
 
 PREFILL_CALL_COST = 48.0
 """The cost of one more prefill forward, in padded positions, that a length group must save to be split off
-(`ppo_math.length_groups`; the PPO phase's `policy.length_group_cost`, measured for the tiny CPU models)."""
+(`data/padding.length_groups`; the PPO phase's `policy.length_group_cost`, measured for the tiny CPU models)."""
 
 
 def sample_responses(
@@ -74,8 +75,6 @@ def sample_responses(
     the work is less: the prompts are prefilled in groups of similar length and rows that have ended leave
     the decoding steps (`sample_scored_replies`).
     """
-    from iterppo_lightning.rl.ppo_math import length_groups
-
     groups = length_groups(prompt_mask.sum(1).tolist(), call_cost=PREFILL_CALL_COST)
     sampled = sample_scored_replies(
         model,
@@ -173,7 +172,7 @@ def sample_scored_replies(
     `reply_seeds`: each row from its own stream (PerReplyGumbelSampler), as in `sample_responses`.
     `greedy`: the argmax of the logits instead of a draw (temperature and seeds unused; log-probs at T = 1).
 
-    `prefill_groups` (lists of row indices covering every row once, e.g. `ppo_math.length_groups` of the
+    `prefill_groups` (lists of row indices covering every row once, e.g. `data/padding.length_groups` of the
     prompt lengths): the prompts' forward runs per group, trimmed to the group's longest prompt, and the
     groups' KV caches are joined into one, left-padded to P, for the decoding steps (one forward per step
     for the whole batch). Only models whose cache is a plain `DynamicLayer` per layer are split; others

@@ -12,7 +12,7 @@ Theorem 2 requires.
 Padding: the prompts are left-padded to the batch's longest and the replies
 right-padded to its longest. Every forward (generation's prefill, the scoring
 forwards, each update minibatch) runs over groups of rows of similar length
-(`ppo_math.length_groups`), each trimmed to its own longest prompt and reply;
+(`data/padding.length_groups`), each trimmed to its own longest prompt and reply;
 the group outputs are put back in row order before any loss or statistic, so
 the batch statistics, the minibatches and the losses are those of the unsplit
 batch (`length_group_cost`).
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
+from iterppo_lightning.data.padding import length_groups
 from iterppo_lightning.distributed import collectives as dist_utils
 from iterppo_lightning.distributed.zero import gathered_for_generation, zero_stage
 from iterppo_lightning.models.fused_ops import adamw, cpu_bf16_kernels, restore_kernels
@@ -195,7 +196,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 iteration, Theorem 2) or "pi_0" (the initial policy for the whole run).
             length_group_cost: run each forward (generation's prefill, scoring, every update
                 minibatch) over groups of rows of similar length, each trimmed to its own longest
-                prompt and reply (`ppo_math.length_groups`); this is the cost of one more model call,
+                prompt and reply (`data/padding.length_groups`); this is the cost of one more model call,
                 in padded positions, that the split weighs against the padding it saves (48: measured
                 for the tiny CPU models). None: no split, every forward over the whole padded batch.
                 The groups change only the padding: losses, gradients and statistics are those of the
@@ -474,7 +475,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         rlens = None if reply_lengths is None else [reply_lengths[r] for r in rows]
         cost = self.length_group_cost if split else float("inf")
         groups = []
-        for group in pm.length_groups(plens, rlens, cost):
+        for group in length_groups(plens, rlens, cost):
             groups.append(
                 _Group(
                     positions=torch.tensor(group, dtype=torch.long, device=device),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ends_often
 
-from iterppo_lightning.data.padding import pad_left
+from iterppo_lightning.data.padding import length_groups, pad_left
 from iterppo_lightning.models.generation import (
     PerReplyGumbelSampler,
     sample_responses,
@@ -16,7 +16,6 @@ from iterppo_lightning.models.generation import (
     truncate_after_eos,
 )
 from iterppo_lightning.models.modeling import causal_lm_forward
-from iterppo_lightning.rl.ppo_math import length_groups
 
 
 @pytest.fixture()
