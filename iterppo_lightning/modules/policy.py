@@ -406,7 +406,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         # weight_decay 0.01 is torch's AdamW default, which this phase has always used. The update clips its
         # gradients, which Lightning's mixed-precision plugin refuses for a fused optimizer.
-        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
+        mixed = self._trainer is not None and isinstance(self._trainer.precision_plugin, MixedPrecision)
         return adamw(params, lr=self.lr, weight_decay=0.01, fused=not mixed)
 
     # -- rollout --------------------------------------------------------------------
