@@ -40,7 +40,7 @@ from iterppo_lightning.data.padding import length_groups
 from iterppo_lightning.distributed import collectives as dist_utils
 from iterppo_lightning.distributed.zero import gathered_for_generation, zero_stage
 from iterppo_lightning.models.fused_ops import adamw, cpu_bf16_kernels, restore_kernels
-from iterppo_lightning.models.generation import sample_scored_replies
+from iterppo_lightning.models.generation import PREFILL_CALL_COST, sample_scored_replies
 from iterppo_lightning.models.lora import LoraSettings, adapter_state, adapter_weights, add_lora, is_lora
 from iterppo_lightning.models.modeling import causal_lm_forward
 from iterppo_lightning.models.policy_folder import (
@@ -147,7 +147,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         advantage: str = "gae",
         group_size: int = 1,
         kl_anchor: str = "pi_k",
-        length_group_cost: float | None = 48.0,
+        length_group_cost: float | None = PREFILL_CALL_COST,
     ):
         """
         Args:
