@@ -430,7 +430,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Sequences right-padded, for the critic and for SFT. Per-row tensors: `input_ids`, `attention_mask`,
         `labels` (the turns' reply tokens, -100 elsewhere: behaviour cloning learns the replies only). Per-turn
         tensors, one entry per turn of the batch in row order: `read_rows` and `read_positions` (where Q_k of
-        the turn is read: its reply's last token), `target`, `success`, and `weight` / `bootstrap` when used.
+        the turn is read: its reply's last token), `read_starts` (its reply's first token), `target`, `success`,
+        and `weight` / `bootstrap` when used.
         With `next_messages` (critic phase), each turn's next customer message (TurnExample.next_ids) is in its
         row (conversation rows hold it already; the last turn's is appended), and per-token tensors say where:
         `aux_rows`, `aux_positions` (the position whose hidden state predicts the token: the one before it),
@@ -445,7 +446,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             aux_parts.append(row_aux)
         ids, mask = pad_right(rows_ids, pad)
         labels = torch.full_like(ids, -100)
-        rows, positions, turns = [], [], []
+        rows, starts, positions, turns = [], [], [], []
         aux_rows, aux_positions, aux_targets, aux_turns = [], [], [], []
         for row, sequence in enumerate(batch):
             for position, target, t in aux_parts[row]:
@@ -456,6 +457,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             for turn, start, end in zip(sequence.turns, sequence.reply_starts, sequence.reply_ends):
                 labels[row, start:end] = ids[row, start:end]
                 rows.append(row)
+                starts.append(start)
                 positions.append(end - 1)
                 turns.append(turn)
         out = {
@@ -464,6 +466,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             "labels": labels,
             "read_rows": torch.tensor(rows, dtype=torch.long),
             "read_positions": torch.tensor(positions, dtype=torch.long),
+            "read_starts": torch.tensor(starts, dtype=torch.long),
             "target": torch.tensor([e.target for e in turns], dtype=torch.float32),
             "success": torch.tensor([e.success for e in turns], dtype=torch.long),
         }

@@ -23,6 +23,56 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
 
 
+def reply_means(
+    hidden: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of `hidden` [B, L, H] over positions starts[i] .. ends[i] (both included) of row rows[i]: [N, H].
+
+    Positions where `mask` [B, L] is 0 are left out of the mean. One cumulative sum over the positions serves
+    every span, so many turns read from one conversation row cost one pass.
+    """
+    weights = (
+        torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+        if mask is None
+        else mask.to(hidden.dtype)
+    )
+    sums = torch.nn.functional.pad((hidden * weights[..., None]).cumsum(1), (0, 0, 1, 0))
+    counts = torch.nn.functional.pad(weights.cumsum(1), (1, 0))
+    total = sums[rows, ends + 1] - sums[rows, starts]
+    count = (counts[rows, ends + 1] - counts[rows, starts]).clamp_min(1.0)
+    return total / count[:, None]
+
+
+def span_token_logprobs(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    output_weight: torch.Tensor,
+    output_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per span, the mean and the minimum over its tokens of log p(token | everything before it) [N], [N].
+
+    Span i is positions starts[i] .. ends[i] (both included, starts[i] >= 1) of row rows[i] of `input_ids` [B, L];
+    the token at position t is predicted from `hidden` [B, L, H] at t - 1 through the output layer
+    (`output_weight` [V, H], `output_bias` [V]). Only the spans' positions go through the output layer.
+    """
+    lengths = ends - starts + 1
+    span = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths)
+    # Position of each span token: its span's start plus its rank within the span.
+    offsets = torch.arange(int(lengths.sum()), device=rows.device) - torch.repeat_interleave(
+        lengths.cumsum(0) - lengths, lengths
+    )
+    token_rows, positions = rows[span], starts[span] + offsets
+    logits = torch.nn.functional.linear(hidden[token_rows, positions - 1], output_weight, output_bias)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, input_ids[token_rows, positions][:, None]).squeeze(1)
+    means = torch.zeros(len(rows), dtype=logprobs.dtype, device=logprobs.device).index_add_(0, span, logprobs)
+    means = means / lengths.to(logprobs.dtype)
+    minima = torch.full_like(means, float("inf")).scatter_reduce(0, span, logprobs, reduce="amin")
+    return means, minima
+
+
 def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states [B, T, H] of a causal LM or a bare backbone."""
     out = model(

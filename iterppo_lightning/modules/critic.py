@@ -28,12 +28,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share
 from iterppo_lightning.models.fused_ops import adamw, cpu_bf16_kernels, fuse_activations, restore_kernels
 from iterppo_lightning.models.lora import LoraSettings, add_lora_to_backbone
-from iterppo_lightning.models.modeling import backbone_hidden, last_token_index
+from iterppo_lightning.models.modeling import backbone_hidden, last_token_index, reply_means, span_token_logprobs
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
 from iterppo_lightning.rl import ppo_math as pm
 from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 
 CRITIC_TARGETS = ("mc", "td", "fqe", "myopic")
+CRITIC_READOUTS = ("last", "reply_mean", "reply_logprob")
 
 
 class SoftCalibrationError(Metric):
@@ -96,6 +97,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         early_stopping_patience: int = 0,
         branch_contrast_coef: float = 0.0,
         backbone_overrides: dict[str, int | float] | None = None,
+        readout: str = "last",
     ):
         """
         Args:
@@ -142,10 +144,22 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 256, n_head: 8} for a GPT-2): the critic is built from pi_0's config with these fields changed, with
                 random weights (it cannot start from pi_0's), on pi_0's tokenizer. Needs init_from_policy false.
                 None = pi_0's architecture.
+            readout: what the Q head reads. "last": the last hidden state at the reply's last token (the
+                whole [state | reply] reaches it through attention alone). "reply_mean": the mean of the last
+                hidden states over the reply's tokens, so what each reply token found in the state (a category
+                the customer named, a question already answered) reaches the head directly (docs/critic.md,
+                "Where Q reads a reply"). "reply_logprob": the last hidden state, plus the mean and the minimum over
+                the reply's tokens of each token's log-probability given what precedes it, through the backbone's
+                LM head (its tied input embeddings, or pi_0's own lm_head): a reply that names another category than
+                the one the customer asked for, or asks again what was answered, contains a token the conversation
+                made unlikely, which the last hidden state alone carries poorly. Both need each row's reply start
+                when scoring (`score(..., reply_starts)`).
         """
         super().__init__()
         if loss not in ("bce", "mse"):
             raise ValueError(f"critic loss must be 'bce' or 'mse', got {loss!r}")
+        if readout not in CRITIC_READOUTS:
+            raise ValueError(f"model.critic.readout must be one of {CRITIC_READOUTS}, got {readout!r}")
         if target not in CRITIC_TARGETS:
             raise ValueError(f"critic.target must be one of {CRITIC_TARGETS}, got {target!r}")
         if not 0.0 <= td_lambda <= 1.0:
@@ -189,6 +203,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.early_stopping_patience = early_stopping_patience
         self.branch_contrast_coef = branch_contrast_coef
         self.backbone_overrides = dict(backbone_overrides or {})
+        self.readout = readout
         self._trainable: set[str] = set()
         self.backbone: nn.Module | None = None
         self.head: nn.Linear | None = None
@@ -210,6 +225,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
     def uses_aux(self) -> bool:
         """Whether critic batches should carry the next customer messages (data module `next_messages`)."""
         return self.aux_next_message_coef > 0
+
+    @property
+    def _reads_lm_head(self) -> bool:
+        """Whether a member's LM head is used (the auxiliary loss, the reply_logprob readout)."""
+        return self.uses_aux or self.readout == "reply_logprob"
 
     @property
     def uses_branch_pairs(self) -> bool:
@@ -254,7 +274,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         fuse_activations(backbone)
         hidden = backbone.config.hidden_size
         lm_head = None
-        if self.uses_aux and not _ties_embeddings(backbone.config):
+        if self._reads_lm_head and not _ties_embeddings(backbone.config):
             # An untied LM: the auxiliary head starts as pi_0's own (or random without init_from_policy).
             lm_head = nn.Linear(hidden, backbone.config.vocab_size, bias=False)
             if self.init_from_policy:
@@ -266,7 +286,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 lm_head.requires_grad_(False)
         if self.lora is not None:
             backbone = add_lora_to_backbone(backbone, self.lora)
-        head = nn.Linear(hidden, 1)
+        head = nn.Linear(hidden + (2 if self.readout == "reply_logprob" else 0), 1)
         if self.ensemble_size == 1:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
@@ -294,10 +314,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
     def on_fit_start(self) -> None:
         self._thaw()
         self._best, self._stale_epochs = None, 0
-        if self.uses_aux and _zero_stage(self.trainer) == 3:
+        if self._reads_lm_head and _zero_stage(self.trainer) == 3:
             raise ValueError(
-                "model.critic.aux_next_message_coef reads the backbone's (tied) embeddings as its LM head outside the "
-                "backbone's forward, where ZeRO stage 3 holds them partitioned; set it to 0 or use a ZeRO stage below 3"
+                "model.critic.aux_next_message_coef (and readout 'reply_logprob') read the backbone's (tied) "
+                "embeddings as an LM head outside the backbone's forward, where ZeRO stage 3 holds them partitioned; "
+                "use neither, or a ZeRO stage below 3"
             )
         if self.early_stopping_patience and _zero_stage(self.trainer) == 3:
             raise ValueError(
@@ -306,14 +327,16 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             )
 
     # -- maths ----------------------------------------------------------------
-    @staticmethod
     def _member_outputs(
+        self,
         backbone,
         head,
+        lm_head,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         read_rows: torch.Tensor | None = None,
         read_positions: torch.Tensor | None = None,
+        read_starts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q logits at the read positions, the last hidden states [B, T, H])."""
         hidden = backbone_hidden(backbone, input_ids, attention_mask)
@@ -323,7 +346,30 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         # A bfloat16 backbone (base_model.dtype) feeds the float32 head, and under mixed precision the head still
         # runs in float32: Q's of two replies at one state often differ by less than bf16's step at 1.0 (2^-7).
         with torch.autocast(hidden.device.type, enabled=False):
-            q = head(hidden[read_rows, read_positions].to(head.weight.dtype)).squeeze(-1)
+            if self.readout != "last" and read_starts is None:
+                raise ValueError(
+                    f"model.critic.readout {self.readout!r} reads each reply's tokens: pass where each reply starts "
+                    "(read_starts / reply_starts)"
+                )
+            h = hidden.to(head.weight.dtype)
+            if self.readout == "reply_mean":
+                features = reply_means(h, read_rows, read_starts, read_positions, attention_mask)
+            else:
+                features = h[read_rows, read_positions]
+            if self.readout == "reply_logprob":
+                out = backbone.get_input_embeddings() if lm_head is None else lm_head
+                weight, bias = out.weight.to(h.dtype), getattr(out, "bias", None)
+                means, minima = span_token_logprobs(
+                    h,
+                    input_ids,
+                    read_rows,
+                    read_starts,
+                    read_positions,
+                    weight,
+                    None if bias is None else bias.to(h.dtype),
+                )
+                features = torch.cat([features, means[:, None], minima[:, None]], dim=1)
+            q = head(features).squeeze(-1)
         return q, hidden
 
     def _members(self) -> list[tuple[nn.Module, nn.Linear, nn.Linear | None]]:
@@ -355,8 +401,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         if not aux:
             return self.batch_logits(batch), None
         # Through the module's own call, like every other forward (ZeRO-3 traces the order of module calls).
-        where = (batch["input_ids"], batch["attention_mask"], batch.get("read_rows"), batch.get("read_positions"))
-        logits, hiddens = self(*where, with_hidden=True)
+        ids, mask, rows, positions, _, starts = self._batch_where(batch)
+        logits, hiddens = self(ids, mask, rows, positions, with_hidden=True, read_starts=starts)
         token_losses = [
             self._aux_token_losses(backbone, lm_head, hidden, batch)
             for (backbone, _, lm_head), hidden in zip(self._members(), hiddens)
@@ -386,32 +432,51 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         read_rows: torch.Tensor | None = None,
         read_positions: torch.Tensor | None = None,
         with_hidden: bool = False,
+        read_starts: torch.Tensor | None = None,
     ):
         """Q logits: [B] for one critic, [N, B] for an ensemble of N, read at each row's last real token; or, given
         `read_rows` and `read_positions` (a critic batch's, one entry per turn), [T] / [N, T] read at those
-        (row, position) pairs. `with_hidden`: (those logits, every member's last hidden states [B, L, H])."""
+        (row, position) pairs. `read_starts` (one per row, or per read pair): where each read reply starts, for the
+        "reply_mean" readout. `with_hidden`: (those logits, every member's last hidden states [B, L, H])."""
         if (read_rows is None) != (read_positions is None):
             raise ValueError("read_rows and read_positions come together")
-        where = (input_ids, attention_mask, read_rows, read_positions)
-        outputs = [self._member_outputs(backbone, head, *where) for backbone, head, _ in self._members()]
+        where = (input_ids, attention_mask, read_rows, read_positions, read_starts)
+        outputs = [self._member_outputs(*member, *where) for member in self._members()]
         logits = outputs[0][0] if self.ensemble_size == 1 else torch.stack([q for q, _ in outputs])
         return (logits, [hidden for _, hidden in outputs]) if with_hidden else logits
 
     def batch_logits(self, batch: dict) -> torch.Tensor:
         """Q logits of a critic batch's turns (data/datamodule.py), [T] or [N, T]; a batch without read positions
         has one turn per row, read at its last token."""
-        return self(batch["input_ids"], batch["attention_mask"], batch.get("read_rows"), batch.get("read_positions"))
+        return self(*self._batch_where(batch))
+
+    @staticmethod
+    def _batch_where(batch: dict) -> tuple:
+        """forward's arguments for a critic batch: ids, mask, read rows and positions, with_hidden off, reply starts."""
+        return (
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("read_rows"),
+            batch.get("read_positions"),
+            False,
+            batch.get("read_starts"),
+        )
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """PPO's reward: Q_k(s, a) in [0, 1]; for an ensemble mean - pessimism * std over the members."""
-        probs = torch.sigmoid(self(input_ids, attention_mask))
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, reply_starts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """PPO's reward: Q_k(s, a) in [0, 1]; for an ensemble mean - pessimism * std over the members.
+        `reply_starts` [B]: where each row's reply starts (needed by the "reply_mean" readout)."""
+        probs = torch.sigmoid(self(input_ids, attention_mask, read_starts=reply_starts))
         return probs if self.ensemble_size == 1 else pm.ensemble_lower_bound(probs, self.pessimism)
 
     @torch.no_grad()
-    def q_mean(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def q_mean(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, reply_starts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The estimate of Q_k(s, a): the members' mean (bootstrapped critic targets, the off-policy estimate)."""
-        probs = torch.sigmoid(self(input_ids, attention_mask))
+        probs = torch.sigmoid(self(input_ids, attention_mask, read_starts=reply_starts))
         return probs if self.ensemble_size == 1 else probs.mean(dim=0)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

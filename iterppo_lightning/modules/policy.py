@@ -318,11 +318,15 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         rows: torch.Tensor,
         states: list[tuple[str, int]] | None,
         rollout_index: int,
+        prompt_width: int,
     ) -> torch.Tensor:
-        """Q of the [state; reply] rows `rows` of the rollout. A critic with `needs_states` (the oracle critic,
-        loop/oracle_critic.py) also gets each row's logged state and the rollout's index."""
+        """Q of the [state; reply] rows `rows` of the rollout, each reply starting at column `prompt_width`. A critic
+        with `needs_states` (the oracle critic, loop/oracle_critic.py) also gets each row's logged state and the
+        rollout's index."""
         if not getattr(self.critic, "needs_states", False):
-            return self.critic.score(ids, mask)
+            # Every row of a trimmed group is [left-padded prompt | reply]: the replies start together.
+            reply_starts = torch.full((ids.shape[0],), prompt_width, dtype=torch.long, device=ids.device)
+            return self.critic.score(ids, mask, reply_starts)
         if states is None:
             raise RuntimeError(
                 f"{type(self.critic).__name__} scores a reply from its logged state, but the policy batch carries no "
@@ -613,7 +617,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             for g in groups:
                 # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
                 ids, mask = self._trimmed(full_ids, full_mask, prompt_len, g)
-                score_parts.append(self._critic_score(ids, mask, g.rows, states, rollout_index))
+                score_parts.append(self._critic_score(ids, mask, g.rows, states, rollout_index, g.prompt_width))
             score = self._in_order(score_parts, groups)
         ended = (response == tok.eos_token_id).any(dim=1)
         raw_score = score.clone()

@@ -63,7 +63,7 @@ def myopic_targets(conversations: list[Conversation]) -> dict[TurnKey, float]:
 def score_pairs(
     critic, prompts: list[list[int]], replies: list[list[int]], pad_id: int, batch_size: int = 128
 ) -> list[float]:
-    """Q(s, a) in [0, 1] for token-id pairs, read at the last reply token (as in training).
+    """Q(s, a) in [0, 1] for token-id pairs, read as in training (the last reply token, or the reply's mean).
 
     For a critic ensemble, the members' mean (`q_mean`). A critic that was never built (the
     filtered-BC baseline fits none) has no Q: every value is NaN.
@@ -75,9 +75,11 @@ def score_pairs(
     device = next(critic.parameters()).device
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        seqs = [p + a for p, a in zip(prompts[start : start + batch_size], replies[start : start + batch_size])]
+        chunk = prompts[start : start + batch_size]
+        seqs = [p + a for p, a in zip(chunk, replies[start : start + batch_size])]
         ids, mask = pad_right(seqs, pad_id)
-        out.extend(critic.q_mean(ids.to(device), mask.to(device)).float().cpu().tolist())
+        reply_starts = torch.tensor([len(p) for p in chunk], dtype=torch.long, device=device)
+        out.extend(critic.q_mean(ids.to(device), mask.to(device), reply_starts).float().cpu().tolist())
     critic.train(was_training)
     return out
 

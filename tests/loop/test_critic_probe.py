@@ -38,7 +38,7 @@ class TableCritic(nn.Module):
         self.default = default
         self.rows: list[tuple[int, ...]] = []
 
-    def q_mean(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def q_mean(self, ids: torch.Tensor, mask: torch.Tensor, reply_starts=None) -> torch.Tensor:
         rows = [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask)]
         self.rows += rows
         return torch.tensor([self.table.get(r, self.default) for r in rows], dtype=torch.float64)

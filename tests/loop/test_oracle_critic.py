@@ -35,7 +35,7 @@ class ConstantCritic(nn.Module):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(1))  # score_pairs reads the device from a parameter
 
-    def q_mean(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def q_mean(self, ids: torch.Tensor, mask: torch.Tensor, reply_starts=None) -> torch.Tensor:
         return torch.full((ids.shape[0],), 0.5, dtype=torch.float64)
 
 

@@ -237,7 +237,7 @@ def test_saved_adapter_state_reads_a_saved_adapter_or_gives_zeros_for_the_plain_
 
 
 class _FrozenCritic(torch.nn.Module):
-    def score(self, ids, mask):
+    def score(self, ids, mask, reply_starts=None):
         return torch.zeros(ids.shape[0])
 
 

@@ -35,7 +35,7 @@ class ShortReplyCritic(nn.Module):
     replies."""
 
     @torch.no_grad()
-    def score(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def score(self, ids: torch.Tensor, mask: torch.Tensor, reply_starts=None) -> torch.Tensor:
         length = mask.sum(1).float()
         return torch.sigmoid((length.mean() - length) / 4.0)
 

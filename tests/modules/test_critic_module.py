@@ -51,10 +51,11 @@ def _weights(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer):
+@pytest.mark.parametrize("readout", ["last", "reply_mean", "reply_logprob"])
+def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer, readout):
     torch.manual_seed(0)
     dm = _toy_datamodule(tokenizer)
-    critic = CriticModule(lr=5e-3)
+    critic = CriticModule(lr=5e-3, readout=readout)
     critic.build(base_dir)
     trainer = make_trainer(max_epochs=5)
     trainer.fit(critic, datamodule=dm)
@@ -63,8 +64,11 @@ def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer):
     assert metrics["critic/val_loss"] < 0.45  # ln 2 = 0.69 is the uninformed loss
     assert {"critic/val_brier", "critic/val_calibration_error"} <= set(metrics)
 
-    ids, mask = _encode_pairs(tokenizer, [(o, "good") for o in OPENINGS] + [(o, "bad") for o in OPENINGS])
-    q = critic.score(ids, mask)
+    pairs = [(o, "good") for o in OPENINGS] + [(o, "bad") for o in OPENINGS]
+    ids, mask = _encode_pairs(tokenizer, pairs)
+    # Left-padded [state | reply]: the reply is the last two tokens ("good"/"bad", "<end>") of every row.
+    reply_starts = torch.full((len(pairs),), ids.shape[1] - 2)
+    q = critic.score(ids, mask, reply_starts)
     assert q.shape == (8,)
     assert ((q >= 0) & (q <= 1)).all()
     assert q[:4].min() > q[4:].max()
@@ -137,6 +141,38 @@ def test_score_ignores_padding_on_either_side(base_dir, tokenizer):
     padded = torch.tensor([[pad, pad] + seq + [pad, pad, pad]])
     mask = torch.tensor([[0, 0] + [1] * len(seq) + [0, 0, 0]])
     assert critic(padded, mask).item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("readout", ["reply_mean", "reply_logprob"])
+def test_reply_readouts_read_the_same_q_in_ppo_scoring_as_in_training(base_dir, tokenizer, readout):
+    """PPO scores [left-padded state | reply] rows given where the replies start; training reads the same turn from
+    a right-padded batch row with `read_starts`. Both must read the reply's own tokens, padding left out."""
+    torch.manual_seed(0)
+    critic = CriticModule(readout=readout)
+    critic.build(base_dir)
+    with torch.no_grad():
+        critic.head.weight.normal_(0, 1)
+    state = tokenizer("<customer> hi there <agent>", add_special_tokens=False)["input_ids"]
+    replies = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in ("good <end>", "bad bad bad <end>")]
+    pad = tokenizer.pad_token_id
+    width = max(len(r) for r in replies)
+    # The rollout layout: the prompt (left-padded to width P) then the reply (right-padded).
+    ids = torch.tensor([[pad] + state + r + [pad] * (width - len(r)) for r in replies])
+    mask = torch.tensor([[0] + [1] * (len(state) + len(r)) + [0] * (width - len(r)) for r in replies])
+    scored = critic.score(ids, mask, torch.tensor([1 + len(state)] * 2))
+    batch = {
+        "input_ids": torch.tensor([state + r + [pad] * (width - len(r)) for r in replies]),
+        "attention_mask": torch.tensor([[1] * (len(state) + len(r)) + [0] * (width - len(r)) for r in replies]),
+        "read_rows": torch.tensor([0, 1]),
+        "read_positions": torch.tensor([len(state) + len(r) - 1 for r in replies]),
+        "read_starts": torch.tensor([len(state)] * 2),
+    }
+    with torch.no_grad():
+        trained = torch.sigmoid(critic.batch_logits(batch))
+    assert torch.allclose(scored, trained, atol=1e-5)
+    assert (scored[0] - scored[1]).abs() > 1e-3  # the two replies read differently
+    with pytest.raises(ValueError, match=readout):
+        critic.score(ids, mask)
 
 
 def test_new_fit_thaws_a_critic_frozen_by_the_policy_phase(base_dir, tokenizer):
@@ -288,10 +324,13 @@ def _conversation_datamodule(tokenizer, conversations) -> TrajectoryDataModule:
     return dm
 
 
+@pytest.mark.parametrize("readout", ["last", "reply_mean", "reply_logprob"])
 @pytest.mark.parametrize("ensemble_size", [1, 3])
-def test_one_pass_per_conversation_reads_each_turns_q_of_its_own_row(base_dir, tokenizer, conversations, ensemble_size):
+def test_one_pass_per_conversation_reads_each_turns_q_of_its_own_row(
+    base_dir, tokenizer, conversations, ensemble_size, readout
+):
     torch.manual_seed(0)
-    critic = CriticModule(ensemble_size=ensemble_size)
+    critic = CriticModule(ensemble_size=ensemble_size, readout=readout)
     critic.build(base_dir)
     with torch.no_grad():
         for _, head in _members(critic):
@@ -435,6 +474,7 @@ def test_aux_loss_weighs_tokens_like_their_turns(base_dir, tokenizer, conversati
     [
         ({"aux_next_message_coef": -1.0}, "aux_next_message_coef"),
         ({"early_stopping_patience": -1}, "early_stopping_patience"),
+        ({"readout": "first"}, "readout"),
     ],
 )
 def test_bad_fitting_settings_name_the_key(kwargs, named):

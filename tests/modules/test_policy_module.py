@@ -30,7 +30,7 @@ class TokenCritic(nn.Module):
         self.token_id = token_id
         self.unused = nn.Parameter(torch.zeros(1))  # so freezing has something to freeze
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, reply_starts=None) -> torch.Tensor:
         return ((input_ids == self.token_id) & attention_mask.bool()).any(dim=1).float()
 
 
@@ -39,7 +39,7 @@ class ConstantCritic(nn.Module):
         super().__init__()
         self.value = value
 
-    def score(self, input_ids, attention_mask):
+    def score(self, input_ids, attention_mask, reply_starts=None):
         return torch.full((input_ids.shape[0],), self.value)
 
 
