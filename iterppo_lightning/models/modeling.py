@@ -56,7 +56,8 @@ def span_token_logprobs(
 
     Span i is positions starts[i] .. ends[i] (both included, starts[i] >= 1) of row rows[i] of `input_ids` [B, L];
     the token at position t is predicted from `hidden` [B, L, H] at t - 1 through the output layer
-    (`output_weight` [V, H], `output_bias` [V]). Only the spans' positions go through the output layer.
+    (`output_weight` [V, H], `output_bias` [V]), in the output layer's dtype. Only the spans' positions go through
+    it.
     """
     lengths = ends - starts + 1
     span = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths)
@@ -65,7 +66,8 @@ def span_token_logprobs(
         lengths.cumsum(0) - lengths, lengths
     )
     token_rows, positions = rows[span], starts[span] + offsets
-    logits = torch.nn.functional.linear(hidden[token_rows, positions - 1], output_weight, output_bias)
+    inputs = hidden[token_rows, positions - 1].to(output_weight.dtype)
+    logits = torch.nn.functional.linear(inputs, output_weight, output_bias)
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, input_ids[token_rows, positions][:, None]).squeeze(1)
     means = torch.zeros(len(rows), dtype=logprobs.dtype, device=logprobs.device).index_add_(0, span, logprobs)
     means = means / lengths.to(logprobs.dtype)

@@ -16,6 +16,7 @@ and early stopping on the held-out critic loss that keeps the best epoch's weigh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -97,7 +98,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         early_stopping_patience: int = 0,
         branch_contrast_coef: float = 0.0,
         backbone_overrides: dict[str, int | float] | None = None,
-        readout: str = "last",
+        readout: Literal["last", "reply_mean", "reply_logprob"] = "last",
     ):
         """
         Args:
@@ -351,22 +352,22 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                     f"model.critic.readout {self.readout!r} reads each reply's tokens: pass where each reply starts "
                     "(read_starts / reply_starts)"
                 )
-            h = hidden.to(head.weight.dtype)
+            dtype = head.weight.dtype  # bf16 hidden states are read in float32
             if self.readout == "reply_mean":
-                features = reply_means(h, read_rows, read_starts, read_positions, attention_mask)
+                features = reply_means(hidden.to(dtype), read_rows, read_starts, read_positions, attention_mask)
             else:
-                features = h[read_rows, read_positions]
+                features = hidden[read_rows, read_positions].to(dtype)
             if self.readout == "reply_logprob":
                 out = backbone.get_input_embeddings() if lm_head is None else lm_head
-                weight, bias = out.weight.to(h.dtype), getattr(out, "bias", None)
+                bias = getattr(out, "bias", None)
                 means, minima = span_token_logprobs(
-                    h,
+                    hidden,
                     input_ids,
                     read_rows,
                     read_starts,
                     read_positions,
-                    weight,
-                    None if bias is None else bias.to(h.dtype),
+                    out.weight.to(dtype),
+                    None if bias is None else bias.to(dtype),
                 )
                 features = torch.cat([features, means[:, None], minima[:, None]], dim=1)
             q = head(features).squeeze(-1)

@@ -146,6 +146,7 @@ def test_bad_strategy_settings_fail_before_any_work(tmp_path):
         "--critic_strategy.init_args.stage", "1",
         "--critic_strategy.init_args.config", '{"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 2}',
         "--bootstrap_strategy", "ddp_spawn",
+        "--model.critic.readout", "reply_logprob",
         timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
@@ -154,6 +155,7 @@ def test_bad_strategy_settings_fail_before_any_work(tmp_path):
     assert "critic_strategy.init_args.stage is 1 but its config's zero_optimization.stage is 3" in err
     assert "critic_strategy: the DeepSpeed config sets gradient_accumulation_steps" in err
     assert "bootstrap_strategy is 'ddp_spawn'" in err
+    assert "critic_strategy: ZeRO-3 partitions the critic's embeddings" in err
     assert not run.exists()
 
 
