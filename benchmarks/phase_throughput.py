@@ -388,7 +388,10 @@ def build_phase(args, sections: dict, tokenizer, model, datamodule):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         module.build(tmp)
-    return module, datamodule.for_phase("critic", batch_size=args.batch, bootstrap_members=module.ensemble_size)
+    # As OuterLoop.fit_q: the auxiliary loss needs each turn's next customer message in the batches.
+    return module, datamodule.for_phase(
+        "critic", batch_size=args.batch, bootstrap_members=module.ensemble_size, next_messages=module.uses_aux
+    )
 
 
 def data_and_model(args: argparse.Namespace, sections: dict, data_settings: dict):
