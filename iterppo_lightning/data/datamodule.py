@@ -554,9 +554,11 @@ class TrajectoryDataModule(L.LightningDataModule):
     def _sequence_loader(self, sequences: list[SequenceExample], batch_size: int, shuffle: bool) -> DataLoader:
         """Batches of whole sequences, about `batch_size` turns each, bucketed by length (data/batching.py); with
         several processes every rank draws the same global batches and keeps its slice."""
-        sampler = BucketedBatchSampler(
-            [len(s.input_ids) for s in sequences], [len(s.turns) for s in sequences], batch_size, shuffle
-        )
+        # Bucketed by the length each row will have once collated: with the next customer messages appended for
+        # the critic's auxiliary loss, that is longer than the sequence itself.
+        aux = self.phase == "critic" and self.next_messages
+        lengths = [len(_with_next_messages(s)[0]) if aux else len(s.input_ids) for s in sequences]
+        sampler = BucketedBatchSampler(lengths, [len(s.turns) for s in sequences], batch_size, shuffle)
         return DataLoader(_ListDataset(sequences), batch_sampler=sampler, collate_fn=self._collate_sequences)
 
     @staticmethod

@@ -427,8 +427,9 @@ def test_bucketed_batches_pad_little_and_compute_fewer_tokens_than_per_turn_rows
 
     conversations = make_conversations(400, seed0=50_000)
     dm = _dm(train_word_tokenizer(corpus(conversations)), conversations, val_fraction=0.1, conversation_rows=True)
-    for phase, batch_size in (("critic", 32), ("sft", 16)):
-        with dm.for_phase(phase, batch_size=batch_size):
+    # The critic's auxiliary loss appends each turn's next customer message: its rows are bucketed by that length.
+    for phase, batch_size, extra in (("critic", 32, {}), ("critic", 32, {"next_messages": True}), ("sft", 16, {})):
+        with dm.for_phase(phase, batch_size=batch_size, **extra):
             for loader in (dm.train_dataloader(), dm.val_dataloader()):
                 torch.manual_seed(0)
                 masks = [b["attention_mask"] for b in loader]
@@ -494,15 +495,23 @@ def test_critic_batches_carry_each_turns_next_message_after_its_reply(tokenizer,
         sft_keys = set(next(iter(dm.train_dataloader())))
     assert not any(k.startswith("aux_") for k in sft_keys)  # behaviour cloning never sees them
     assert not dm.next_messages  # for_phase put the setting back
+    # Bucketed by the rows' collated lengths (next messages included), so batched differently from the plain ones,
+    # over the same rows.
+    with dm.for_phase("critic", next_messages=True):
+        loader = dm.train_dataloader()
+        collated = [int(loader.collate_fn([s])["attention_mask"].sum()) for s in loader.dataset]
+        assert loader.batch_sampler.lengths == collated
+        assert collated != [len(s.input_ids) for s in loader.dataset]
+    assert sorted(id(r) for _, rows, _ in plain for r in rows) == sorted(
+        id(r) for _, rows, _ in with_next for r in rows
+    )
+    assert all("aux_targets" not in a for a, _, _ in plain)
     covered = 0
-    for (a, rows_a, turns_a), (b, rows_b, turns_b) in zip(plain, with_next, strict=True):
-        assert "aux_targets" not in a and turns_a == turns_b and rows_a == rows_b  # the same draw
-        for key in ("read_rows", "read_positions", "target"):
-            assert torch.equal(a[key], b[key])
+    for b, rows_b, turns_b in with_next:
         ids = b["input_ids"]
-        for row in range(ids.shape[0]):  # every row starts with its tokens of old
-            n = int(a["attention_mask"][row].sum())
-            assert ids[row, :n].tolist() == a["input_ids"][row, :n].tolist()
+        for row, sequence in enumerate(rows_b):  # every row starts with its own tokens
+            assert ids[row, : len(sequence.input_ids)].tolist() == list(sequence.input_ids)
+        assert torch.equal(b["read_rows"], torch.tensor([r for r, s in enumerate(rows_b) for _ in s.turns]))
         # Token k predicts aux_targets[k] from the position before it, and each turn's tokens are its next_ids.
         assert torch.equal(ids[b["aux_rows"], b["aux_positions"] + 1], b["aux_targets"])
         for t, turn in enumerate(turns_b):
