@@ -373,7 +373,11 @@ def _next_message_batches(tokenizer, conversations, conversation_rows: bool, nex
     dm.connect(tokenizer)
     dm.set_conversations(conversations)
     with dm.for_phase("critic", next_messages=next_messages):
-        return list(dm.val_dataloader())  # validation batches: no draw, the same rows either way
+        # The same rows in the same batches either way (the loaders bucket by the collated length, which the
+        # appended messages change): the validation rows in their stored order, 16 at a time.
+        loader = dm.val_dataloader()
+        rows = list(loader.dataset)
+        return [loader.collate_fn(rows[i : i + 16]) for i in range(0, len(rows), 16)]
 
 
 @pytest.mark.parametrize("conversation_rows", [False, True])
