@@ -615,7 +615,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 ref_logprobs = self._in_order(ref_parts, groups, width)
             score_parts = []
             for g in groups:
-                # The critic reads [state; reply] with the same tokenizer; Q is taken at the last reply token.
+                # The critic reads [state; reply] with the same tokenizer, its readout over the reply (its last token,
+                # or all of it).
                 ids, mask = self._trimmed(full_ids, full_mask, prompt_len, g)
                 score_parts.append(self._critic_score(ids, mask, g.rows, states, rollout_index, g.prompt_width))
             score = self._in_order(score_parts, groups)
