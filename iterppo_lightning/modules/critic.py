@@ -402,8 +402,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         if not aux:
             return self.batch_logits(batch), None
         # Through the module's own call, like every other forward (ZeRO-3 traces the order of module calls).
-        ids, mask, rows, positions, _, starts = self._batch_where(batch)
-        logits, hiddens = self(ids, mask, rows, positions, with_hidden=True, read_starts=starts)
+        logits, hiddens = self(**self._batch_where(batch), with_hidden=True)
         token_losses = [
             self._aux_token_losses(backbone, lm_head, hidden, batch)
             for (backbone, _, lm_head), hidden in zip(self._members(), hiddens)
@@ -449,19 +448,18 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
     def batch_logits(self, batch: dict) -> torch.Tensor:
         """Q logits of a critic batch's turns (data/datamodule.py), [T] or [N, T]; a batch without read positions
         has one turn per row, read at its last token."""
-        return self(*self._batch_where(batch))
+        return self(**self._batch_where(batch))
 
     @staticmethod
-    def _batch_where(batch: dict) -> tuple:
-        """forward's arguments for a critic batch: ids, mask, read rows and positions, with_hidden off, reply starts."""
-        return (
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("read_rows"),
-            batch.get("read_positions"),
-            False,
-            batch.get("read_starts"),
-        )
+    def _batch_where(batch: dict) -> dict:
+        """forward's arguments for a critic batch: ids, mask, and where each turn's reply is read."""
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "read_rows": batch.get("read_rows"),
+            "read_positions": batch.get("read_positions"),
+            "read_starts": batch.get("read_starts"),
+        }
 
     @torch.no_grad()
     def score(
