@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from iterppo_lightning.data.buffer import save_buffer
 from iterppo_lightning.data.conversation import Conversation
@@ -30,6 +31,8 @@ class BootstrapConfig:
     """Behaviour-cloning epochs."""
     lr: float = 1e-3
     """Behaviour-cloning learning rate."""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """"linear": the rate decays from `lr` to 0 over the `epochs` (the curriculum steps keep `lr`)."""
     curriculum_steps: int = 0
     """Optimizer steps that first clone only the explorer's informed recommendations (made after
     the customer said what it needs). Copying what the customer said is the skill a tiny model
@@ -112,20 +115,24 @@ def behaviour_clone(
 
     With `curriculum` ((conversation_id, turn) pairs), the first `config.curriculum_steps`
     optimizer steps clone only those turns, then `config.epochs` epochs clone everything.
-    `config` needs `lr`, `batch_size`, `epochs` (and `curriculum_steps` with a curriculum).
+    `config` needs `lr`, `batch_size`, `epochs` (and `curriculum_steps` with a curriculum); its `lr_schedule`, if it
+    has one, applies to the epochs.
     """
     from iterppo_lightning.modules.sft import BehaviourCloningModule
 
     datamodule.connect(tokenizer)
     datamodule.set_conversations(conversations)
-    module = BehaviourCloningModule(lr=config.lr)
-    module.attach(model)
     # Behaviour cloning's batch size is its recipe's, not the DataModule's own.
     if curriculum is not None:
+        warmup = BehaviourCloningModule(lr=config.lr)
+        warmup.attach(model)
         with datamodule.for_phase("sft", batch_size=config.batch_size, sft_turns=curriculum):
             steps = config.curriculum_steps
             trainer = trainer_factory("bootstrap", max_steps=steps, max_epochs=-1, default_root_dir=str(out_dir))
-            trainer.fit(module, datamodule=datamodule)
+            trainer.fit(warmup, datamodule=datamodule)
+    # The filtered-BC baseline's settings have no schedule: a constant rate.
+    module = BehaviourCloningModule(lr=config.lr, lr_schedule=getattr(config, "lr_schedule", "constant"))
+    module.attach(model)
     with datamodule.for_phase("sft", batch_size=config.batch_size):
         trainer = trainer_factory("bootstrap", max_epochs=config.epochs, default_root_dir=str(out_dir))
         trainer.fit(module, datamodule=datamodule)

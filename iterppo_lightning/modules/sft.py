@@ -26,16 +26,20 @@ def _turns(batch: dict) -> int:
 
 
 class BehaviourCloningModule(L.LightningModule):
-    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0):
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant"):
         """
         Args:
             lr: AdamW learning rate.
             weight_decay: AdamW weight decay.
+            lr_schedule: "constant", or "linear": decay from `lr` to 0 over the fit's optimizer steps.
         """
         super().__init__()
+        if lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be constant or linear, got {lr_schedule!r}")
         self.save_hyperparameters()
         self.lr = lr
         self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
         self.model = None
 
     def attach(self, model) -> None:
@@ -82,4 +86,11 @@ class BehaviourCloningModule(L.LightningModule):
         self.log("sft/val_loss", self._loss(batch), prog_bar=True, batch_size=_turns(batch))
 
     def configure_optimizers(self):
-        return adamw(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = adamw(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule == "constant":
+            return optimizer
+        # Linear decay to 0 at the fit's last step: the steps a constant rate leaves at its noise level are spent
+        # at ever smaller steps instead.
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}

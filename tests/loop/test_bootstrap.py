@@ -45,3 +45,31 @@ def test_sft_turns_keep_only_the_given_turns(tokenizer, conversations):
     assert sum(b["target"].shape[0] for b in batches) == 2  # one entry per cloned turn
     with dm.for_phase("sft"):
         assert sum(b["target"].shape[0] for b in dm.train_dataloader()) == len(dm.train_examples)
+
+
+class _RecordingTrainer:
+    """Stands in for a Lightning Trainer: records what each fit was asked to train."""
+
+    def __init__(self, fits: list, kwargs: dict):
+        self.fits, self.kwargs, self.callback_metrics = fits, kwargs, {}
+
+    def fit(self, module, datamodule=None):
+        self.fits.append((module.lr_schedule, self.kwargs))
+
+
+def test_the_rate_schedule_applies_to_the_epochs_and_not_to_the_curriculum(tokenizer, conversations, tiny_model):
+    from iterppo_lightning.loop.bootstrap import BootstrapConfig, behaviour_clone
+    from iterppo_lightning.loop.config import FilteredBCConfig
+
+    def fits_of(config, curriculum):
+        fits = []
+        dm = TrajectoryDataModule(val_fraction=0.0)
+        factory = lambda phase, **kwargs: _RecordingTrainer(fits, kwargs)  # noqa: E731
+        behaviour_clone(tiny_model, tokenizer, conversations, config, dm, factory, ".", curriculum)
+        return [(schedule, kwargs.get("max_steps"), kwargs.get("max_epochs")) for schedule, kwargs in fits]
+
+    some_turn = {(conversations[0].conversation_id, conversations[0].agent_turns[0])}
+    config = BootstrapConfig(epochs=3, curriculum_steps=5, lr_schedule="linear")
+    assert fits_of(config, some_turn) == [("constant", 5, -1), ("linear", None, 3)]
+    # The filtered-BC baseline's settings have no schedule key: its fine-tune keeps a constant rate.
+    assert fits_of(FilteredBCConfig(epochs=2), None) == [("constant", None, 2)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -71,3 +72,44 @@ def test_bc_loss_share_counts_label_tokens(tiny_model, tokenizer, conversations,
     batch = dm._collate_sequences(dm.train_sequences)
     module.training_step(batch, 0)
     assert counts == [sum(len(e.action_ids) for e in dm.train_examples)]
+
+
+class _RecordRates(L.Callback):
+    def __init__(self):
+        self.rates = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _fit_rates(tiny_model, tokenizer, conversations, schedule: str, epochs: int = 2) -> list[float]:
+    dm, module = _setup(tiny_model, tokenizer, conversations)
+    module = BehaviourCloningModule(lr=1e-3, lr_schedule=schedule)
+    module.attach(tiny_model)
+    record = _RecordRates()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[record],
+    )
+    with dm.for_phase("sft", batch_size=2):
+        trainer.fit(module, datamodule=dm)
+    return record.rates
+
+
+def test_linear_schedule_decays_the_rate_to_zero_over_every_epoch(tiny_model, tokenizer, conversations):
+    rates = _fit_rates(tiny_model, tokenizer, conversations, "linear")
+    steps = len(rates)
+    assert steps >= 4  # two epochs of several batches: the decay spans both, it does not restart per epoch
+    assert rates == pytest.approx([1e-3 * (1 - i / steps) for i in range(steps)], rel=1e-6)
+    assert _fit_rates(tiny_model, tokenizer, conversations, "constant") == [1e-3] * steps
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="lr_schedule must be constant or linear, got 'cosine'"):
+        BehaviourCloningModule(lr_schedule="cosine")
