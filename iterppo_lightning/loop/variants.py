@@ -139,11 +139,11 @@ class OfflineSource(SimulatorSource):
 def _no_simulated_truth(system, datamodule) -> str | None:
     """Why a run has no simulator to replay its logged states in (what its critic's ground truth needs), or None."""
     if datamodule.logs:
-        return f"data.logs ({datamodule.logs}): logged customers cannot be replayed"
+        return f"it trains on data.logs ({datamodule.logs}), whose customers cannot be replayed"
     if system.llm_customer is not None:
-        return "an LLM customer (model.llm_customer): it cannot be replayed from a seed"
+        return "it talks to an LLM customer (model.llm_customer), which cannot be replayed from a seed"
     if system.algorithm == "filtered_bc":
-        return "model.algorithm filtered_bc, which fits no critic"
+        return "it runs model.algorithm filtered_bc, which fits no critic"
     return None
 
 
@@ -159,7 +159,8 @@ def check_variant_settings(system, datamodule) -> None:
         no_truth = _no_simulated_truth(system, datamodule)
         if no_truth is not None:
             raise ValueError(
-                f"model.loop.{key} {what}, which a run on {no_truth}. Remove model.loop.{key} (set it to null)"
+                f"model.loop.{key} {what}, which this run does not have: {no_truth}. Remove model.loop.{key} "
+                "(set it to null)"
             )
     if system.loop.branch_fraction > 0 and (datamodule.logs or system.llm_customer is not None):
         source = f"data.logs ({datamodule.logs})" if datamodule.logs else "an LLM customer (model.llm_customer)"
