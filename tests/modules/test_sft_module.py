@@ -83,7 +83,7 @@ class _RecordRates(L.Callback):
 
 
 def _fit_rates(tiny_model, tokenizer, conversations, schedule: str, epochs: int = 2) -> list[float]:
-    dm, module = _setup(tiny_model, tokenizer, conversations)
+    dm, _ = _setup(tiny_model, tokenizer, conversations)
     module = BehaviourCloningModule(lr=1e-3, lr_schedule=schedule)
     module.attach(tiny_model)
     record = _RecordRates()
