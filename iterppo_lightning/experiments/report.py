@@ -9,7 +9,9 @@ config.yaml) and writes OUTPUT plus, next to it, OUTPUT-without-suffix/*.png
 * a table with one row per experiment: final true success rate and the best
   iteration's, each as the mean over seeds with a Student-t 95% interval; pi_0's
   success; conversations collected; the run's recorded wall time; the critic's
-  over-estimate of the final policy; then one row per run;
+  over-estimate of the final policy; how many runs had a fall in success beyond
+  its interval (`drops`); then iterative_ppo against every other experiment,
+  paired by seed (`ahead_by_seed`); then one row per run, with its largest fall;
 * success_vs_conversations.png: true success rate against conversations
   collected (pi_0 at 0), mean over seeds with its 95% bootstrap band
   (`stats.bootstrap_mean_interval`: inside [0, 1] by construction), one line
@@ -42,7 +44,16 @@ from iterppo_lightning.experiments.run_records import read_json, read_run_state,
 from iterppo_lightning.utils.atomic_io import atomic_path, atomic_write_text
 from iterppo_lightning.utils.stats import as_number, bootstrap_mean_interval, lookup
 
-__all__ = ["main", "t_quantile_975", "mean_ci", "load_run", "conversation_counts", "write_report"]
+__all__ = [
+    "main",
+    "t_quantile_975",
+    "mean_ci",
+    "load_run",
+    "conversation_counts",
+    "drops",
+    "ahead_by_seed",
+    "write_report",
+]
 
 # Two-sided 95% quantiles of Student's t, df = 1..30.
 _T975 = (
@@ -165,6 +176,16 @@ class Run:
             return None
         return as_number(lookup(self.records[iteration], f"critic_probe.{key}"))
 
+    def evaluations(self) -> list[tuple[float, tuple[float, float] | None]]:
+        """(success rate, its 95% interval or None) of pi_0 (when measured) and of every later policy, in order."""
+        found = []
+        for record in ([self.initial] if self.initial else []) + self.records:
+            rate, ci = as_number(record.get("success_rate")), record.get("ci95")
+            if rate is not None:
+                interval = (float(ci[0]), float(ci[1])) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
+                found.append((rate, interval))
+        return found
+
     @property
     def ope_gap(self) -> float | None:
         """Critic's estimate minus the true discounted return, for the final policy."""
@@ -172,6 +193,42 @@ class Run:
             return None
         q, truth = as_number(lookup(self.records[-1], "ope.q_policy")), as_number(self.records[-1].get("mean_return"))
         return None if q is None or truth is None else q - truth
+
+
+@dataclass(frozen=True)
+class Drops:
+    """The falls in success from one evaluated policy to the next within a run (pi_k -> pi_k+1)."""
+
+    largest: float
+    """The largest fall (0.0 when the rate never fell)."""
+    beyond_interval: int
+    """How many falls exceed their interval: sqrt(h_k^2 + h_k+1^2), h the half-widths of the two 95% intervals,
+    the interval of a difference of two independent estimates (conservative here: the customers are shared)."""
+
+
+def drops(evaluations: list[tuple[float, tuple[float, float] | None]]) -> Drops | None:
+    """`Run.evaluations()` -> its falls; None with fewer than two evaluations. A fall whose two evaluations lack
+    intervals is measured but never counted as beyond one."""
+    if len(evaluations) < 2:
+        return None
+    largest, beyond = 0.0, 0
+    for (before, ci_before), (after, ci_after) in zip(evaluations, evaluations[1:]):
+        fall = before - after
+        largest = max(largest, fall)
+        if fall > 0 and ci_before is not None and ci_after is not None:
+            half = math.hypot((ci_before[1] - ci_before[0]) / 2, (ci_after[1] - ci_after[0]) / 2)
+            beyond += fall > half
+    return Drops(largest, beyond)
+
+
+def ahead_by_seed(main: list[Run], other: list[Run]) -> list[float]:
+    """Per seed both ran: the main experiment's final success minus the other's (the same customers per seed)."""
+    finals = {r.seed: r.final for r in main if r.final is not None}
+    return [
+        finals[r.seed] - r.final
+        for r in sorted(other, key=lambda r: r.seed)
+        if r.seed in finals and r.final is not None
+    ]
 
 
 def conversation_counts(records: list[dict], episodes_per_iteration: int | None) -> list[float]:
@@ -437,6 +494,36 @@ def _minutes(values: list[float]) -> str:
     return "-" if not values else f"{sum(values) / len(values) / 60:.1f}"
 
 
+def _ahead_table(experiments: dict[str, list[Run]]) -> list[str]:
+    """MAIN_EXPERIMENT against every other experiment, seed by seed: the paired view of "better on every seed"."""
+    if MAIN_EXPERIMENT not in experiments or len(experiments) < 2:
+        return []
+    main = experiments[MAIN_EXPERIMENT]
+    lines = [
+        "",
+        f"{MAIN_EXPERIMENT} against each other experiment, paired by seed (same pi_0, same evaluation customers): its "
+        "final success minus the other's, the mean over the seeds both ran with a Student-t 95% interval, and on "
+        f"how many of those seeds {MAIN_EXPERIMENT} is ahead.",
+        "",
+        f"| experiment | {MAIN_EXPERIMENT} ahead by (sampled) | seeds ahead (sampled) | {MAIN_EXPERIMENT} ahead by "
+        "(greedy) | seeds ahead (greedy) |",
+        "|---|---|---|---|---|",
+    ]
+    greedy_main = {r.seed: r.final_greedy for r in main if r.final_greedy is not None}
+    for name, runs in experiments.items():
+        if name == MAIN_EXPERIMENT:
+            continue
+        sampled = ahead_by_seed(main, runs)
+        greedy = [
+            greedy_main[r.seed] - r.final_greedy for r in runs if r.seed in greedy_main and r.final_greedy is not None
+        ]
+        lines.append(
+            f"| {name} | {fmt_ci(sampled, (-1.0, 1.0))} | {sum(d > 0 for d in sampled)} of {len(sampled)} | "
+            f"{fmt_ci(greedy, (-1.0, 1.0))} | {f'{sum(d > 0 for d in greedy)} of {len(greedy)}' if greedy else '-'} |"
+        )
+    return lines
+
+
 def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None = None) -> dict:
     index = read_json(sweep_dir / "sweep.json")
     if not isinstance(index, dict) or "runs" not in index:
@@ -498,11 +585,13 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
         "`pairwise_acc` for the first critic (`model.loop.critic_probe`): how well Q_0 ranks replies at one state "
         "against the simulator's ground truth (docs/critic.md). Intervals are clipped to the quantity's range "
         "(rates and accuracies to [0, 1], correlations and the OPE gap to [-1, 1]); '-' where a run did not "
-        "measure it.",
+        "measure it. *Drops beyond CI* counts the runs in which some policy's success fell below the one "
+        "before it (pi_0 included) by more than the 95% interval of the difference, sqrt(h1^2 + h2^2) with h1, h2 "
+        "the half-widths of the two evaluations' Wilson intervals; the runs table gives each run's largest fall.",
         "",
         "| experiment | seeds | pi_0 success | final success | greedy | best-iteration success | Q_0 corr | Q_0 pairs "
-        "| conversations | wall (min) | OPE gap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| conversations | wall (min) | OPE gap | drops beyond CI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary: dict[str, dict] = {}
     for name, runs in experiments.items():
@@ -515,13 +604,16 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
         greedy = [g for g in (r.final_greedy for r in runs) if g is not None]
         corr = [c for c in (r.probe("within_state_corr") for r in runs) if c is not None]
         pairs = [p for p in (r.probe("pairwise_acc") for r in runs) if p is not None]
+        falls = [d for d in (drops(r.evaluations()) for r in runs) if d is not None]
         summary[name] = {"final": finals, "best": bests, "seconds": seconds, "greedy": greedy}
         lines.append(
             f"| {name} | {len(runs)} | {fmt_ci(initials, RATE)} | {fmt_ci(finals, RATE)} | {fmt_ci(greedy, RATE)} | "
             f"{fmt_ci(bests, RATE)} | {fmt_ci(corr, (-1.0, 1.0))} | {fmt_ci(pairs, RATE)} | "
             f"{_fmt(sum(conversations) / len(conversations), '.0f') if conversations else '-'} | "
-            f"{_minutes(seconds)} | {fmt_ci(gaps, (-1.0, 1.0))} |"
+            f"{_minutes(seconds)} | {fmt_ci(gaps, (-1.0, 1.0))} | "
+            f"{f'{sum(d.beyond_interval > 0 for d in falls)} of {len(falls)}' if falls else '-'} |"
         )
+    lines += _ahead_table(experiments)
     lines += [
         "",
         f"![success rate vs conversations collected]({rel}/success_vs_conversations.png)",
@@ -544,15 +636,18 @@ def write_report(sweep_dir: Path, output: Path, command: str, notes: Path | None
         "",
         "## Runs",
         "",
-        "| experiment | seed | iterations | pi_0 success | final success | greedy | best success | Q_0 corr "
-        "| Q_0 pairs | conversations | wall (min) | run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| experiment | seed | iterations | pi_0 success | final success | greedy | best success | largest drop "
+        "| Q_0 corr | Q_0 pairs | conversations | wall (min) | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in experiments.items():
         for r in sorted(runs, key=lambda r: r.seed):
+            fall = drops(r.evaluations())
+            fall_cell = "-" if fall is None else _fmt(fall.largest) + (" (beyond CI)" if fall.beyond_interval else "")
             lines.append(
                 f"| {name} | {r.seed} | {len(r.records)} | {_fmt(as_number(lookup(r.initial, 'success_rate')))} | "
-                f"{_fmt(r.final)} | {_fmt(r.final_greedy)} | {_fmt(r.best)} | {_fmt(r.probe('within_state_corr'))} | "
+                f"{_fmt(r.final)} | {_fmt(r.final_greedy)} | {_fmt(r.best)} | {fall_cell} | "
+                f"{_fmt(r.probe('within_state_corr'))} | "
                 f"{_fmt(r.probe('pairwise_acc'))} | {_fmt(r.conversations[-1] if r.conversations else None, '.0f')} | "
                 f"{_fmt(None if r.seconds is None else r.seconds / 60, '.1f')}"
                 f"{' (incl. pi_0)' if r.seconds_include_pi0 else ''} | `{r.run_dir}` |"

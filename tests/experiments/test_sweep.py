@@ -220,11 +220,52 @@ def test_report_tables_and_plots(sweep, capsys):
         assert cells[6] == cells[7] == "-"  # no critic probe
         assert cells[8] == str(ITERATIONS * EPISODES)  # conversations collected (from collect.episodes)
         assert cells[9] == f"{statistics.mean(seconds) / 60:.1f}"
+        # Drops: pi_0 -> pi_1 -> pi_2, each fall against the interval of the difference of two Wilson intervals.
+        beyond_runs = 0
+        for run_dir, rec in zip(runs, records):
+            initial = json.loads((run_dir / "run_state.json").read_text())["initial_eval"]
+            chain = [initial] + rec
+            falls = [
+                a["success_rate"] - b["success_rate"]
+                > math.sqrt(((a["ci95"][1] - a["ci95"][0]) / 2) ** 2 + ((b["ci95"][1] - b["ci95"][0]) / 2) ** 2)
+                for a, b in zip(chain, chain[1:])
+                if a["success_rate"] > b["success_rate"]
+            ]
+            beyond_runs += any(falls)
+        assert cells[11] == f"{beyond_runs} of {len(SEEDS)}"
     for png in ("success_vs_conversations.png", "reward_hacking.png"):
         data = (output.parent / "results" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "(results/success_vs_conversations.png)" in text and "Not finished" not in text
     assert "bands are 95% percentile-bootstrap intervals of the mean over seeds" in text  # the figures' caption
+
+
+def test_report_compares_the_main_experiment_with_every_other_seed_by_seed(sweep, capsys, tmp_path, monkeypatch):
+    from iterppo_lightning.experiments import report
+
+    output = tmp_path / "paired.md"
+    monkeypatch.setattr(report, "MAIN_EXPERIMENT", "mc")  # the tiny sweep's stand-in for iterative_ppo
+    res = run_inprocess(capsys, "report", "--sweep", str(sweep.out), "--output", str(output))
+    assert res.returncode == 0, res.stderr
+    finals = {
+        (name, seed): json.loads((sweep.out / name / f"seed_{seed}" / "metrics.jsonl").read_text().splitlines()[-1])[
+            "success_rate"
+        ]
+        for name in EXPERIMENTS
+        for seed in SEEDS
+    }
+    ahead = [finals["mc", s] - finals["td", s] for s in SEEDS]
+    lines = output.read_text().splitlines()
+    header = (
+        "| experiment | mc ahead by (sampled) | seeds ahead (sampled) | mc ahead by (greedy) | seeds ahead (greedy) |"
+    )
+    paired = lines[lines.index(header) :]
+    row = next(line for line in paired if line.startswith("| td | "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    mean, half = statistics.mean(ahead), T975_DF1 * statistics.stdev(ahead) / math.sqrt(len(ahead))
+    assert cells[1] == f"{mean:.3f} [{max(mean - half, -1.0):.3f}, {min(mean + half, 1.0):.3f}]"
+    assert cells[2] == f"{sum(d > 0 for d in ahead)} of {len(SEEDS)}"
+    assert not any(line.startswith("| mc | ") for line in paired[: paired.index("")])  # the reference is no row
 
 
 def test_report_appends_the_conclusions_verbatim_and_names_a_missing_notes_file(sweep, capsys, tmp_path):
@@ -255,6 +296,30 @@ def test_a_rates_interval_stays_in_zero_one_and_other_intervals_are_not_clipped(
     assert fmt_ci([0.9, 1.0], RATE) == "0.950 [0.315, 1.000]"
     assert fmt_ci([0.9, 1.0]) == "0.950 [0.315, 1.585]"  # an OPE gap is not a rate
     assert fmt_ci([0.05, 0.15], RATE) == "0.100 [0.000, 0.735]"
+
+
+def test_a_fall_beyond_the_interval_of_the_difference_is_counted_and_a_small_one_is_not():
+    from iterppo_lightning.experiments.report import Drops, drops
+
+    # 0.5 -> 0.3: a fall of 0.2 against hypot(0.1, 0.1) = 0.141, beyond; 0.3 -> 0.35 a rise;
+    # 0.35 -> 0.30: a fall of 0.05 against hypot(0.1, 0.02) = 0.102, within.
+    evaluations = [(0.5, (0.4, 0.6)), (0.3, (0.2, 0.4)), (0.35, (0.25, 0.45)), (0.30, (0.28, 0.32))]
+    found = drops(evaluations)
+    assert found.beyond_interval == 1 and found.largest == pytest.approx(0.2)
+    assert drops([(0.1, (0.0, 0.2)), (0.2, (0.1, 0.3))]) == Drops(0.0, 0)  # never fell
+    assert drops([(0.9, None), (0.1, None)]) == Drops(pytest.approx(0.8), 0)  # no intervals: measured, not judged
+    assert drops([(0.5, (0.4, 0.6))]) is None  # one evaluation has no fall
+
+
+def test_the_main_experiment_is_compared_seed_by_seed_and_only_on_shared_seeds(tmp_path):
+    from iterppo_lightning.experiments.report import Run, ahead_by_seed
+
+    def runs(finals: dict[int, float]) -> list[Run]:
+        return [Run("x", seed, tmp_path, True, records=[{"success_rate": rate}]) for seed, rate in finals.items()]
+
+    # Seed 2 only in the main experiment, seed 3 only in the other: neither is compared.
+    differences = ahead_by_seed(runs({0: 0.7, 1: 0.6, 2: 0.8}), runs({1: 0.65, 0: 0.5, 3: 0.9}))
+    assert differences == [pytest.approx(0.2), pytest.approx(-0.05)]
 
 
 def test_report_counts_conversations_from_the_records_or_the_config():
