@@ -54,6 +54,7 @@ COUNT = _at_least(1)
 NON_NEGATIVE = _at_least(0)
 POSITIVE = _above(0)
 PROBABILITY = _within(0, 1)
+FINITE: tuple[Check, str] = (math.isfinite, "a finite number")
 
 # key -> (check, what the value must be). A value of None (an optional setting left off) is never checked;
 # a value of the wrong type is left to the parser, which names it.
@@ -76,7 +77,7 @@ MODEL_RULES: dict[str, tuple[Check, str]] = {
     "model.policy.vf_coef": NON_NEGATIVE,
     "model.policy.gamma_token": _within(0, 1, low_open=True),
     "model.policy.gae_lambda": PROBABILITY,
-    "model.policy.entropy_coef": NON_NEGATIVE,
+    "model.policy.entropy_coef": FINITE,  # negative: an entropy penalty
     "model.policy.kl_coef": NON_NEGATIVE,
     "model.policy.kl_target": POSITIVE,
     "model.policy.kl_horizon": COUNT,

@@ -159,7 +159,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
             vf_coef: weight of the value loss.
             gamma_token: discount across reply tokens in GAE (1.0: the reply is one action).
             gae_lambda: GAE lambda.
-            entropy_coef: weight of the entropy bonus.
+            entropy_coef: weight of the entropy bonus; negative, a penalty that sharpens the sampled policy.
             kl_coef: beta, the per-token KL penalty to the reference pi_k (initial value if adaptive).
             adaptive_kl: adapt beta towards `kl_target` (Ziegler et al. 2019).
             kl_target: target sequence KL of the adaptive controller.

@@ -120,3 +120,10 @@ def test_the_run_folder_checks_name_the_problem(tmp_path):
     assert "is a file" in _run_dir_problems(str(a_file / "run"))[0]
     assert _run_dir_problems(str(tmp_path / "new" / "run")) == []
     assert not Path(tmp_path / "new").exists()  # checked without creating anything
+
+
+def test_a_negative_entropy_coef_is_a_penalty_and_is_accepted_but_not_infinity():
+    resolve_fit_config([str(SMOKE)], ["--model.policy.entropy_coef", "-0.05"])
+    with pytest.raises(FitConfigError) as refused:
+        resolve_fit_config([str(SMOKE)], ["--model.policy.entropy_coef=-inf"])
+    assert "entropy_coef" in str(refused.value)  # the parser itself refuses it, under model.policy

@@ -236,6 +236,44 @@ def test_a_strong_kl_penalty_keeps_the_policy_at_the_reference(tokenizer, conver
     assert abs(after - before) < 0.1, f"rewarded-token rate {before:.3f} -> {after:.3f} despite kl_coef=1"
 
 
+def _next_token_entropy(model, prompts, mask) -> float:
+    """Mean entropy (nats) of the policy's first reply token over the prompts."""
+    with torch.no_grad():
+        logits = model(input_ids=prompts, attention_mask=mask).logits[:, -1].float()
+    return pm.entropy_from_logits(logits).mean().item()
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, -5.0])
+def test_a_negative_entropy_coef_sharpens_the_policy_and_zero_leaves_it(tokenizer, conversations, entropy_coef):
+    from conftest import TINY_SHAPE
+
+    from iterppo_lightning.models.tiny_lm import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(tokenizer, TINY_SHAPE, seed=0)
+    dm = _policy_dm(tokenizer, conversations, batch_size=16, batches=4)
+    examples = dm.train_examples
+    prompts, mask = pad_left([examples[i % len(examples)].prompt_ids for i in range(64)], tokenizer.pad_token_id)
+    before = _next_token_entropy(model, prompts, mask)
+    torch.manual_seed(0)
+    # A constant critic: every reply scores the same, so the only push on the policy is the entropy term.
+    module = _module(
+        model,
+        tokenizer,
+        critic=ConstantCritic(0.5),
+        ppo_epochs=4,
+        minibatches=2,
+        kl_coef=0.0,
+        entropy_coef=entropy_coef,
+        max_new_tokens=8,
+    )
+    make_trainer().fit(module, datamodule=dm)
+    after = _next_token_entropy(model, prompts, mask)
+    if entropy_coef < 0:
+        assert after < before - 0.1, f"entropy {before:.3f} -> {after:.3f} under a penalty"
+    else:
+        assert abs(after - before) < 0.05, f"entropy {before:.3f} -> {after:.3f} with nothing to learn"
+
+
 def test_non_finite_scores_stop_training_without_corrupting_the_weights(tiny_model, tokenizer, conversations):
     module = _module(tiny_model, tokenizer, critic=ConstantCritic(float("nan")))
     before = _state(module.policy)
