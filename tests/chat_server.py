@@ -74,9 +74,17 @@ class ChatServer:
                     server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self._counted = True
                 try:
                     self._answer(n, payload)
                 finally:
+                    self._leave()
+
+            def _leave(self) -> None:
+                # A request stops counting as in flight before its answer goes out: once the client has the answer
+                # it may send its next request, which must not find this one still counted.
+                if getattr(self, "_counted", False):
+                    self._counted = False
                     with server.lock:
                         server.in_flight -= 1
 
@@ -106,6 +114,7 @@ class ChatServer:
 
             def _send(self, status: int, body: dict | bytes) -> None:
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self._leave()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
