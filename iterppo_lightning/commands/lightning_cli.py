@@ -489,7 +489,15 @@ def build_cli(
     parser_kwargs: dict | None = None,
     run: bool = True,
 ) -> IterPPOCLI:
-    """The `iterppo` LightningCLI with its classes and defaults; `run=False` parses and instantiates only."""
+    """The `iterppo` LightningCLI with its classes and defaults; `run=False` parses and instantiates only.
+
+    When `args` starts with a subcommand, only that subcommand's parser is built: LightningCLI would build one
+    per subcommand (each holds the whole model signature, ~0.2 s apiece), and a command uses only its own.
+    """
+    named = args[0] if args and args[0] in SUBCOMMANDS else None
+    if run and named is not None:
+        cli_class = _one_subcommand(cli_class, named)
+        parser_kwargs = {k: v for k, v in (parser_kwargs or {}).items() if k == named or k not in SUBCOMMANDS}
     return cli_class(
         IterativePPO,
         TrajectoryDataModule,
@@ -505,6 +513,12 @@ def build_cli(
 
 
 SUBCOMMANDS = tuple(IterPPOCLI.subcommands())
+
+
+def _one_subcommand(cli_class: type[IterPPOCLI], name: str) -> type[IterPPOCLI]:
+    """`cli_class` offering only the subcommand `name` (LightningCLI builds a parser for each one it offers)."""
+    table = {name: cli_class.subcommands()[name]}
+    return type(cli_class.__name__, (cli_class,), {"subcommands": staticmethod(lambda: dict(table))})
 
 
 def parse_unvalidated(parser, argv: list[str]):
@@ -636,7 +650,8 @@ class _ParsersOnly(IterPPOCLI):
 def fit_parser():
     """The parser of `iterppo fit` (built once per process: building it takes seconds)."""
     try:
-        build_cli([], cli_class=_ParsersOnly, parser_kwargs={"exit_on_error": False})  # subcommand parsers inherit it
+        # Subcommand parsers inherit exit_on_error; only fit's is built.
+        build_cli(["fit"], cli_class=_ParsersOnly, parser_kwargs={"exit_on_error": False})
     except _ParsersBuilt as built:
         return built.cli._parser("fit")
     raise AssertionError("_ParsersOnly always stops in parse_arguments")

