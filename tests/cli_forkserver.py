@@ -105,6 +105,11 @@ def serve() -> None:
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # a stray print of the server goes to its stderr, never into the replies
     os.close(devnull)
+    # What a run imports on its way (most of a second): deepspeed (accelerate's unwrap_model, at the first
+    # policy save, whenever it is installed), peft, and matplotlib's renderer (the learning curve). After the
+    # protocol moved: deepspeed prints its accelerator guess on import.
+    for name in ("deepspeed", "peft", "matplotlib.backends.backend_agg"):
+        importlib.import_module(name)
     replies.write(json.dumps({"ready": os.getpid()}) + "\n")
     replies.flush()
     for line in requests:
