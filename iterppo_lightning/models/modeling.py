@@ -43,6 +43,29 @@ def reply_means(
     return total / count[:, None]
 
 
+def _span_token_logprobs(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    output_weight: torch.Tensor,
+    output_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(span index [S], row [S], position [S], log p(token | everything before it) [S]) of every span token."""
+    lengths = ends - starts + 1
+    span = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths)
+    # Position of each span token: its span's start plus its rank within the span.
+    offsets = torch.arange(int(lengths.sum()), device=rows.device) - torch.repeat_interleave(
+        lengths.cumsum(0) - lengths, lengths
+    )
+    token_rows, positions = rows[span], starts[span] + offsets
+    inputs = hidden[token_rows, positions - 1].to(output_weight.dtype)
+    logits = torch.nn.functional.linear(inputs, output_weight, output_bias)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, input_ids[token_rows, positions][:, None]).squeeze(1)
+    return span, token_rows, positions, logprobs
+
+
 def span_token_logprobs(
     hidden: torch.Tensor,
     input_ids: torch.Tensor,
@@ -59,20 +82,39 @@ def span_token_logprobs(
     (`output_weight` [V, H], `output_bias` [V]), in the output layer's dtype. Only the spans' positions go through
     it.
     """
-    lengths = ends - starts + 1
-    span = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths)
-    # Position of each span token: its span's start plus its rank within the span.
-    offsets = torch.arange(int(lengths.sum()), device=rows.device) - torch.repeat_interleave(
-        lengths.cumsum(0) - lengths, lengths
-    )
-    token_rows, positions = rows[span], starts[span] + offsets
-    inputs = hidden[token_rows, positions - 1].to(output_weight.dtype)
-    logits = torch.nn.functional.linear(inputs, output_weight, output_bias)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, input_ids[token_rows, positions][:, None]).squeeze(1)
+    span, _, _, logprobs = _span_token_logprobs(hidden, input_ids, rows, starts, ends, output_weight, output_bias)
+    lengths = (ends - starts + 1).to(logprobs.dtype)
     means = torch.zeros(len(rows), dtype=logprobs.dtype, device=logprobs.device).index_add_(0, span, logprobs)
-    means = means / lengths.to(logprobs.dtype)
+    means = means / lengths
     minima = torch.full_like(means, float("inf")).scatter_reduce(0, span, logprobs, reduce="amin")
     return means, minima
+
+
+def span_surprise_features(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    output_weight: torch.Tensor,
+    output_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per span, the mean over its tokens of log p_t [N] and of log p_t * hidden[t] [N, H].
+
+    log p_t is span_token_logprobs' (the token at t predicted from t - 1); hidden[t] is the state at the token
+    itself, which knows what the token is. A linear head over both computes mean_t (u . h_t + c) * log p_t: a
+    weight on each token's surprise that depends on the token, so surprise at one kind of word (a category) can
+    cost value where surprise at another (a discount) does not. Positions are read in the output layer's dtype.
+    """
+    span, token_rows, positions, logprobs = _span_token_logprobs(
+        hidden, input_ids, rows, starts, ends, output_weight, output_bias
+    )
+    lengths = (ends - starts + 1).to(logprobs.dtype)
+    states = hidden[token_rows, positions].to(logprobs.dtype)
+    mean_logprob = torch.zeros(len(rows), dtype=logprobs.dtype, device=logprobs.device).index_add_(0, span, logprobs)
+    weighted = torch.zeros(len(rows), states.shape[1], dtype=logprobs.dtype, device=logprobs.device)
+    weighted = weighted.index_add_(0, span, states * logprobs[:, None])
+    return mean_logprob / lengths, weighted / lengths[:, None]
 
 
 def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

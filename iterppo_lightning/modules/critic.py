@@ -29,13 +29,21 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from iterppo_lightning.distributed.collectives import all_reduce_sum, any_rank, global_share
 from iterppo_lightning.models.fused_ops import adamw, cpu_bf16_kernels, fuse_activations, restore_kernels
 from iterppo_lightning.models.lora import LoraSettings, add_lora_to_backbone
-from iterppo_lightning.models.modeling import backbone_hidden, last_token_index, reply_means, span_token_logprobs
+from iterppo_lightning.models.modeling import (
+    backbone_hidden,
+    last_token_index,
+    reply_means,
+    span_surprise_features,
+    span_token_logprobs,
+)
 from iterppo_lightning.modules.optimizer_carry import OptimizerCarryMixin
 from iterppo_lightning.rl import ppo_math as pm
 from iterppo_lightning.utils.failpoints import failpoint, maybe_nan
 
 CRITIC_TARGETS = ("mc", "td", "fqe", "myopic")
-CRITIC_READOUTS = ("last", "reply_mean", "reply_logprob")
+CRITIC_READOUTS = ("last", "reply_mean", "reply_logprob", "reply_surprise")
+LOGPROB_READOUTS = ("reply_logprob", "reply_surprise")
+"""Readouts that read token log-probabilities through the backbone's LM head."""
 
 
 class SoftCalibrationError(Metric):
@@ -98,7 +106,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         early_stopping_patience: int = 0,
         branch_contrast_coef: float = 0.0,
         backbone_overrides: dict[str, int | float] | None = None,
-        readout: Literal["last", "reply_mean", "reply_logprob"] = "last",
+        readout: Literal["last", "reply_mean", "reply_logprob", "reply_surprise"] = "last",
     ):
         """
         Args:
@@ -153,8 +161,12 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 the reply's tokens of each token's log-probability given what precedes it, through the backbone's
                 LM head (its tied input embeddings, or pi_0's own lm_head): a reply that names another category than
                 the one the customer asked for, or asks again what was answered, contains a token the conversation
-                made unlikely, which the last hidden state alone carries poorly. Both need each row's reply start
-                when scoring (`score(..., reply_starts)`).
+                made unlikely, which the last hidden state alone carries poorly. "reply_surprise": reply_mean's
+                features, plus the mean over the reply's tokens of log p_t and of log p_t times the token's own
+                hidden state (modeling.span_surprise_features): a linear head over them weighs each token's
+                surprise by what the token is, so an unlikely category word can cost value while an unlikely
+                discount does not. Every readout but "last" needs each row's reply start when scoring
+                (`score(..., reply_starts)`).
         """
         super().__init__()
         if loss not in ("bce", "mse"):
@@ -229,8 +241,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
 
     @property
     def _reads_lm_head(self) -> bool:
-        """Whether a member's LM head is used (the auxiliary loss, the reply_logprob readout)."""
-        return self.uses_aux or self.readout == "reply_logprob"
+        """Whether a member's LM head is used (the auxiliary loss, the reply_logprob and reply_surprise readouts)."""
+        return self.uses_aux or self.readout in LOGPROB_READOUTS
 
     @property
     def uses_branch_pairs(self) -> bool:
@@ -287,7 +299,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 lm_head.requires_grad_(False)
         if self.lora is not None:
             backbone = add_lora_to_backbone(backbone, self.lora)
-        head = nn.Linear(hidden + (2 if self.readout == "reply_logprob" else 0), 1)
+        extra = {"reply_logprob": 2, "reply_surprise": hidden + 1}.get(self.readout, 0)
+        head = nn.Linear(hidden + extra, 1)
         if self.ensemble_size == 1:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
@@ -317,9 +330,9 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self._best, self._stale_epochs = None, 0
         if self._reads_lm_head and _zero_stage(self.trainer) == 3:
             raise ValueError(
-                "model.critic.aux_next_message_coef (and readout 'reply_logprob') read the backbone's (tied) "
-                "embeddings as an LM head outside the backbone's forward, where ZeRO stage 3 holds them partitioned; "
-                "use neither, or a ZeRO stage below 3"
+                "model.critic.aux_next_message_coef (and readouts 'reply_logprob', 'reply_surprise') read the "
+                "backbone's (tied) embeddings as an LM head outside the backbone's forward, where ZeRO stage 3 holds "
+                "them partitioned; use neither, or a ZeRO stage below 3"
             )
         if self.early_stopping_patience and _zero_stage(self.trainer) == 3:
             raise ValueError(
@@ -353,23 +366,21 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                     "(read_starts / reply_starts)"
                 )
             dtype = head.weight.dtype  # bf16 hidden states are read in float32
-            if self.readout == "reply_mean":
+            if self.readout in ("reply_mean", "reply_surprise"):
                 features = reply_means(hidden.to(dtype), read_rows, read_starts, read_positions, attention_mask)
             else:
                 features = hidden[read_rows, read_positions].to(dtype)
-            if self.readout == "reply_logprob":
+            if self.readout in LOGPROB_READOUTS:
                 out = backbone.get_input_embeddings() if lm_head is None else lm_head
                 bias = getattr(out, "bias", None)
-                means, minima = span_token_logprobs(
-                    hidden,
-                    input_ids,
-                    read_rows,
-                    read_starts,
-                    read_positions,
-                    out.weight.to(dtype),
-                    None if bias is None else bias.to(dtype),
-                )
-                features = torch.cat([features, means[:, None], minima[:, None]], dim=1)
+                where = (hidden, input_ids, read_rows, read_starts, read_positions, out.weight.to(dtype))
+                bias = None if bias is None else bias.to(dtype)
+                if self.readout == "reply_logprob":
+                    means, minima = span_token_logprobs(*where, bias)
+                    features = torch.cat([features, means[:, None], minima[:, None]], dim=1)
+                else:
+                    means, weighted = span_surprise_features(*where, bias)
+                    features = torch.cat([features, weighted, means[:, None]], dim=1)
             q = head(features).squeeze(-1)
         return q, hidden
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from iterppo_lightning.models.modeling import reply_means, span_token_logprobs
+from iterppo_lightning.models.modeling import reply_means, span_surprise_features, span_token_logprobs
 
 
 def test_reply_means_hand_worked():
@@ -52,6 +52,20 @@ def test_span_token_logprobs_hand_worked():
     near = 1.0 - math.log(1.0 + math.e)
     assert torch.allclose(means, torch.tensor([(half + far) / 2, near]))
     assert torch.allclose(minima, torch.tensor([far, near]))
+
+
+def test_span_surprise_features_hand_worked():
+    # The same two spans as above: row 0's tokens at positions 1 and 2 (log 1/2, then far), row 1's at position 1.
+    hidden = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])
+    ids = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    mean_logprob, weighted = span_surprise_features(
+        hidden, ids, torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([2, 1]), torch.eye(2)
+    )
+    half, far, near = math.log(0.5), -math.log(math.exp(2.0) + 1.0), 1.0 - math.log(1.0 + math.e)
+    assert torch.allclose(mean_logprob, torch.tensor([(half + far) / 2, near]))
+    # Each token's log p times the hidden state AT the token (not the one that predicted it): row 0 reads
+    # [2, 0] * half at position 1 and [0, 0] * far at position 2; row 1 reads [0, 0] at position 1.
+    assert torch.allclose(weighted, torch.tensor([[half, 0.0], [0.0, 0.0]]))
 
 
 def test_span_token_logprobs_match_a_full_log_softmax():

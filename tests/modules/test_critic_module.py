@@ -51,7 +51,7 @@ def _weights(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("readout", ["last", "reply_mean", "reply_logprob"])
+@pytest.mark.parametrize("readout", ["last", "reply_mean", "reply_logprob", "reply_surprise"])
 def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer, readout):
     torch.manual_seed(0)
     dm = _toy_datamodule(tokenizer)
@@ -143,15 +143,15 @@ def test_score_ignores_padding_on_either_side(base_dir, tokenizer):
     assert critic(padded, mask).item() == pytest.approx(alone.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("readout", ["reply_mean", "reply_logprob"])
+@pytest.mark.parametrize("readout", ["reply_mean", "reply_logprob", "reply_surprise"])
 def test_reply_readouts_read_the_same_q_in_ppo_scoring_as_in_training(base_dir, tokenizer, readout):
     """PPO scores [left-padded state | reply] rows given where the replies start; training reads the same turn from
     a right-padded batch row with `read_starts`. Both must read the reply's own tokens, padding left out."""
     torch.manual_seed(0)
     critic = CriticModule(readout=readout)
     critic.build(base_dir)
-    with torch.no_grad():
-        critic.head.weight.normal_(0, 1)
+    with torch.no_grad():  # scaled so that Q stays off sigmoid's flat ends with any number of features
+        critic.head.weight.normal_(0, critic.head.in_features**-0.5)
     state = tokenizer("<customer> hi there <agent>", add_special_tokens=False)["input_ids"]
     replies = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in ("good <end>", "bad bad bad <end>")]
     pad = tokenizer.pad_token_id
@@ -324,7 +324,7 @@ def _conversation_datamodule(tokenizer, conversations) -> TrajectoryDataModule:
     return dm
 
 
-@pytest.mark.parametrize("readout", ["last", "reply_mean", "reply_logprob"])
+@pytest.mark.parametrize("readout", ["last", "reply_mean", "reply_logprob", "reply_surprise"])
 @pytest.mark.parametrize("ensemble_size", [1, 3])
 def test_one_pass_per_conversation_reads_each_turns_q_of_its_own_row(
     base_dir, tokenizer, conversations, ensemble_size, readout
