@@ -66,6 +66,13 @@ def _span_token_logprobs(
     return span, token_rows, positions, logprobs
 
 
+def _span_mean(values: torch.Tensor, span: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean per span of per-token `values` [S] or [S, H] (token i belongs to span span[i]): [N] or [N, H]."""
+    sums = torch.zeros((len(lengths), *values.shape[1:]), dtype=values.dtype, device=values.device)
+    sums.index_add_(0, span, values)
+    return sums / lengths.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+
+
 def span_token_logprobs(
     hidden: torch.Tensor,
     input_ids: torch.Tensor,
@@ -83,9 +90,7 @@ def span_token_logprobs(
     it.
     """
     span, _, _, logprobs = _span_token_logprobs(hidden, input_ids, rows, starts, ends, output_weight, output_bias)
-    lengths = (ends - starts + 1).to(logprobs.dtype)
-    means = torch.zeros(len(rows), dtype=logprobs.dtype, device=logprobs.device).index_add_(0, span, logprobs)
-    means = means / lengths
+    means = _span_mean(logprobs, span, ends - starts + 1)
     minima = torch.full_like(means, float("inf")).scatter_reduce(0, span, logprobs, reduce="amin")
     return means, minima
 
@@ -109,12 +114,9 @@ def span_surprise_features(
     span, token_rows, positions, logprobs = _span_token_logprobs(
         hidden, input_ids, rows, starts, ends, output_weight, output_bias
     )
-    lengths = (ends - starts + 1).to(logprobs.dtype)
+    lengths = ends - starts + 1
     states = hidden[token_rows, positions].to(logprobs.dtype)
-    mean_logprob = torch.zeros(len(rows), dtype=logprobs.dtype, device=logprobs.device).index_add_(0, span, logprobs)
-    weighted = torch.zeros(len(rows), states.shape[1], dtype=logprobs.dtype, device=logprobs.device)
-    weighted = weighted.index_add_(0, span, states * logprobs[:, None])
-    return mean_logprob / lengths, weighted / lengths[:, None]
+    return _span_mean(logprobs, span, lengths), _span_mean(states * logprobs[:, None], span, lengths)
 
 
 def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
