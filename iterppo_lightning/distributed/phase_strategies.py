@@ -148,12 +148,12 @@ def _deepspeed_conflicts(key: str, spec: Any, strategy, precision: tuple[str, st
         # The critic reads its LM head outside the backbone's forward, where ZeRO-3 leaves the weights partitioned:
         # PPO's scoring with a log-probability readout, and the critic's fit with it or with the auxiliary loss.
         readouts = ("reply_logprob", "reply_surprise")
-        if critic.readout in readouts or (phase == "critic" and critic.aux_next_message_coef > 0):
+        if critic.readout in readouts or (phase == "critic" and critic.uses_aux):
             named = repr(critic.readout) if critic.readout in readouts else " / ".join(map(repr, readouts))
             problems.append(
                 f"{key}: ZeRO-3 partitions the critic's embeddings, which model.critic.readout {named} "
-                "(and, in the critic phase, model.critic.aux_next_message_coef) read outside the backbone's "
-                "forward; use stage 2, or neither setting"
+                "(and, in the critic phase, model.critic.aux_next_message_coef and aux_reaction_coef) read outside "
+                "the backbone's forward; use stage 2, or none of these settings"
             )
     return problems
 

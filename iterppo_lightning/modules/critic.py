@@ -107,6 +107,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         branch_contrast_coef: float = 0.0,
         backbone_overrides: dict[str, int | float] | None = None,
         readout: Literal["last", "reply_mean", "reply_logprob", "reply_surprise"] = "last",
+        aux_reaction_coef: float = 0.0,
     ):
         """
         Args:
@@ -167,6 +168,14 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 surprise by what the token is, so an unlikely category word can cost value while an unlikely
                 discount does not. Every readout but "last" needs each row's reply start when scoring
                 (`score(..., reply_starts)`).
+            aux_reaction_coef: weight of an auxiliary loss on the features Q's head reads: through a linear map and
+                the LM head, they predict every token of the customer's next message (a bag of words: each token's
+                cross-entropy, the same prediction for all of them). The customer's reaction to a reply (a purchase,
+                "i do not need a ...", "not in my price range") is what decides the reply's value, and, unlike the
+                return, it is observed without Monte Carlo noise; this makes the readout itself encode it, where
+                aux_next_message_coef trains the positions after the reply (docs/critic.md, "The customer's
+                reaction at the readout"). Weighted per turn like aux_next_message_coef. Reported as
+                critic/val_reaction_loss and critic/train_reaction_loss. 0 = off.
         """
         super().__init__()
         if loss not in ("bce", "mse"):
@@ -185,6 +194,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             raise ValueError(f"model.critic.pessimism must be >= 0, got {pessimism}")
         if aux_next_message_coef < 0:
             raise ValueError(f"model.critic.aux_next_message_coef must be >= 0, got {aux_next_message_coef}")
+        if aux_reaction_coef < 0:
+            raise ValueError(f"model.critic.aux_reaction_coef must be >= 0, got {aux_reaction_coef}")
         if early_stopping_patience < 0:
             raise ValueError(f"model.critic.early_stopping_patience must be >= 0, got {early_stopping_patience}")
         if branch_contrast_coef < 0:
@@ -217,6 +228,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.branch_contrast_coef = branch_contrast_coef
         self.backbone_overrides = dict(backbone_overrides or {})
         self.readout = readout
+        self.aux_reaction_coef = aux_reaction_coef
         self._trainable: set[str] = set()
         self.backbone: nn.Module | None = None
         self.head: nn.Linear | None = None
@@ -225,10 +237,14 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         tied input embeddings serve)."""
         self.extra_members = nn.ModuleList()
         """Members 2..N of an ensemble, each a ModuleDict(backbone, head[, lm_head]); member 1 is backbone/head."""
+        self.reaction_maps = nn.ModuleList()
+        """aux_reaction_coef > 0: one linear map per member, from the features Q's head reads to the LM head's input
+        (empty otherwise, so a critic without it saves what it saved before)."""
         self._best: dict | None = None
         """Early stopping: the best epoch so far (its val loss, epoch, trainable weights, validation metrics)."""
         self._stale_epochs = 0
         self.val_aux_loss = MeanMetric()
+        self.val_reaction_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_brier = MeanSquaredError()
         self.val_auroc = BinaryAUROC()
@@ -237,11 +253,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
     @property
     def uses_aux(self) -> bool:
         """Whether critic batches should carry the next customer messages (data module `next_messages`)."""
-        return self.aux_next_message_coef > 0
+        return self.aux_next_message_coef > 0 or self.aux_reaction_coef > 0
 
     @property
     def _reads_lm_head(self) -> bool:
-        """Whether a member's LM head is used (the auxiliary loss, the reply_logprob and reply_surprise readouts)."""
+        """Whether a member's LM head is used (the auxiliary losses, the reply_logprob and reply_surprise readouts)."""
         return self.uses_aux or self.readout in LOGPROB_READOUTS
 
     @property
@@ -268,6 +284,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             if lm_head is not None:
                 parts["lm_head"] = lm_head
             self.extra_members.append(nn.ModuleDict(parts))
+        self.reaction_maps = nn.ModuleList()
+        if self.aux_reaction_coef > 0:
+            # Drawn after every member, so the members' own initialisation is what it is without this loss.
+            hidden = self.backbone.config.hidden_size
+            self.reaction_maps.extend(nn.Linear(head.in_features, hidden) for _, head, _ in self._members())
         self.carried_optimizer_state = None
         self._trainable = {name for name, p in self.named_parameters() if p.requires_grad}
 
@@ -330,7 +351,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self._best, self._stale_epochs = None, 0
         if self._reads_lm_head and _zero_stage(self.trainer) == 3:
             raise ValueError(
-                "model.critic.aux_next_message_coef (and readouts 'reply_logprob', 'reply_surprise') read the "
+                "model.critic.aux_next_message_coef, aux_reaction_coef (and readouts 'reply_logprob', "
+                "'reply_surprise') read the "
                 "backbone's (tied) embeddings as an LM head outside the backbone's forward, where ZeRO stage 3 holds "
                 "them partitioned; use neither, or a ZeRO stage below 3"
             )
@@ -351,8 +373,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         read_rows: torch.Tensor | None = None,
         read_positions: torch.Tensor | None = None,
         read_starts: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q logits at the read positions, the last hidden states [B, T, H])."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q logits at the read positions, the last hidden states [B, T, H], the features the head read [R, F])."""
         hidden = backbone_hidden(backbone, input_ids, attention_mask)
         if read_rows is None:
             read_rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -382,7 +404,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                     means, weighted = span_surprise_features(*where, bias)
                     features = torch.cat([features, weighted, means[:, None]], dim=1)
             q = head(features).squeeze(-1)
-        return q, hidden
+        return q, hidden, features
 
     def _members(self) -> list[tuple[nn.Module, nn.Linear, nn.Linear | None]]:
         """(backbone, head, lm_head or None) of every member, member 1 first."""
@@ -392,33 +414,43 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         return out
 
     @staticmethod
-    def _aux_token_losses(backbone, lm_head, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Cross-entropy of each next-message token of the batch [A], predicted from the hidden state before it."""
-        h = hidden[batch["aux_rows"], batch["aux_positions"]]
+    def _lm_token_losses(backbone, lm_head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each target token [A] predicted from h [A, H] through the member's LM head."""
         if lm_head is None:  # tied: the backbone's own input embeddings
-            logits = F.linear(h, backbone.get_input_embeddings().weight)
+            logits = F.linear(h, backbone.get_input_embeddings().weight.to(h.dtype))
         else:
-            logits = lm_head(h)
-        return F.cross_entropy(logits.float(), batch["aux_targets"], reduction="none")
+            logits = lm_head(h.to(lm_head.weight.dtype))
+        return F.cross_entropy(logits.float(), targets, reduction="none")
 
-    def _batch_outputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Q logits of a critic batch's turns ([T] or [N, T]) and, when the auxiliary loss is on and the batch carries
-        next messages, every member's per-token cross-entropy ([A] or [N, A]; None otherwise)."""
-        aux = self.uses_aux
-        if aux and "aux_targets" not in batch:
+    def _batch_outputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Q logits of a critic batch's turns ([T] or [N, T]) and, when the batch carries next messages, every
+        member's per-token cross-entropy ([A] or [N, A]) of the auxiliary next-message loss and of the reaction loss
+        (each None when its coefficient is 0)."""
+        if self.uses_aux and "aux_targets" not in batch:
             raise ValueError(
-                "model.critic.aux_next_message_coef > 0 needs critic batches that carry each turn's next customer "
-                "message: fit with datamodule.for_phase('critic', next_messages=True) (OuterLoop.fit_q does)"
+                "model.critic.aux_next_message_coef or aux_reaction_coef > 0 needs critic batches that carry each "
+                "turn's next customer message: fit with datamodule.for_phase('critic', next_messages=True) "
+                "(OuterLoop.fit_q does)"
             )
-        if not aux:
-            return self.batch_logits(batch), None
+        if not self.uses_aux:
+            return self.batch_logits(batch), None, None
         # Through the module's own call, like every other forward (ZeRO-3 traces the order of module calls).
-        logits, hiddens = self(**self._batch_where(batch), with_hidden=True)
-        token_losses = [
-            self._aux_token_losses(backbone, lm_head, hidden, batch)
-            for (backbone, _, lm_head), hidden in zip(self._members(), hiddens)
-        ]
-        return logits, (token_losses[0] if self.ensemble_size == 1 else torch.stack(token_losses))
+        logits, hiddens, features = self(**self._batch_where(batch), with_hidden=True)
+        targets, next_losses, reaction_losses = batch["aux_targets"], [], []
+        for m, ((backbone, _, lm_head), hidden) in enumerate(zip(self._members(), hiddens)):
+            if self.aux_next_message_coef > 0:  # each token from the hidden state just before it
+                h = hidden[batch["aux_rows"], batch["aux_positions"]]
+                next_losses.append(self._lm_token_losses(backbone, lm_head, h, targets))
+            if self.aux_reaction_coef > 0:  # every token of a turn's next message from that turn's readout
+                h = self.reaction_maps[m](features[m][batch["aux_turns"]])
+                reaction_losses.append(self._lm_token_losses(backbone, lm_head, h, targets))
+
+        def stacked(losses: list[torch.Tensor]) -> torch.Tensor | None:
+            if not losses:
+                return None
+            return losses[0] if self.ensemble_size == 1 else torch.stack(losses)
+
+        return logits, stacked(next_losses), stacked(reaction_losses)
 
     def _aux_loss(self, token_losses: torch.Tensor, batch: dict) -> torch.Tensor:
         """Sum over members of each member's mean next-message cross-entropy, each token weighted like its turn
@@ -448,13 +480,16 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         """Q logits: [B] for one critic, [N, B] for an ensemble of N, read at each row's last real token; or, given
         `read_rows` and `read_positions` (a critic batch's, one entry per turn), [T] / [N, T] read at those
         (row, position) pairs. `read_starts` (one per row, or per read pair): where each read reply starts, for the
-        "reply_mean" readout. `with_hidden`: (those logits, every member's last hidden states [B, L, H])."""
+        "reply_mean" readout. `with_hidden`: (those logits, every member's last hidden states [B, L, H], every
+        member's features the head read [R, F])."""
         if (read_rows is None) != (read_positions is None):
             raise ValueError("read_rows and read_positions come together")
         where = (input_ids, attention_mask, read_rows, read_positions, read_starts)
         outputs = [self._member_outputs(*member, *where) for member in self._members()]
-        logits = outputs[0][0] if self.ensemble_size == 1 else torch.stack([q for q, _ in outputs])
-        return (logits, [hidden for _, hidden in outputs]) if with_hidden else logits
+        logits = outputs[0][0] if self.ensemble_size == 1 else torch.stack([q for q, _, _ in outputs])
+        if with_hidden:
+            return logits, [hidden for _, hidden, _ in outputs], [features for _, _, features in outputs]
+        return logits
 
     def batch_logits(self, batch: dict) -> torch.Tensor:
         """Q logits of a critic batch's turns (data/datamodule.py), [T] or [N, T]; a batch without read positions
@@ -526,7 +561,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         return pm.paired_difference_loss(probs[:, first], probs[:, second], target[first], target[second]).sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits, token_losses = self._batch_outputs(batch)
+        logits, token_losses, reaction_losses = self._batch_outputs(batch)
         if self.ensemble_size == 1:
             loss = self._loss(logits, batch["target"], batch.get("weight"))
         else:
@@ -551,6 +586,12 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             self.log("critic/train_aux_loss", aux.detach() / self.ensemble_size, batch_size=token_losses.shape[-1])
             aux_share = global_share(token_losses.shape[-1])  # a share of next-message tokens
             loss = loss + self.aux_next_message_coef * (aux if aux_share is None else aux * aux_share)
+        if reaction_losses is not None:
+            reaction = self._aux_loss(reaction_losses, batch)
+            tokens = reaction_losses.shape[-1]
+            self.log("critic/train_reaction_loss", reaction.detach() / self.ensemble_size, batch_size=tokens)
+            share = global_share(tokens)
+            loss = loss + self.aux_reaction_coef * (reaction if share is None else reaction * share)
         loss = maybe_nan("critic.loss", loss)  # crash tests only; a no-op otherwise
         if any_rank(not bool(torch.isfinite(loss))):  # every process stops together
             # Raised before backward and step, so the weights stay the last good ones.
@@ -563,11 +604,14 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits, token_losses = self._batch_outputs(batch)
+        logits, token_losses, reaction_losses = self._batch_outputs(batch)
         n = batch["target"].shape[0]
         if token_losses is not None and token_losses.shape[-1] > 0:  # the members' mean, over every token
             self.val_aux_loss.update(token_losses.detach().float().mean(), token_losses.shape[-1])
             self.log("critic/val_aux_loss", self.val_aux_loss, batch_size=token_losses.shape[-1])
+        if reaction_losses is not None and reaction_losses.shape[-1] > 0:
+            self.val_reaction_loss.update(reaction_losses.detach().float().mean(), reaction_losses.shape[-1])
+            self.log("critic/val_reaction_loss", self.val_reaction_loss, batch_size=reaction_losses.shape[-1])
         if self.ensemble_size == 1:
             probs = torch.sigmoid(logits)
             val_loss = self._loss(logits, batch["target"])

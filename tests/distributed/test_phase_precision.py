@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from cli_helpers import SMOKE, fit_refused_before_any_work, run_cli
 
 from iterppo_lightning.distributed import phase_strategies
 from iterppo_lightning.distributed.phase_strategies import phase_precision
+from iterppo_lightning.modules.critic import CriticModule
 
 
 def test_a_phase_key_overrides_the_trainers_precision_for_that_phase_only():
@@ -64,3 +66,27 @@ def test_every_phase_in_bf16_on_cpu_runs_a_whole_fit(tmp_path):
 )  # fmt: skip
 def test_a_precision_no_phase_can_run_is_named_before_any_work(tmp_path, flags, named):
     assert named in fit_refused_before_any_work(SMOKE, tmp_path / "run", *flags)
+
+
+@pytest.mark.parametrize(
+    "critic_settings, refused_phases",
+    [
+        ({}, []),
+        ({"aux_next_message_coef": 1.0}, ["critic"]),
+        ({"aux_reaction_coef": 1.0}, ["critic"]),
+        ({"readout": "reply_surprise"}, ["critic", "policy"]),
+    ],
+)
+def test_zero3_refuses_the_critic_settings_that_read_its_embeddings_outside_the_backbone(
+    critic_settings, refused_phases
+):
+    system = SimpleNamespace(
+        policy=SimpleNamespace(lora=None, max_grad_norm=1.0), critic=CriticModule(**critic_settings)
+    )
+    strategy = SimpleNamespace(config={"zero_optimization": {"stage": 3}})
+    for phase in ("critic", "policy"):
+        problems = phase_strategies._deepspeed_conflicts(
+            f"{phase}_strategy", None, strategy, ("32", "32"), phase, system
+        )
+        refused = [p for p in problems if "partitions the critic's embeddings" in p]
+        assert bool(refused) == (phase in refused_phases), (phase, problems)

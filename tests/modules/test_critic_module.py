@@ -382,9 +382,12 @@ def _next_message_batches(tokenizer, conversations, conversation_rows: bool, nex
 
 @pytest.mark.parametrize("conversation_rows", [False, True])
 @pytest.mark.parametrize("ensemble_size", [1, 2])
-def test_appended_next_messages_leave_q_unchanged(base_dir, tokenizer, conversations, conversation_rows, ensemble_size):
+@pytest.mark.parametrize("loss", ["aux_next_message_coef", "aux_reaction_coef"])
+def test_appended_next_messages_leave_q_unchanged(
+    base_dir, tokenizer, conversations, conversation_rows, ensemble_size, loss
+):
     torch.manual_seed(0)
-    critic = CriticModule(ensemble_size=ensemble_size, aux_next_message_coef=1.0)
+    critic = CriticModule(ensemble_size=ensemble_size, readout="reply_mean", **{loss: 1.0})
     critic.build(base_dir)
     with torch.no_grad():
         for _, head in _members(critic):
@@ -397,12 +400,13 @@ def test_appended_next_messages_leave_q_unchanged(base_dir, tokenizer, conversat
         assert "aux_targets" not in a and b["aux_targets"].numel() > 0
         appended += b["attention_mask"].sum() - a["attention_mask"].sum()
         with torch.no_grad():
-            q_a = CriticModule.__call__(
-                critic, a["input_ids"], a["attention_mask"], a["read_rows"], a["read_positions"]
+            q_a = critic(
+                a["input_ids"], a["attention_mask"], a["read_rows"], a["read_positions"], read_starts=a["read_starts"]
             )
-            q_b, token_losses = critic._batch_outputs(b)
+            q_b, *token_losses = critic._batch_outputs(b)
         assert torch.allclose(q_a, q_b, atol=1e-6), (q_a - q_b).abs().max()
-        assert token_losses.shape[-1] == b["aux_targets"].numel()
+        (used,) = [losses for losses in token_losses if losses is not None]  # only the loss that is on
+        assert used.shape[-1] == b["aux_targets"].numel()
     assert appended > 0  # the rows did get longer
 
 
@@ -412,12 +416,12 @@ def test_aux_head_is_pi0s_lm_head_and_its_loss_pi0s_next_message_loss(base_dir, 
     assert critic.lm_head is None  # tied embeddings: the backbone's own serve as LM head
     (batch, *_) = _next_message_batches(tokenizer, conversations, False, next_messages=True)
     with torch.no_grad():
-        _, token_losses = critic._batch_outputs(batch)
+        _, token_losses, reaction_losses = critic._batch_outputs(batch)
         logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = torch.nn.functional.cross_entropy(
         logits[batch["aux_rows"], batch["aux_positions"]], batch["aux_targets"], reduction="none"
     )
-    assert torch.allclose(token_losses, expected, atol=1e-4)
+    assert torch.allclose(token_losses, expected, atol=1e-4) and reaction_losses is None
 
 
 def test_untied_lm_gets_its_own_aux_head_from_pi0(tmp_path, tokenizer):
@@ -473,10 +477,70 @@ def test_aux_loss_weighs_tokens_like_their_turns(base_dir, tokenizer, conversati
     assert got.item() == pytest.approx(token_losses[0].mean().item(), rel=1e-6)
 
 
+# -- the customer's reaction at the readout ----------------------------------------------------------------------
+
+
+def test_reaction_loss_predicts_each_next_message_token_from_the_features_q_reads(base_dir, tokenizer, conversations):
+    torch.manual_seed(0)
+    critic = CriticModule(readout="reply_mean", aux_reaction_coef=1.0, ensemble_size=2)
+    critic.build(base_dir)
+    assert [k for k in critic.state_dict() if k.startswith("reaction_maps")] == [
+        "reaction_maps.0.weight",
+        "reaction_maps.0.bias",
+        "reaction_maps.1.weight",
+        "reaction_maps.1.bias",
+    ]
+    critic.eval()
+    (batch, *_) = _next_message_batches(tokenizer, conversations, True, next_messages=True)
+    with torch.no_grad():
+        q, next_losses, reaction_losses = critic._batch_outputs(batch)
+        assert next_losses is None and reaction_losses.shape == (2, batch["aux_targets"].numel())
+        for m, (backbone, head, _) in enumerate(critic._members()):
+            hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            # By hand: each turn's mean hidden state over its reply's tokens, what the head reads.
+            features = torch.stack(
+                [
+                    hidden[row, start : end + 1].mean(dim=0)
+                    for row, start, end in zip(batch["read_rows"], batch["read_starts"], batch["read_positions"])
+                ]
+            )
+            assert torch.allclose(head(features).squeeze(-1), q[m], atol=1e-5)
+            # Every token of a turn's next message is predicted from that turn's features alone.
+            mapped = critic.reaction_maps[m](features[batch["aux_turns"]])
+            logits = mapped @ backbone.get_input_embeddings().weight.T
+            expected = torch.nn.functional.cross_entropy(logits, batch["aux_targets"], reduction="none")
+            assert torch.allclose(reaction_losses[m], expected, atol=1e-4)
+    # Off, the critic saves what it saved before the setting existed.
+    off = CriticModule(readout="reply_mean")
+    off.build(base_dir)
+    assert not any(k.startswith("reaction_maps") for k in off.state_dict())
+
+
+def test_reaction_loss_trains_and_reports_val_reaction_loss(base_dir, tokenizer, conversations):
+    torch.manual_seed(0)
+    dm = TrajectoryDataModule(val_fraction=0.3, critic_batch_size=16, conversation_rows=True)
+    dm.connect(tokenizer)
+    dm.set_conversations(conversations)
+    critic = CriticModule(lr=5e-3, readout="reply_mean", aux_reaction_coef=1.0)
+    critic.build(base_dir)
+    losses = []
+    with dm.for_phase("critic", next_messages=True):
+        for epochs in (1, 3):
+            trainer = make_trainer(max_epochs=epochs)
+            trainer.fit(critic, datamodule=dm)
+            assert "critic/val_aux_loss" not in trainer.callback_metrics  # the next-message loss is off
+            losses.append(float(trainer.callback_metrics["critic/val_reaction_loss"]))
+    assert math.isfinite(losses[0]) and losses[1] < losses[0]
+    with dm.for_phase("critic"):
+        with pytest.raises(ValueError, match="aux_reaction_coef"):
+            make_trainer(max_epochs=1).fit(critic, datamodule=dm)
+
+
 @pytest.mark.parametrize(
     "kwargs, named",
     [
         ({"aux_next_message_coef": -1.0}, "aux_next_message_coef"),
+        ({"aux_reaction_coef": -0.5}, "aux_reaction_coef"),
         ({"early_stopping_patience": -1}, "early_stopping_patience"),
         ({"readout": "first"}, "readout"),
     ],
