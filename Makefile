@@ -5,7 +5,7 @@ RUN_DIR ?= runs/quickstart
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test lint install clean-venv
+.PHONY: quickstart test test-slow lint install clean-venv
 
 # torch is pinned to the CPU wheel first so pip never resolves the CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -32,11 +32,16 @@ quickstart: $(VENV)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/iterppo evaluate --config $(CONFIG) --policy $(RUN_DIR)/final_policy --episodes 500 --seed 12345 --greedy true
 
 # Two test processes (pytest-xdist), a whole file to one of them, so a file's shared runs (module
-# fixtures) are made once. `make test TEST_JOBS=0` runs everything in this process.
+# fixtures) are made once. `make test TEST_JOBS=0` runs in this process.
 TEST_JOBS ?= 2
 
+# `make test` is the everyday loop: every test but those marked slow (two-process DeepSpeed and DDP, the real
+# SmolLM2 model, signals, each variant's kill and resume). `make test-slow` runs those. CI runs both.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m slow $(PYTEST_ARGS)
 
 # ruff's settings live in pyproject.toml; `ruff format .` applies the formatting this checks.
 lint: $(VENV)/.installed
