@@ -68,6 +68,7 @@ MODEL_RULES: dict[str, tuple[Check, str]] = {
     "model.critic.pessimism": NON_NEGATIVE,
     "model.critic.aux_next_message_coef": NON_NEGATIVE,
     "model.critic.aux_reaction_coef": NON_NEGATIVE,
+    "model.critic.head_hidden": NON_NEGATIVE,
     "model.critic.branch_contrast_coef": NON_NEGATIVE,
     "model.critic.early_stopping_patience": NON_NEGATIVE,
     "model.policy.lr": POSITIVE,

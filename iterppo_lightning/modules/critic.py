@@ -108,6 +108,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         backbone_overrides: dict[str, int | float] | None = None,
         readout: Literal["last", "reply_mean", "reply_logprob", "reply_surprise"] = "last",
         aux_reaction_coef: float = 0.0,
+        head_hidden: int = 0,
     ):
         """
         Args:
@@ -176,6 +177,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 aux_next_message_coef trains the positions after the reply (docs/critic.md, "The customer's
                 reaction at the readout"). Weighted per turn like aux_next_message_coef. Reported as
                 critic/val_reaction_loss and critic/train_reaction_loss. 0 = off.
+            head_hidden: 0 = Q's head is linear in the features it reads. N > 0 = a two-layer head (N GELU units,
+                then the scalar): a linear head over the mean of the reply's hidden states can weigh what the reply
+                says and what the state holds, but not whether the two agree (a product of the category the customer
+                asked for against another), which is a product of the two (docs/critic.md, "A head that can
+                compare"). Its output layer starts at zero, so a new critic still starts at Q = 0.5.
         """
         super().__init__()
         if loss not in ("bce", "mse"):
@@ -194,6 +200,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             raise ValueError(f"model.critic.pessimism must be >= 0, got {pessimism}")
         if aux_next_message_coef < 0:
             raise ValueError(f"model.critic.aux_next_message_coef must be >= 0, got {aux_next_message_coef}")
+        if head_hidden < 0:
+            raise ValueError(f"model.critic.head_hidden must be >= 0, got {head_hidden}")
         if aux_reaction_coef < 0:
             raise ValueError(f"model.critic.aux_reaction_coef must be >= 0, got {aux_reaction_coef}")
         if early_stopping_patience < 0:
@@ -229,9 +237,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.backbone_overrides = dict(backbone_overrides or {})
         self.readout = readout
         self.aux_reaction_coef = aux_reaction_coef
+        self.head_hidden = head_hidden
         self._trainable: set[str] = set()
         self.backbone: nn.Module | None = None
-        self.head: nn.Linear | None = None
+        self.head: nn.Module | None = None
+        """Q's head: an nn.Linear from the readout's features to the logit, or with head_hidden a two-layer MLP."""
         self.lm_head: nn.Linear | None = None
         """The auxiliary loss's LM head of member 1 when the backbone's embeddings are not tied (else None: the
         tied input embeddings serve)."""
@@ -288,11 +298,12 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         if self.aux_reaction_coef > 0:
             # Drawn after every member, so the members' own initialisation is what it is without this loss.
             hidden = self.backbone.config.hidden_size
-            self.reaction_maps.extend(nn.Linear(head.in_features, hidden) for _, head, _ in self._members())
+            features = next(self.head.parameters()).shape[1]  # the first layer's weight is [out, in]
+            self.reaction_maps.extend(nn.Linear(features, hidden) for _ in self._members())
         self.carried_optimizer_state = None
         self._trainable = {name for name, p in self.named_parameters() if p.requires_grad}
 
-    def _build_member(self, base_model_dir: str | Path) -> tuple[nn.Module, nn.Linear, nn.Linear | None]:
+    def _build_member(self, base_model_dir: str | Path) -> tuple[nn.Module, nn.Module, nn.Linear | None]:
         if self.init_from_policy:
             backbone = AutoModel.from_pretrained(base_model_dir)
         else:
@@ -321,10 +332,14 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         if self.lora is not None:
             backbone = add_lora_to_backbone(backbone, self.lora)
         extra = {"reply_logprob": 2, "reply_surprise": hidden + 1}.get(self.readout, 0)
-        head = nn.Linear(hidden + extra, 1)
-        if self.ensemble_size == 1:
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        if self.head_hidden:
+            head = nn.Sequential(nn.Linear(hidden + extra, self.head_hidden), nn.GELU(), nn.Linear(self.head_hidden, 1))
+        else:
+            head = nn.Linear(hidden + extra, 1)
+        if self.ensemble_size == 1:  # the output layer at zero: Q = 0.5 everywhere
+            output = head[-1] if self.head_hidden else head
+            nn.init.zeros_(output.weight)
+            nn.init.zeros_(output.bias)
         return backbone, head, lm_head
 
     def _thaw(self) -> list[nn.Parameter]:
@@ -387,7 +402,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                     f"model.critic.readout {self.readout!r} reads each reply's tokens: pass where each reply starts "
                     "(read_starts / reply_starts)"
                 )
-            dtype = head.weight.dtype  # bf16 hidden states are read in float32
+            dtype = next(head.parameters()).dtype  # bf16 hidden states are read in float32
             if self.readout in ("reply_mean", "reply_surprise"):
                 features = reply_means(hidden.to(dtype), read_rows, read_starts, read_positions, attention_mask)
             else:
@@ -406,7 +421,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             q = head(features).squeeze(-1)
         return q, hidden, features
 
-    def _members(self) -> list[tuple[nn.Module, nn.Linear, nn.Linear | None]]:
+    def _members(self) -> list[tuple[nn.Module, nn.Module, nn.Linear | None]]:
         """(backbone, head, lm_head or None) of every member, member 1 first."""
         out = [(self.backbone, self.head, self.lm_head)]
         for m in self.extra_members:

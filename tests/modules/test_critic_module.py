@@ -51,12 +51,21 @@ def _weights(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("readout", ["last", "reply_mean", "reply_logprob", "reply_surprise"])
-def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer, readout):
+@pytest.mark.parametrize(
+    "readout, head_hidden",
+    [("last", 0), ("reply_mean", 0), ("reply_logprob", 0), ("reply_surprise", 0), ("reply_mean", 16)],
+)
+def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer, readout, head_hidden):
     torch.manual_seed(0)
     dm = _toy_datamodule(tokenizer)
-    critic = CriticModule(lr=5e-3, readout=readout)
+    critic = CriticModule(lr=5e-3, readout=readout, head_hidden=head_hidden)
     critic.build(base_dir)
+    assert isinstance(critic.head, torch.nn.Sequential) == (head_hidden > 0)
+    pairs = [(o, "good") for o in OPENINGS] + [(o, "bad") for o in OPENINGS]
+    ids, mask = _encode_pairs(tokenizer, pairs)
+    # Left-padded [state | reply]: the reply is the last two tokens ("good"/"bad", "<end>") of every row.
+    reply_starts = torch.full((len(pairs),), ids.shape[1] - 2)
+    assert torch.equal(critic.score(ids, mask, reply_starts), torch.full((8,), 0.5))  # a new critic knows nothing
     trainer = make_trainer(max_epochs=5)
     trainer.fit(critic, datamodule=dm)
     metrics = trainer.callback_metrics
@@ -64,10 +73,6 @@ def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer, readout):
     assert metrics["critic/val_loss"] < 0.45  # ln 2 = 0.69 is the uninformed loss
     assert {"critic/val_brier", "critic/val_calibration_error"} <= set(metrics)
 
-    pairs = [(o, "good") for o in OPENINGS] + [(o, "bad") for o in OPENINGS]
-    ids, mask = _encode_pairs(tokenizer, pairs)
-    # Left-padded [state | reply]: the reply is the last two tokens ("good"/"bad", "<end>") of every row.
-    reply_starts = torch.full((len(pairs),), ids.shape[1] - 2)
     q = critic.score(ids, mask, reply_starts)
     assert q.shape == (8,)
     assert ((q >= 0) & (q <= 1)).all()
@@ -541,6 +546,7 @@ def test_reaction_loss_trains_and_reports_val_reaction_loss(base_dir, tokenizer,
     [
         ({"aux_next_message_coef": -1.0}, "aux_next_message_coef"),
         ({"aux_reaction_coef": -0.5}, "aux_reaction_coef"),
+        ({"head_hidden": -1}, "head_hidden"),
         ({"early_stopping_patience": -1}, "early_stopping_patience"),
         ({"readout": "first"}, "readout"),
     ],
