@@ -69,6 +69,7 @@ MODEL_RULES: dict[str, tuple[Check, str]] = {
     "model.critic.aux_next_message_coef": NON_NEGATIVE,
     "model.critic.aux_reaction_coef": NON_NEGATIVE,
     "model.critic.head_hidden": NON_NEGATIVE,
+    "model.critic.surprise_threshold": _within(0, 1, low_open=True, high_open=True),
     "model.critic.branch_contrast_coef": NON_NEGATIVE,
     "model.critic.early_stopping_patience": NON_NEGATIVE,
     "model.policy.lr": POSITIVE,

@@ -7,6 +7,8 @@ computed here match the distribution the tokens were sampled from.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import PreTrainedModel
 
@@ -103,6 +105,7 @@ def span_surprise_features(
     ends: torch.Tensor,
     output_weight: torch.Tensor,
     output_bias: torch.Tensor | None = None,
+    threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per span, the mean over its tokens of log p_t [N] and of log p_t * hidden[t] [N, H].
 
@@ -110,10 +113,14 @@ def span_surprise_features(
     itself, which knows what the token is. A linear head over both computes mean_t (u . h_t + c) * log p_t: a
     weight on each token's surprise that depends on the token, so surprise at one kind of word (a category) can
     cost value where surprise at another (a discount) does not. Positions are read in the output layer's dtype.
+    `threshold` tau in (0, 1): log p_t becomes min(0, log p_t - log tau), so a token at least tau likely counts as
+    no surprise at all, and a reply cannot gain by being likelier than that.
     """
     span, token_rows, positions, logprobs = _span_token_logprobs(
         hidden, input_ids, rows, starts, ends, output_weight, output_bias
     )
+    if threshold is not None:
+        logprobs = torch.clamp(logprobs - math.log(threshold), max=0.0)
     lengths = ends - starts + 1
     states = hidden[token_rows, positions].to(logprobs.dtype)
     return _span_mean(logprobs, span, lengths), _span_mean(states * logprobs[:, None], span, lengths)

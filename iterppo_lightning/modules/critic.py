@@ -109,6 +109,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         readout: Literal["last", "reply_mean", "reply_logprob", "reply_surprise"] = "last",
         aux_reaction_coef: float = 0.0,
         head_hidden: int = 0,
+        surprise_threshold: float | None = None,
     ):
         """
         Args:
@@ -182,6 +183,11 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 says and what the state holds, but not whether the two agree (a product of the category the customer
                 asked for against another), which is a product of the two (docs/critic.md, "A head that can
                 compare"). Its output layer starts at zero, so a new critic still starts at Q = 0.5.
+            surprise_threshold: for readout "reply_surprise": tau in (0, 1) such that a reply token at least tau likely
+                counts as no surprise, min(0, log p_t - log tau) in place of log p_t (modeling.span_surprise_features).
+                The plain readout pays PPO for every gain in likelihood, so the policy sharpens onto its own modes;
+                with a threshold only unlikely tokens (another category than the one asked for) move Q (docs/critic.md,
+                "Only the unlikely tokens"). None = log p_t as it is.
         """
         super().__init__()
         if loss not in ("bce", "mse"):
@@ -200,6 +206,13 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
             raise ValueError(f"model.critic.pessimism must be >= 0, got {pessimism}")
         if aux_next_message_coef < 0:
             raise ValueError(f"model.critic.aux_next_message_coef must be >= 0, got {aux_next_message_coef}")
+        if surprise_threshold is not None and not 0.0 < surprise_threshold < 1.0:
+            raise ValueError(f"model.critic.surprise_threshold must be in (0, 1), got {surprise_threshold}")
+        if surprise_threshold is not None and readout != "reply_surprise":
+            raise ValueError(
+                f"model.critic.surprise_threshold {surprise_threshold} only applies to readout 'reply_surprise', "
+                f"got readout {readout!r}"
+            )
         if head_hidden < 0:
             raise ValueError(f"model.critic.head_hidden must be >= 0, got {head_hidden}")
         if aux_reaction_coef < 0:
@@ -238,6 +251,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         self.readout = readout
         self.aux_reaction_coef = aux_reaction_coef
         self.head_hidden = head_hidden
+        self.surprise_threshold = surprise_threshold
         self._trainable: set[str] = set()
         self.backbone: nn.Module | None = None
         self.head: nn.Module | None = None
@@ -416,7 +430,7 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                     means, minima = span_token_logprobs(*where, bias)
                     features = torch.cat([features, means[:, None], minima[:, None]], dim=1)
                 else:
-                    means, weighted = span_surprise_features(*where, bias)
+                    means, weighted = span_surprise_features(*where, bias, threshold=self.surprise_threshold)
                     features = torch.cat([features, weighted, means[:, None]], dim=1)
             q = head(features).squeeze(-1)
         return q, hidden, features

@@ -68,6 +68,21 @@ def test_span_surprise_features_hand_worked():
     assert torch.allclose(weighted, torch.tensor([[half, 0.0], [0.0, 0.0]]))
 
 
+def test_span_surprise_features_with_a_threshold_hand_worked():
+    # The same spans with tau = 1/2: a token at least half likely is no surprise (0); a less likely one counts
+    # log p_t - log(1/2).
+    hidden = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])
+    ids = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    mean_logprob, weighted = span_surprise_features(
+        hidden, ids, torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([2, 1]), torch.eye(2), threshold=0.5
+    )
+    far = -math.log(math.exp(2.0) + 1.0)  # row 0, position 2: p = 1 / (e^2 + 1), about 0.12
+    # Position 1 of row 0 (p = 1/2) and of row 1 (p = e / (1 + e), about 0.73) are at or above tau: 0.
+    assert torch.allclose(mean_logprob, torch.tensor([(0.0 + far - math.log(0.5)) / 2, 0.0]))
+    # Row 0's only surprise is at position 2, whose own hidden state is [0, 0]: nothing weighted is left.
+    assert torch.allclose(weighted, torch.zeros(2, 2))
+
+
 def test_span_token_logprobs_match_a_full_log_softmax():
     torch.manual_seed(0)
     hidden, weight, bias = torch.randn(3, 7, 4), torch.randn(5, 4), torch.randn(5)

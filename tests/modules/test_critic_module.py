@@ -52,15 +52,23 @@ def _weights(module):
 
 
 @pytest.mark.parametrize(
-    "readout, head_hidden",
-    [("last", 0), ("reply_mean", 0), ("reply_logprob", 0), ("reply_surprise", 0), ("reply_mean", 16)],
+    "settings",
+    [
+        {"readout": "last"},
+        {"readout": "reply_mean"},
+        {"readout": "reply_logprob"},
+        {"readout": "reply_surprise"},
+        {"readout": "reply_mean", "head_hidden": 16},
+        {"readout": "reply_surprise", "surprise_threshold": 0.05},
+    ],
+    ids=lambda settings: "-".join(str(v) for v in settings.values()),
 )
-def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer, readout, head_hidden):
+def test_critic_learns_which_suggestion_succeeds(base_dir, tokenizer, settings):
     torch.manual_seed(0)
     dm = _toy_datamodule(tokenizer)
-    critic = CriticModule(lr=5e-3, readout=readout, head_hidden=head_hidden)
+    critic = CriticModule(lr=5e-3, **settings)
     critic.build(base_dir)
-    assert isinstance(critic.head, torch.nn.Sequential) == (head_hidden > 0)
+    assert isinstance(critic.head, torch.nn.Sequential) == ("head_hidden" in settings)
     pairs = [(o, "good") for o in OPENINGS] + [(o, "bad") for o in OPENINGS]
     ids, mask = _encode_pairs(tokenizer, pairs)
     # Left-padded [state | reply]: the reply is the last two tokens ("good"/"bad", "<end>") of every row.
@@ -547,6 +555,8 @@ def test_reaction_loss_trains_and_reports_val_reaction_loss(base_dir, tokenizer,
         ({"aux_next_message_coef": -1.0}, "aux_next_message_coef"),
         ({"aux_reaction_coef": -0.5}, "aux_reaction_coef"),
         ({"head_hidden": -1}, "head_hidden"),
+        ({"readout": "reply_surprise", "surprise_threshold": 1.0}, "surprise_threshold"),
+        ({"readout": "reply_mean", "surprise_threshold": 0.05}, "surprise_threshold"),
         ({"early_stopping_patience": -1}, "early_stopping_patience"),
         ({"readout": "first"}, "readout"),
     ],
