@@ -180,8 +180,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
                 critic/val_reaction_loss and critic/train_reaction_loss. 0 = off.
             head_hidden: 0 = Q's head is linear in the features it reads. N > 0 = a two-layer head (N GELU units,
                 then the scalar): a linear head over the mean of the reply's hidden states can weigh what the reply
-                says and what the state holds, but not whether the two agree (a product of the category the customer
-                asked for against another), which is a product of the two (docs/critic.md, "A head that can
+                says and what the state holds, but not whether the two agree (the category the reply names against
+                the one the customer asked for), which is a product of the two (docs/critic.md, "A head that can
                 compare"). Its output layer starts at zero, so a new critic still starts at Q = 0.5.
             surprise_threshold: for readout "reply_surprise": tau in (0, 1) such that a reply token at least tau likely
                 counts as no surprise, min(0, log p_t - log tau) in place of log p_t (modeling.span_surprise_features).
@@ -381,9 +381,8 @@ class CriticModule(OptimizerCarryMixin, L.LightningModule):
         if self._reads_lm_head and _zero_stage(self.trainer) == 3:
             raise ValueError(
                 "model.critic.aux_next_message_coef, aux_reaction_coef (and readouts 'reply_logprob', "
-                "'reply_surprise') read the "
-                "backbone's (tied) embeddings as an LM head outside the backbone's forward, where ZeRO stage 3 holds "
-                "them partitioned; use neither, or a ZeRO stage below 3"
+                "'reply_surprise') read the backbone's (tied) embeddings as an LM head outside the backbone's "
+                "forward, where ZeRO stage 3 holds them partitioned; use none of them, or a ZeRO stage below 3"
             )
         if self.early_stopping_patience and _zero_stage(self.trainer) == 3:
             raise ValueError(
