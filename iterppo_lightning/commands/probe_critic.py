@@ -31,6 +31,8 @@ __all__ = ["main", "build_parser", "format_report"]
 
 PROG = "iterppo probe-critic"
 SETTINGS = ("states", "continuations", "policy_samples", "seed", "pair_threshold", "persona")
+PROBE_CRITICS = ("learned", "table")
+"""What --critic scores the candidates with: the run's Q_k, or the table critic (loop/table_critic.py)."""
 
 
 class ProbeCommandError(ValueError):
@@ -73,6 +75,17 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--batch_size", type=int | None, default=None, help="continuations per generate call (default: the run's)"
+    )
+    parser.add_argument(
+        "--critic",
+        type=str,
+        default="learned",
+        choices=PROBE_CRITICS,
+        help=(
+            "learned: the run's Q_k. table: a table of hand-read (state, reply) features fit on the same Monte Carlo "
+            "returns (iteration k's own training conversations), which perceives the dialogue perfectly: what a "
+            "pointwise critic could learn from this data (docs/critic.md)"
+        ),
     )
     return parser
 
@@ -135,15 +148,19 @@ def probe_settings(run: _Run, args) -> CriticProbeConfig:
     return CriticProbeConfig(**values)
 
 
-def run_probe(run: _Run, k: int, settings: CriticProbeConfig, batch_size: int | None) -> dict:
-    """Load Q_k, pi_k and iteration k's buffer and run the probe (imports torch)."""
+def run_probe(
+    run: _Run, k: int, settings: CriticProbeConfig, batch_size: int | None, critic_kind: str = "learned"
+) -> dict:
+    """Load Q_k (or fit the table critic), pi_k and iteration k's buffer and run the probe (imports torch)."""
     import torch
 
     from iterppo_lightning.data.buffer import load_buffer
+    from iterppo_lightning.data.datamodule import in_validation
     from iterppo_lightning.env.sales_simulator import SimulatorConfig
     from iterppo_lightning.env.simulator_replay import ReplayMismatch
     from iterppo_lightning.loop.critic_probe import ProbeContext, run_critic_probe
     from iterppo_lightning.loop.run_dir import RunFolder
+    from iterppo_lightning.loop.table_critic import TableCritic
     from iterppo_lightning.models.policy_folder import load_policy
     from iterppo_lightning.modules.critic import CriticModule
 
@@ -158,10 +175,6 @@ def run_probe(run: _Run, k: int, settings: CriticProbeConfig, batch_size: int | 
     if not critic_file.is_file():
         why = " (model.algorithm filtered_bc fits none)" if model.get("algorithm") == "filtered_bc" else ""
         raise ProbeCommandError(f"iteration {k} of {run.path} has no critic {critic_file}{why}")
-    saved = torch.load(critic_file, weights_only=False)
-    critic = CriticModule(**saved["hparams"])
-    folder.load_critic(critic, critic_file, folder.policy_dir(0))
-    critic.eval()
     pi_k, tokenizer = load_policy(folder.policy_dir(k))
     context = ProbeContext(
         simulator=SimulatorConfig(**(model.get("environment") or {})),
@@ -176,6 +189,18 @@ def run_probe(run: _Run, k: int, settings: CriticProbeConfig, batch_size: int | 
         batch_size=int(batch_size or loop.get("rollout_batch_size", 256)),
     )
     conversations = [c for c in load_buffer(folder.buffer_dir(k)) if c.iteration == k]
+    if critic_kind == "table":
+        fit_on = 0 if loop.get("offline") else k
+        held_out = float(data.get("val_fraction", 0.1)), int(data.get("split_seed", 0))
+        rows = [c for c in load_buffer(folder.buffer_dir(fit_on)) if c.iteration == fit_on]
+        critic = TableCritic(context.simulator, context.gamma).fit(
+            c for c in rows if not in_validation(c.conversation_id, *held_out)
+        )
+    else:
+        saved = torch.load(critic_file, weights_only=False)
+        critic = CriticModule(**saved["hparams"])
+        folder.load_critic(critic, critic_file, folder.policy_dir(0))
+        critic.eval()
     try:
         return run_critic_probe(critic, pi_k, tokenizer, conversations, settings, context)
     except (ReplayMismatch, ValueError) as err:
@@ -186,10 +211,11 @@ def _f(value, spec: str = ".3f") -> str:
     return "-" if value is None or value != value else format(value, spec)
 
 
-def format_report(record: dict, run_dir: str, k: int) -> str:
+def format_report(record: dict, run_dir: str, k: int, critic_kind: str = "learned") -> str:
     """The table `iterppo probe-critic` prints above its JSON line."""
+    what = f"Q_{k} of {run_dir}" if critic_kind == "learned" else f"the table critic fit on {run_dir}'s D_{k}"
     lines = [
-        f"critic probe: Q_{k} of {run_dir} against pi_{k}'s true values ({record['states']} states, "
+        f"critic probe: {what} against pi_{k}'s true values ({record['states']} states, "
         f"{record['continuations']} continuations, persona {record['persona']}, seed {record['seed']})",
         f"{'move':<20}{'n':>5}{'mean Q':>9}{'true V':>9}",
     ]
@@ -241,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"--iteration {args.iteration} is out of range: {args.run_dir} has finished {finished}"
             )
         settings = probe_settings(run, args)
-        record = run_probe(run, args.iteration, settings, args.batch_size)
+        record = run_probe(run, args.iteration, settings, args.batch_size, args.critic)
     except (ProbeCommandError, ValueError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    print(format_report(record, args.run_dir, args.iteration))
-    result = {"run_dir": args.run_dir, "iteration": args.iteration, **record}
+    print(format_report(record, args.run_dir, args.iteration, args.critic))
+    result = {"run_dir": args.run_dir, "iteration": args.iteration, "critic": args.critic, **record}
     result["seconds"] = time.perf_counter() - start
     print(json.dumps(finite_json(result), allow_nan=False))  # strict JSON: an undefined metric is null
     return 0

@@ -78,7 +78,7 @@ class _ListDataset(Dataset):
         return self.items[i]
 
 
-def _in_validation(conversation_id: str, val_fraction: float, seed: int) -> bool:
+def in_validation(conversation_id: str, val_fraction: float, seed: int) -> bool:
     # A hash of the id (not a shuffled index) keeps a conversation on the same
     # side of the split no matter which buffers are loaded or in what order.
     return hash_bits(seed, conversation_id, bits=64) / 2**64 < val_fraction
@@ -343,7 +343,7 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def in_validation(self, conversation_id: str) -> bool:
         """Whether this conversation is held out (the split is by whole conversation)."""
-        return _in_validation(conversation_id, self.val_fraction, self.split_seed)
+        return in_validation(conversation_id, self.val_fraction, self.split_seed)
 
     @property
     def all_examples(self) -> list[TurnExample]:

@@ -149,7 +149,12 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _score(critic, tokenizer, states: list[_State], ctx: ProbeContext) -> None:
-    """Q_k of every candidate, on the critic's own rendering and truncation (data/datamodule.py's examples)."""
+    """Q_k of every candidate, on the critic's own rendering and truncation (data/datamodule.py's examples); a
+    critic that reads text (loop/table_critic.py) scores the candidates' text at the state instead."""
+    if hasattr(critic, "score_replies"):
+        for st in states:
+            st.q = critic.score_replies(st.conversation, st.turn, st.texts)
+        return
     prompts, replies = [], []
     for st in states:
         prompt = _encode(tokenizer, [render_state(st.conversation, st.turn, tokenizer)])[0]
@@ -240,7 +245,8 @@ def run_critic_probe(
 ) -> dict:
     """The probe's record (docs/critic.md): Q_k against the true values of replies at logged states of D_k.
 
-    `critic` is Q_k, `model`/`tokenizer` pi_k, `conversations` the buffer pi_k collected on the simulator.
+    `critic` is Q_k (or any object with `score_replies(conversation, turn, texts)`), `model`/`tokenizer` pi_k,
+    `conversations` the buffer pi_k collected on the simulator.
     """
     base = (ctx.run_seed, ctx.iteration, "critic_probe", settings.seed)
     for conversation in conversations:

@@ -81,6 +81,23 @@ def test_the_command_takes_other_settings(probed_run, capsys) -> None:
     assert (printed["states"], printed["seed"], printed["persona"], printed["continuations"]) == (2, 5, "logged", 2)
 
 
+def test_the_command_probes_the_table_critic_on_the_same_states(probed_run, capsys) -> None:
+    before = tree_fingerprint(probed_run.run_dir)
+    args = ["probe-critic", "--run_dir", str(probed_run.run_dir), "--iteration", "1"]
+    res = run_inprocess(capsys, *args, "--critic", "table")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "the table critic fit on" in res.stdout
+    table = last_json_line(res.stdout)
+    learned = probed_run.records[1]["critic_probe"]
+    assert table["critic"] == "table" and KEYS <= set(table)
+    # The same states, candidates and ground truth; only Q differs.
+    for key in ("states", "candidates", "mean_true", "true_spread", "stages"):
+        assert table[key] == learned[key], key
+    assert table["mean_q"] != learned["mean_q"]
+    assert 0.0 <= table["mean_q"] <= 1.0
+    assert tree_fingerprint(probed_run.run_dir) == before
+
+
 def test_command_errors_name_the_problem(probed_run, tmp_path, capsys) -> None:
     def error(*args: str) -> str:
         res = run_inprocess(capsys, "probe-critic", *args)
@@ -96,6 +113,7 @@ def test_command_errors_name_the_problem(probed_run, tmp_path, capsys) -> None:
     assert "iterations 0..1" in error("--run_dir", run, "--iteration", "2")
     assert "--run_dir" in error("--iteration", "0")  # a missing argument
     assert "invalid choice: 'random'" in error("--run_dir", run, "--iteration", "0", "--persona", "random")
+    assert "invalid choice: 'oracle'" in error("--run_dir", run, "--iteration", "0", "--critic", "oracle")
     assert "states must be >= 1" in error("--run_dir", run, "--iteration", "0", "--states", "0")
 
     # The same run, but on logs or with an LLM customer: no simulator to replay.

@@ -23,7 +23,7 @@ import torch
 from cli_helpers import REPO, SMOKE, run_cli, run_inprocess
 
 from iterppo_lightning.data.buffer import load_buffer
-from iterppo_lightning.data.datamodule import _in_validation
+from iterppo_lightning.data.datamodule import in_validation
 from iterppo_lightning.utils.atomic_io import is_temp_name
 
 pytestmark = pytest.mark.slow
@@ -185,8 +185,8 @@ def test_the_myopic_critic_trains_on_the_current_turns_reward_and_validates_on_m
     train, val, mc_only = [], [], []
     for c in conversations:
         for _turn, g_mc, g_now in zip(c.agent_turns, c.returns(GAMMA), c.returns(0.0)):
-            (val if _in_validation(c.conversation_id, VAL_FRACTION, 0) else train).append(
-                g_mc if _in_validation(c.conversation_id, VAL_FRACTION, 0) else g_now
+            (val if in_validation(c.conversation_id, VAL_FRACTION, 0) else train).append(
+                g_mc if in_validation(c.conversation_id, VAL_FRACTION, 0) else g_now
             )
             mc_only.append(g_mc)
     expected = sum(train + val) / len(train + val)
@@ -204,7 +204,7 @@ def test_filtered_bc_clones_the_successful_conversations_and_fits_no_critic(runs
     conversations = load_buffer(run_dir / "iteration_0" / "buffer")
     successes = [c for c in conversations if c.success]
     assert 0 < len(successes) < len(conversations)
-    cloned = sum(len(c.agent_turns) for c in successes if not _in_validation(c.conversation_id, VAL_FRACTION, 0))
+    cloned = sum(len(c.agent_turns) for c in successes if not in_validation(c.conversation_id, VAL_FRACTION, 0))
     assert record["bc"]["successful"] == len(successes) and record["bc"]["examples"] == cloned > 0
     assert record["bc"]["train_loss"] > 0
     assert "critic" not in record and "ppo" not in record

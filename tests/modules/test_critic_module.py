@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_trainer, toy_conversation
 
-from iterppo_lightning.data.datamodule import TrajectoryDataModule, _in_validation
+from iterppo_lightning.data.datamodule import TrajectoryDataModule, in_validation
 from iterppo_lightning.data.padding import pad_left
 from iterppo_lightning.modules.critic import CriticModule, SoftCalibrationError
 from iterppo_lightning.modules.policy import PolicyModule
@@ -113,7 +113,7 @@ def test_val_auroc_is_not_reported_as_zero_when_it_is_undefined(base_dir, tokeni
     convs = []
     for i in range(48):
         cid = f"toy-{i}"
-        good = i % 2 == 0 and not _in_validation(cid, 0.3, 0)
+        good = i % 2 == 0 and not in_validation(cid, 0.3, 0)
         convs.append(toy_conversation(cid, OPENINGS[(i // 2) % len(OPENINGS)], "good" if good else "bad", success=good))
     dm = TrajectoryDataModule(val_fraction=0.3, critic_batch_size=16)
     dm.connect(tokenizer)

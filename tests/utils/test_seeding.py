@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from iterppo_lightning.data.datamodule import _in_validation, bootstrap_count
+from iterppo_lightning.data.datamodule import bootstrap_count, in_validation
 from iterppo_lightning.env.episodes import episode_seeds
 from iterppo_lightning.utils.seeding import (
     derive_seed,
@@ -44,8 +44,8 @@ def test_episode_seeds_are_unchanged():
 def test_validation_split_is_unchanged():
     fractions = [hash_bits(0, c, bits=64) / 2**64 for c in IDS]
     assert fractions == [0.5356021687661285, 0.5307520853760879, 0.5718367124777117, 0.8586095062719348]
-    assert [_in_validation(c, 0.5, 0) for c in IDS] == [False, False, False, False]
-    assert [_in_validation(c, 0.2, 3) for c in IDS] == [False, False, False, True]
+    assert [in_validation(c, 0.5, 0) for c in IDS] == [False, False, False, False]
+    assert [in_validation(c, 0.2, 3) for c in IDS] == [False, False, False, True]
 
 
 def test_bootstrap_counts_are_unchanged():
