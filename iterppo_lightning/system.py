@@ -145,6 +145,7 @@ def customer_problems(system: IterativePPO) -> list[str]:
 _SIMULATOR_ONLY = (
     ("critic_probe", "measures Q_k against the embedded simulator's ground truth (it replays logged states)"),
     ("oracle_critic", "computes Q from the embedded simulator's continuations of logged states"),
+    ("table_critic", "reads the embedded simulator's conversations with its own parsers"),
 )
 
 

@@ -127,6 +127,7 @@ MODEL_RULES: dict[str, tuple[Check, str]] = {
     "model.loop.critic_probe.policy_samples": NON_NEGATIVE,
     "model.loop.critic_probe.pair_threshold": _within(0, 1, high_open=True),
     "model.loop.oracle_critic.continuations": COUNT,
+    "model.loop.table_critic.prior": POSITIVE,
     "model.filtered_bc.epochs": COUNT,
     "model.filtered_bc.lr": POSITIVE,
     "model.filtered_bc.batch_size": COUNT,

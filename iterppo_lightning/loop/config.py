@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from iterppo_lightning.callbacks.base import IterationCallback
-from iterppo_lightning.loop.probe_config import CriticProbeConfig, OracleCriticConfig
+from iterppo_lightning.loop.probe_config import CriticProbeConfig, OracleCriticConfig, TableCriticConfig
 
 
 @dataclass
@@ -65,6 +65,11 @@ class LoopConfig:
     rollout reply's Q is its mean discounted return over simulated continuations in which pi_k plays the rest
     (the critic probe's ground truth; docs/critic.md, "The oracle critic"). None = off (the learned Q_k).
     Simulated runs of iterative_ppo only: refused with data.logs, an LLM customer or filtered_bc."""
+    table_critic: TableCriticConfig | None = None
+    """PPO against the table critic instead of a learned one: no critic is fitted; Q is the shrunk mean Monte Carlo
+    return of hand-read (state, reply) features of the same training conversations, read by the simulator's own
+    parsers (loop/table_critic.py; docs/critic.md, "How much the data allows"). A diagnostic: what a critic that
+    perceives the dialogue perfectly makes of the same data. None = off. Simulated runs of iterative_ppo only."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "episodes_per_iteration", "critic_epochs", "rollout_batch_size"):

@@ -50,6 +50,7 @@ from iterppo_lightning.loop.run_dir import WORLD_SIZE_KEYS, OpenSettings, RunFol
 from iterppo_lightning.loop.run_logger import PHASE_NAMESPACES, RunLogger
 from iterppo_lightning.loop.run_state import IterationProgress, RunState, RunStateError
 from iterppo_lightning.loop.stage import LoopStage
+from iterppo_lightning.loop.table_critic import TableCritic, TableRewardCritic
 from iterppo_lightning.loop.variants import (
     DataSource,
     check_variant_settings,
@@ -346,6 +347,14 @@ class OuterLoop:
         oracle = self.config.oracle_critic
         if progress.critic_fitted:
             self.load_training_data(k)
+        elif self.config.table_critic is not None:
+            self.load_training_data(k)
+            table = self.table_critic(k)
+            self.record["critic"] = {"table": True, "fits": 0, "rows": table.rows, "prior": table.prior}
+            self.record["seconds"]["critic"] = 0.0
+            self.probe_critic(k, table)
+            progress.critic_fitted = True
+            self.folder.commit()
         elif oracle is not None:
             self.load_training_data(k)
             self.record["critic"] = {
@@ -419,10 +428,10 @@ class OuterLoop:
         metrics = trainer.callback_metrics.items()
         return {key.split("/", 1)[1]: float(v) for key, v in metrics if key.startswith("critic/val")}
 
-    def probe_critic(self, k: int) -> None:
-        """model.loop.critic_probe: Q_k against the simulator's ground truth at logged states of D_k (rank 0), in
-        the record as "critic_probe". It draws from its own seeded streams only, so the run's other numbers stay
-        the same with or without it."""
+    def probe_critic(self, k: int, critic=None) -> None:
+        """model.loop.critic_probe: Q_k (or `critic`, the table critic) against the simulator's ground truth at
+        logged states of D_k (rank 0), in the record as "critic_probe". It draws from its own seeded streams only, so
+        the run's other numbers stay the same with or without it."""
         settings = self.config.critic_probe
         if settings is None or not self.main:
             return
@@ -430,7 +439,12 @@ class OuterLoop:
         dm, policy = self.datamodule, self.policy
         conversations = [c for c in dm.conversations if c.iteration == k]  # D_k itself, not pooled buffers
         self.record["critic_probe"] = run_critic_probe(
-            self.system.critic, policy.policy, policy.tokenizer, conversations, settings, self.simulation_context(k)
+            self.system.critic if critic is None else critic,
+            policy.policy,
+            policy.tokenizer,
+            conversations,
+            settings,
+            self.simulation_context(k),
         )
         self.record["seconds"]["critic_probe"] = time.perf_counter() - start
 
@@ -450,9 +464,21 @@ class OuterLoop:
             batch_size=self.config.rollout_batch_size,
         )
 
+    def table_critic(self, k: int) -> TableCritic:
+        """model.loop.table_critic's Q for iteration k: fit on the training conversations (validation split left
+        out) of the iteration whose data Q_k would be fit on (iteration 0's for the fully offline variant)."""
+        dm, fit_on = self.datamodule, self.source.critic_iteration(k)
+        rows = [c for c in dm.conversations if c.iteration == fit_on and not dm.in_validation(c.conversation_id)]
+        return TableCritic(self.system.environment, dm.gamma, self.config.table_critic.prior).fit(rows)
+
     def policy_critic(self, k: int):
-        """What scores PPO's replies in iteration k's policy phase: Q_k, or with model.loop.oracle_critic an oracle
-        of pi_k as it is now (call it before the fit) on the DataModule's states."""
+        """What scores PPO's replies in iteration k's policy phase: Q_k; with model.loop.table_critic the table
+        critic; with model.loop.oracle_critic an oracle of pi_k as it is now (call it before the fit) on the
+        DataModule's states."""
+        if self.config.table_critic is not None:
+            dm = self.datamodule
+            prompt_lengths = {(e.conversation_id, e.turn_index): len(e.prompt_ids) for e in dm.all_examples}
+            return TableRewardCritic(self.table_critic(k), self.policy.tokenizer, dm.conversations, prompt_lengths)
         settings = self.config.oracle_critic
         if settings is None:
             return self.system.critic

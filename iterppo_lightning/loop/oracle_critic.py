@@ -37,6 +37,8 @@ class OracleCritic(nn.Module):
     critic whose `needs_states` is True (the policy batches carry them as "state_keys")."""
 
     needs_states = True
+    plays_a_policy_copy = True
+    """It simulates with a copy of pi_k, which ZeRO-3 would partition (PolicyModule refuses that)."""
 
     def __init__(
         self,

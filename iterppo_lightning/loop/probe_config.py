@@ -1,6 +1,7 @@
 """`CriticProbeConfig`: the settings of the critic probe (model.loop.critic_probe, `iterppo probe-critic`), and
 `OracleCriticConfig`: those of the oracle critic (model.loop.oracle_critic), which computes Q the way the probe
-computes its ground truth.
+computes its ground truth, and `TableCriticConfig`: those of the table critic (model.loop.table_critic), which reads
+the dialogue through the simulator's parsers.
 
 A module of its own, importing nothing heavy, so `iterppo probe-critic --help` starts without torch.
 """
@@ -71,3 +72,20 @@ class OracleCriticConfig:
             raise ValueError(f"model.loop.oracle_critic.continuations must be >= 1, got {self.continuations}")
         if self.persona not in PROBE_PERSONAS:
             raise ValueError(f"model.loop.oracle_critic.persona must be one of {PROBE_PERSONAS}, got {self.persona!r}")
+
+
+@dataclass
+class TableCriticConfig:
+    """PPO against the table critic instead of a learned one (model.loop.table_critic; loop/table_critic.py,
+    docs/critic.md, "How much the data allows"): Q is the shrunk mean Monte Carlo return of hand-read (state, reply)
+    features, fit on the same training conversations as Q_k. It perceives the dialogue perfectly and sees no more
+    data, so the gap between it and the learned critic is what the learned critic's representation loses, and the
+    gap between it and the oracle critic what the data lacks.
+    """
+
+    prior: float = 4.0
+    """Pseudo-observations of its state's value that each (state, reply) cell's mean is shrunk towards."""
+
+    def __post_init__(self) -> None:
+        if not self.prior > 0:
+            raise ValueError(f"model.loop.table_critic.prior must be > 0, got {self.prior}")

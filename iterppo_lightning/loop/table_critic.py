@@ -10,12 +10,18 @@ between it and Q_k is what Q_k's representation loses (docs/critic.md, "How much
 The estimate is a shrunk cell mean. A (state, reply) cell's Monte Carlo returns are averaged with `prior`
 pseudo-observations of its state cell's mean, which is in turn shrunk towards the mean of every row: a cell with
 no rows gets its state's value, a state with no rows the overall one. Deterministic: no seed, no training.
+
+`TableRewardCritic` lets PPO use it as its reward model (model.loop.table_critic): the same policy phase, with Q
+from the table instead of Q_k, so a run's final success says what perfect perception of the same data is worth.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+
+import torch
+from torch import nn
 
 from iterppo_lightning.data.conversation import Conversation
 from iterppo_lightning.env.reply_parser import parse_reply
@@ -132,3 +138,33 @@ class TableCritic:
         return [
             self._shrunk(self._cells.get((s, reply_key(conversation, turn, text, self.simulator))), v) for text in texts
         ]
+
+
+class TableRewardCritic(nn.Module):
+    """The table critic as PPO's reward model: `score` has the CriticModule's signature plus the rows' logged
+    states, which PolicyModule passes to a critic whose `needs_states` is True (as for the oracle critic)."""
+
+    needs_states = True
+
+    def __init__(self, table: TableCritic, tokenizer, conversations: list[Conversation], prompt_lengths: dict):
+        """`prompt_lengths[(conversation id, turn)]`: the tokens of each logged state as the policy batches hold it
+        (TurnExample.prompt_ids), where a rollout row's reply starts."""
+        super().__init__()
+        self.table, self.tokenizer = table, tokenizer
+        self.conversations = {c.conversation_id: c for c in conversations}
+        self.prompt_lengths = dict(prompt_lengths)
+
+    @torch.no_grad()
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: list[tuple[str, int]], rollout: int = 0
+    ) -> torch.Tensor:
+        """Q of each row [state; reply] (any padding): [n] float on the rows' device; `rollout` is unused (the
+        table has no randomness)."""
+        if len(states) != input_ids.shape[0]:
+            raise ValueError(f"{len(states)} states for {input_ids.shape[0]} rows")
+        q = []
+        for row, mask, (cid, turn) in zip(input_ids, attention_mask, states):
+            tokens = row[mask.bool()].tolist()[self.prompt_lengths[(cid, turn)] :]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip() or None  # as the simulator reads it
+            q.extend(self.table.score_replies(self.conversations[cid], turn, [text]))
+        return torch.tensor(q, dtype=torch.float32, device=input_ids.device)

@@ -62,7 +62,8 @@ class PhaseContext(Protocol):
         """Print a warning and record it in the iteration's metrics."""
 
     def policy_critic(self, k: int) -> Any:
-        """What scores PPO's replies in iteration k: Q_k, or the oracle critic of pi_k (model.loop.oracle_critic)."""
+        """What scores PPO's replies in iteration k: Q_k, the table critic (model.loop.table_critic) or the oracle
+        critic of pi_k (model.loop.oracle_critic)."""
 
 
 # -- where the conversations come from ------------------------------------------------------------
@@ -152,6 +153,7 @@ def check_variant_settings(system, datamodule) -> None:
     uses = (
         ("critic_probe", "measures Q_k against the embedded simulator's ground truth"),
         ("oracle_critic", "computes Q from the embedded simulator's continuations"),
+        ("table_critic", "reads the embedded simulator's conversations with its own parsers"),
     )
     for key, what in uses:
         if getattr(system.loop, key, None) is None:
@@ -168,13 +170,18 @@ def check_variant_settings(system, datamodule) -> None:
             f"model.loop.branch_fraction {system.loop.branch_fraction} goes back to states of the embedded "
             f"simulator's conversations, which {source} cannot replay: set model.loop.branch_fraction 0"
         )
-    if getattr(system.loop, "oracle_critic", None) is not None:
+    replacing = [k for k in ("oracle_critic", "table_critic") if getattr(system.loop, k, None) is not None]
+    if len(replacing) == 2:
+        raise ValueError(
+            "model.loop.oracle_critic and model.loop.table_critic both replace the critic: set one of them to null"
+        )
+    for key in replacing:
         critic = system.critic
         if critic.target != "mc" or critic.ensemble_size > 1:
             raise ValueError(
-                "model.loop.oracle_critic replaces the critic: no critic is fitted, so model.critic.target "
+                f"model.loop.{key} replaces the critic: no critic is fitted, so model.critic.target "
                 f"{critic.target!r} and model.critic.ensemble_size {critic.ensemble_size} would be ignored. Leave "
-                "them at their defaults (mc, 1), or remove model.loop.oracle_critic"
+                f"them at their defaults (mc, 1), or remove model.loop.{key}"
             )
     if system.loop.offline and datamodule.logs:
         raise ValueError(

@@ -321,8 +321,8 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
         prompt_width: int,
     ) -> torch.Tensor:
         """Q of the [state; reply] rows `rows` of the rollout, each reply starting at column `prompt_width`. A critic
-        with `needs_states` (the oracle critic, loop/oracle_critic.py) also gets each row's logged state and the
-        rollout's index."""
+        with `needs_states` (the oracle and table critics, loop/oracle_critic.py and loop/table_critic.py) also gets
+        each row's logged state and the rollout's index."""
         if not getattr(self.critic, "needs_states", False):
             # Every row of a trimmed group is [left-padded prompt | reply]: the replies start together.
             reply_starts = torch.full((ids.shape[0],), prompt_width, dtype=torch.long, device=ids.device)
@@ -360,7 +360,7 @@ class PolicyModule(OptimizerCarryMixin, L.LightningModule):
                 "policy.lora with ZeRO-3 in the policy phase is not supported (the reference pi_k swaps the adapter's "
                 "weights, which ZeRO-3 partitions); use ZeRO-2 for policy_strategy, or train the policy without LoRA"
             )
-        if getattr(self.critic, "needs_states", False) and zero_stage(self._trainer) == 3:
+        if getattr(self.critic, "plays_a_policy_copy", False) and zero_stage(self._trainer) == 3:
             raise ValueError(
                 "model.loop.oracle_critic with ZeRO-3 in the policy phase is not supported (the oracle's copy of pi_k "
                 "would be partitioned, and ranks simulate different numbers of steps); use ZeRO-2 or DDP for "

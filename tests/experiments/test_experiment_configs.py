@@ -31,9 +31,11 @@ def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def test_there_are_sixteen_experiments_and_a_base():
+def test_there_are_seventeen_experiments_and_a_base():
     assert BASE.is_file()
-    assert len(OVERLAYS) == 16 and {"iterative_ppo.yaml", "oracle_critic.yaml"} <= {p.name for p in OVERLAYS}
+    assert len(OVERLAYS) == 17 and {"iterative_ppo.yaml", "oracle_critic.yaml", "table_critic.yaml"} <= {
+        p.name for p in OVERLAYS
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
