@@ -192,7 +192,7 @@ def run_probe(
     if critic_kind == "table":
         fit_on = 0 if loop.get("offline") else k
         held_out = float(data.get("val_fraction", 0.1)), int(data.get("split_seed", 0))
-        rows = [c for c in load_buffer(folder.buffer_dir(fit_on)) if c.iteration == fit_on]
+        rows = conversations if fit_on == k else [c for c in load_buffer(folder.buffer_dir(fit_on)) if c.iteration == 0]
         critic = TableCritic(context.simulator, context.gamma).fit(
             c for c in rows if not in_validation(c.conversation_id, *held_out)
         )

@@ -1,6 +1,7 @@
 """A critic that reads the dialogue as the simulator does: Q(s, a) by table lookup of hand-read features.
 
-A diagnostic for the critic probe (`iterppo probe-critic --critic table`), never a reward model. It is fit on
+A diagnostic of the embedded simulator, not a method for logs (`iterppo probe-critic --critic table`, and
+`model.loop.table_critic` as PPO's reward model). It is fit on
 the same Monte Carlo returns as Q_k (iteration k's training conversations, the validation split left out), but it
 perceives each state and reply perfectly, through the simulator's own parsers: what the customer has revealed,
 what the agent already offered, and what a reply asks or recommends against that. What it still cannot do is see
